@@ -1,0 +1,391 @@
+"""Configuration: one JSON5 file validated into one typed :class:`Settings` object.
+
+The file mirrors OpenClaw's keys (camelCase). Unknown keys are errors that name
+the key path, so that a typo cannot silently disable auth. Secrets may come from
+the environment (``OPENCLAW_GATEWAY_TOKEN`` / ``OPENCLAW_GATEWAY_PASSWORD``); a
+value in the file wins. :func:`load_settings` is the only place that reads the
+environment; everything else receives the resulting object.
+
+This module lives in ``bus`` because gateways, workers and the CLI all need it
+and ``bus`` is the only package every side imports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import json5
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+AGENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEFAULT_STATE_DIR = "~/.clawbus"
+DEFAULT_CONFIG_NAME = "clawbus.json5"
+TOKEN_ENV = "OPENCLAW_GATEWAY_TOKEN"
+PASSWORD_ENV = "OPENCLAW_GATEWAY_PASSWORD"
+CONFIG_ENV = "CLAWBUS_CONFIG"
+STATE_DIR_ENV = "CLAWBUS_STATE_DIR"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` says what to change."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+    )
+
+
+class RateLimitConfig(_Model):
+    max_attempts: int = Field(10, ge=1)
+    window_seconds: float = Field(60.0, gt=0)
+    lockout_seconds: float = Field(300.0, gt=0)
+
+
+class AuthConfig(_Model):
+    mode: Literal["token", "password", "none"] | None = None
+    token: str | None = None
+    password: str | None = None
+    rate_limit: RateLimitConfig = RateLimitConfig()
+
+
+class ChatCompletionsConfig(_Model):
+    enabled: bool = False
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+
+
+class EndpointsConfig(_Model):
+    chat_completions: ChatCompletionsConfig = ChatCompletionsConfig()
+
+
+class HttpConfig(_Model):
+    endpoints: EndpointsConfig = EndpointsConfig()
+
+
+class ControlUiConfig(_Model):
+    enabled: bool | None = None
+
+
+class GatewayConfig(_Model):
+    port: int = Field(18789, ge=0, le=65535)
+    bind: str = "loopback"
+    auth: AuthConfig = AuthConfig()
+    http: HttpConfig = HttpConfig()
+    control_ui: ControlUiConfig = ControlUiConfig()
+    keepalive_seconds: float = Field(15.0, gt=0)
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, value: str) -> str:
+        if value in ("loopback", "lan"):
+            return value
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("must be 'loopback', 'lan' or an IP address") from None
+        return value
+
+    @property
+    def host(self) -> str:
+        """The address to bind the listening socket to."""
+        return {"loopback": "127.0.0.1", "lan": "0.0.0.0"}.get(self.bind, self.bind)  # noqa: S104
+
+    @property
+    def is_loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+
+class AgentDefaults(_Model):
+    model: str = "echo/echo"
+    timeout_seconds: float = Field(600.0, gt=0)
+    max_concurrent: int = Field(16, ge=1, le=4096)
+
+
+class AgentConfig(_Model):
+    id: str
+    default: bool = False
+    model: str | None = None
+    system_prompt: str | None = None
+    system_prompt_file: str | None = None
+    timeout_seconds: float | None = Field(None, gt=0)
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not AGENT_ID_RE.match(value):
+            raise ValueError("agent ids match [a-z0-9][a-z0-9_-]{0,63}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> AgentConfig:
+        if self.system_prompt is not None and self.system_prompt_file is not None:
+            raise ValueError("set systemPrompt or systemPromptFile, not both")
+        return self
+
+
+class AgentsConfig(_Model):
+    defaults: AgentDefaults = AgentDefaults()
+    list: tuple[AgentConfig, ...] = ()
+
+
+class ProviderConfig(_Model):
+    api: Literal["openai-completions", "anthropic-messages", "echo"]
+    base_url: str | None = None
+    api_key: str | None = None
+    api_key_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_seconds: float = Field(120.0, gt=0)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    # echo only: delay between streamed words, for try-outs and tests.
+    token_delay_ms: float = Field(0.0, ge=0)
+
+
+class ModelsConfig(_Model):
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+
+
+class SessionConfig(_Model):
+    # How much earlier conversation (characters of user + assistant text) a run sees.
+    history_budget_chars: int = Field(32_000, ge=0)
+    # Transcripts older than this are dropped by the bus (0 = keep forever).
+    max_age_days: float = Field(30.0, ge=0)
+
+
+class BusConfig(_Model):
+    url: str | None = None
+    # No worker accepted a run within this → 503.
+    queue_timeout_seconds: float = Field(30.0, gt=0)
+    # A worker that stops reporting this long after accepting is treated as gone.
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    # Redelivery delay of a run whose worker died; the session lease lives as long.
+    ack_wait_seconds: float = Field(30.0, ge=3)
+    # Replicas of streams and buckets (None: min(3, cluster size)).
+    replicas: int | None = Field(None, ge=1, le=5)
+
+
+class Settings(_Model):
+    gateway: GatewayConfig = GatewayConfig()
+    agents: AgentsConfig = AgentsConfig()
+    models: ModelsConfig = ModelsConfig()
+    session: SessionConfig = SessionConfig()
+    bus: BusConfig = BusConfig()
+    # Resolved at load time, never read from the file.
+    state_dir: Path = Field(default=Path(DEFAULT_STATE_DIR).expanduser(), exclude=True)
+    config_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _check_agents(self) -> Settings:
+        seen: set[str] = set()
+        for agent in self.agents.list:
+            if agent.id in seen:
+                raise ValueError(f"duplicate agent id '{agent.id}'")
+            seen.add(agent.id)
+        for agent in self.agents.list:
+            self._check_model_ref(agent.model or self.agents.defaults.model, f"agent '{agent.id}'")
+        if not self.agents.list:
+            self._check_model_ref(self.agents.defaults.model, "agents.defaults.model")
+        return self
+
+    def _check_model_ref(self, ref: str, where: str) -> None:
+        provider, sep, model = ref.partition("/")
+        if not sep or not provider or not model:
+            raise ValueError(f"{where}: model '{ref}' must look like 'provider/model-id'")
+        if provider not in self.providers:
+            raise ValueError(f"{where}: model '{ref}' names unknown provider '{provider}'")
+
+    @property
+    def providers(self) -> dict[str, ProviderConfig]:
+        """Configured providers plus the built-in offline ``echo``."""
+        merged = {"echo": ProviderConfig(api="echo")}
+        merged.update(self.models.providers)
+        return merged
+
+    @property
+    def agent_ids(self) -> list[str]:
+        return [a.id for a in self.agents.list] or ["main"]
+
+    @property
+    def default_agent_id(self) -> str:
+        for agent in self.agents.list:
+            if agent.default:
+                return agent.id
+        return self.agent_ids[0]
+
+    def agent(self, agent_id: str) -> AgentConfig | None:
+        """The agent with this id (case-insensitive), or None if unknown."""
+        agent_id = agent_id.lower()
+        for agent in self.agents.list:
+            if agent.id == agent_id:
+                return agent
+        if not self.agents.list and agent_id == "main":
+            return AgentConfig(id="main", default=True)
+        return None
+
+    def agent_model(self, agent: AgentConfig) -> tuple[str, ProviderConfig, str]:
+        """(provider name, provider config, model id) for an agent."""
+        provider, _, model = (agent.model or self.agents.defaults.model).partition("/")
+        return provider, self.providers[provider], model
+
+    def agent_system_prompt(self, agent: AgentConfig) -> str:
+        """The agent's own system prompt (reading ``systemPromptFile`` relative to the config)."""
+        if agent.system_prompt_file is not None:
+            path = Path(agent.system_prompt_file).expanduser()
+            if not path.is_absolute():
+                path = self.config_dir / path
+            return path.read_text(encoding="utf-8")
+        return agent.system_prompt or ""
+
+    def agent_timeout(self, agent: AgentConfig) -> float:
+        return agent.timeout_seconds or self.agents.defaults.timeout_seconds
+
+    @property
+    def auth_mode(self) -> Literal["token", "password", "none"]:
+        """The effective auth mode (inferred from whichever secret exists when unset)."""
+        auth = self.gateway.auth
+        if auth.mode is not None:
+            return auth.mode
+        if auth.token:
+            return "token"
+        if auth.password:
+            return "password"
+        return "none"
+
+    @property
+    def secret(self) -> str | None:
+        """The secret clients must present, for the effective auth mode."""
+        mode = self.auth_mode
+        if mode == "token":
+            return self.gateway.auth.token
+        if mode == "password":
+            return self.gateway.auth.password
+        return None
+
+    @property
+    def control_ui_enabled(self) -> bool:
+        enabled = self.gateway.control_ui.enabled
+        return self.gateway.is_loopback if enabled is None else enabled
+
+    def provider_api_key(self, provider: ProviderConfig, env: Mapping[str, str]) -> str | None:
+        """The provider key: ``apiKey`` from the file, else the env var ``apiKeyEnv`` names."""
+        if provider.api_key:
+            return provider.api_key
+        if provider.api_key_env:
+            return env.get(provider.api_key_env) or None
+        return None
+
+
+def default_config_path(env: Mapping[str, str]) -> Path:
+    return Path(env.get(CONFIG_ENV) or f"{DEFAULT_STATE_DIR}/{DEFAULT_CONFIG_NAME}").expanduser()
+
+
+def state_dir(env: Mapping[str, str]) -> Path:
+    return Path(env.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).expanduser()
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = _format_loc(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_settings(raw: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None,
+                   config_dir: Path | None = None) -> Settings:
+    """Validate an already-parsed config document and fold in env secrets and paths."""
+    env = os.environ if env is None else env
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be an object")
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    auth = settings.gateway.auth
+    auth = auth.model_copy(update={
+        "token": auth.token or env.get(TOKEN_ENV) or None,
+        "password": auth.password or env.get(PASSWORD_ENV) or None,
+    })
+    gateway = settings.gateway.model_copy(update={"auth": auth})
+    return settings.model_copy(update={
+        "gateway": gateway,
+        "state_dir": state_dir(env),
+        "config_dir": config_dir or Path("."),
+    })
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Load the config file (``path``, else ``$CLAWBUS_CONFIG``, else the default).
+
+    A missing *default* file means all defaults; a missing explicit file is an error.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get(CONFIG_ENV))
+    file = Path(path).expanduser() if path is not None else default_config_path(env)
+    if not file.exists():
+        if explicit:
+            raise ConfigError(f"config file not found: {file}")
+        return parse_settings({}, source="defaults", env=env)
+    try:
+        raw = json5.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse {file}: {exc}") from None
+    return parse_settings(raw, source=str(file), env=env, config_dir=file.parent.resolve())
+
+
+def check_gateway_startable(settings: Settings) -> None:
+    """Refuse unsafe or incomplete auth before a gateway opens its port."""
+    mode = settings.auth_mode
+    if mode == "token" and not settings.gateway.auth.token:
+        raise ConfigError(
+            f"gateway.auth.mode is 'token' but no token is set: set gateway.auth.token "
+            f"or the {TOKEN_ENV} environment variable"
+        )
+    if mode == "password" and not settings.gateway.auth.password:
+        raise ConfigError(
+            f"gateway.auth.mode is 'password' but no password is set: set "
+            f"gateway.auth.password or the {PASSWORD_ENV} environment variable"
+        )
+    if mode == "none" and not settings.gateway.is_loopback:
+        raise ConfigError(
+            f"refusing to bind {settings.gateway.host} with gateway.auth.mode 'none': "
+            f"set a token or password, or bind to loopback"
+        )
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings as camelCase JSON with secrets masked (for `config check`)."""
+    data = settings.model_dump(mode="json", by_alias=True)
+    auth = data["gateway"]["auth"]
+    for key in ("token", "password"):
+        if auth.get(key):
+            auth[key] = "***"
+    for provider in data["models"]["providers"].values():
+        if provider.get("apiKey"):
+            provider["apiKey"] = "***"
+    data["gateway"]["auth"]["mode"] = settings.auth_mode
+    return data

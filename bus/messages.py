@@ -1,0 +1,123 @@
+"""Wire messages between gateways and workers.
+
+Pure data: pydantic models and nothing that touches NATS, HTTP or a provider.
+Every message has a ``type`` discriminator and a version ``v``; unknown fields are
+rejected so a mismatched peer fails loudly instead of dropping data.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+WIRE_VERSION = 1
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: int = WIRE_VERSION
+
+
+class SamplingParams(BaseModel):
+    """The OpenAI sampling parameters clawbus forwards to providers (SPEC §2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+
+
+class RunRequest(_Wire):
+    """One agent turn, queued on ``runs.<sessionToken>``."""
+
+    type: Literal["run"] = "run"
+    run_id: str
+    session_key: str
+    agent_id: str
+    message: str
+    extra_system_prompt: str = ""
+    params: SamplingParams = SamplingParams()
+    events_subject: str
+    # Unix time after which the client no longer waits for the run to start.
+    accept_by: float
+    # Unix time the gateway accepted the request.
+    created: float
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class _Event(_Wire):
+    seq: int
+    attempt: int
+
+
+class Queued(_Event):
+    """A worker holds the run, waiting for its session's earlier run to end."""
+
+    type: Literal["queued"] = "queued"
+
+
+class Accepted(_Event):
+    """A worker owns the run and has started it."""
+
+    type: Literal["accepted"] = "accepted"
+    worker_id: str
+
+
+class Delta(_Event):
+    type: Literal["delta"] = "delta"
+    text: str
+
+
+class Heartbeat(_Event):
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+class Done(_Event):
+    type: Literal["done"] = "done"
+    text: str
+    usage: Usage = Usage()
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+class Failed(_Event):
+    """The run ended without a reply: mapped to the OpenAI error envelope by the gateway."""
+
+    type: Literal["error"] = "error"
+    status: int
+    error_type: str
+    message: str
+    code: str | None = None
+
+
+Event = Annotated[Queued | Accepted | Delta | Heartbeat | Done | Failed, Field(discriminator="type")]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def decode_event(data: bytes) -> Event:
+    return EVENT_ADAPTER.validate_json(data)
+
+
+class Turn(_Wire):
+    """One completed exchange in a session transcript (stored atomically)."""
+
+    type: Literal["turn"] = "turn"
+    run_id: str
+    agent_id: str
+    user: str
+    assistant: str
+    ts: float
+    usage: Usage = Usage()
