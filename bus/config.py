@@ -97,7 +97,7 @@ class GatewayConfig(_Model):
     @property
     def host(self) -> str:
         """The address to bind the listening socket to."""
-        return {"loopback": "127.0.0.1", "lan": "0.0.0.0"}.get(self.bind, self.bind)  # noqa: S104
+        return {"loopback": "127.0.0.1", "lan": "0.0.0.0"}.get(self.bind, self.bind)
 
     @property
     def is_loopback(self) -> bool:

@@ -43,9 +43,7 @@ class RunRequest(_Wire):
     extra_system_prompt: str = ""
     params: SamplingParams = SamplingParams()
     events_subject: str
-    # Unix time after which the client no longer waits for the run to start.
-    accept_by: float
-    # Unix time the gateway accepted the request.
+    # Unix time the gateway accepted the request (for queue-wait metrics).
     created: float
 
 
@@ -65,7 +63,14 @@ class _Event(_Wire):
 
 
 class Queued(_Event):
-    """A worker holds the run, waiting for its session's earlier run to end."""
+    """A worker holds the run, waiting for its session's earlier run to end.
+
+    ``Queued``, ``Accepted`` and ``Heartbeat`` are sent as NATS *requests*: the
+    owning gateway answers :data:`REPLY_OK` while it still wants the run and
+    :data:`REPLY_GONE` once its client has gone; "no responders" means the
+    gateway process is gone. Either way the worker abandons the run, so a run
+    never executes behind an absent client's back.
+    """
 
     type: Literal["queued"] = "queued"
 
@@ -101,10 +106,16 @@ class Failed(_Event):
     error_type: str
     message: str
     code: str | None = None
+    retry_after: float | None = None
 
 
-Event = Annotated[Queued | Accepted | Delta | Heartbeat | Done | Failed, Field(discriminator="type")]
+Event = Annotated[
+    Queued | Accepted | Delta | Heartbeat | Done | Failed, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+REPLY_OK = b"ok"
+REPLY_GONE = b"gone"
 
 
 def decode_event(data: bytes) -> Event:

@@ -1,0 +1,126 @@
+"""Opening the one NATS connection a process owns, and creating the bus state on it.
+
+Streams, the work-queue consumer and the KV buckets are created idempotently by
+whichever process connects first (gateways and workers both call
+:func:`ensure_bus`), with replicas = min(3, cluster size) unless configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError
+
+from . import subjects
+from .config import BusConfig, SessionConfig
+
+log = logging.getLogger("clawbus.bus")
+
+# Timeout of JetStream API calls (publish acks, gets, CAS): every await on the
+# network has one.
+JS_TIMEOUT = 5.0
+
+
+async def connect(url: str, name: str) -> Client:
+    """Connect to NATS (a comma-separated list of cluster URLs is fine), reconnecting forever."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected")
+
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    return await nats.connect(
+        servers=servers,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        pending_size=64 * 1024 * 1024,
+    )
+
+
+def _cluster_size(nc: Client) -> int:
+    # The servers the client learned about through INFO gossip, itself included.
+    return max(1, len({f"{s.hostname}:{s.port}" for s in nc.servers}))
+
+
+async def ensure_bus(nc: Client, bus: BusConfig, session: SessionConfig) -> JetStreamContext:
+    """Create (or update) the RUNS and TX streams, the worker consumer and the KV buckets."""
+    js = nc.jetstream(timeout=JS_TIMEOUT)
+    replicas = bus.replicas or min(3, _cluster_size(nc))
+    runs = js_api.StreamConfig(
+        name=subjects.RUNS_STREAM,
+        subjects=[subjects.runs_all()],
+        retention=js_api.RetentionPolicy.WORK_QUEUE,
+        storage=js_api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+        allow_direct=True,
+    )
+    tx = js_api.StreamConfig(
+        name=subjects.TX_STREAM,
+        subjects=[subjects.transcripts_all()],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=js_api.StorageType.FILE,
+        num_replicas=replicas,
+        max_age=session.max_age_days * 86400.0 if session.max_age_days else None,
+        duplicate_window=120.0,
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+    )
+    for cfg in (runs, tx):
+        await _add_or_update_stream(js, cfg)
+    await _ensure_consumer(js, bus)
+    await js.create_key_value(js_api.KeyValueConfig(
+        bucket=subjects.LEASES_BUCKET, history=1, storage=js_api.StorageType.FILE,
+        replicas=replicas, direct=True,
+    ))
+    await js.create_key_value(js_api.KeyValueConfig(
+        bucket=subjects.WORKERS_BUCKET, history=1, storage=js_api.StorageType.MEMORY,
+        replicas=replicas, ttl=max(3.0, 3 * bus.heartbeat_seconds), direct=True,
+    ))
+    return js
+
+
+async def _add_or_update_stream(js: JetStreamContext, cfg: js_api.StreamConfig) -> None:
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError:
+        # Exists with another config (e.g. a changed max_age): update what may change.
+        await js.update_stream(cfg)
+
+
+async def _ensure_consumer(js: JetStreamContext, bus: BusConfig) -> None:
+    cfg = js_api.ConsumerConfig(
+        durable_name=subjects.RUNS_CONSUMER,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=bus.ack_wait_seconds,
+        # Naks count as deliveries: a run must never be dropped for being naked.
+        max_deliver=-1,
+        max_ack_pending=100_000,
+        max_waiting=4096,
+        deliver_policy=js_api.DeliverPolicy.ALL,
+    )
+    try:
+        await js.add_consumer(subjects.RUNS_STREAM, cfg)
+    except BadRequestError:
+        log.info("runs consumer exists with another config; keeping it")
+
+
+def lease_ttl_seconds(bus: BusConfig) -> int:
+    """Whole seconds (NATS per-message TTLs are integral); as long as the ack wait."""
+    return max(1, math.ceil(bus.ack_wait_seconds))

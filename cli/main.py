@@ -1,0 +1,224 @@
+"""The ``clawbus`` command line (SPEC §5).
+
+- ``clawbus up``: embedded NATS (when ``bus.url`` is null) + the gateway + N
+  worker processes; one Ctrl-C stops everything, workers first drained.
+- ``clawbus gateway`` / ``clawbus worker``: one role each, for scaling out.
+- ``clawbus config check``: validate a config and print it with secrets masked.
+
+With ``bus.url`` null, ``gateway`` and ``worker`` first look for a running
+``clawbus up`` (its address is in the state dir) and otherwise start their own
+embedded ``nats-server``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+from bus.config import ConfigError, Settings, check_gateway_startable, load_settings, masked
+
+log = logging.getLogger("clawbus")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+@contextlib.contextmanager
+def _bus(settings: Settings, explicit_url: str | None, *, reuse_running: bool) -> Iterator[str]:
+    """The bus URL to use, starting an embedded nats-server when none is configured."""
+    url = explicit_url or settings.bus.url
+    if url:
+        yield url
+        return
+    from bus.embedded import NatsServer, read_running
+
+    if reuse_running:
+        running = read_running(settings.state_dir)
+        if running and running.get("bus_url"):
+            yield str(running["bus_url"])
+            return
+    store = settings.state_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    server = NatsServer(store_dir=store)
+    server.start()
+    log.info("embedded nats-server %s on %s (data in %s)", server.pid, server.url, store)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
+                   on_listening: list[str] | None = None) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    app = create_app(settings, bus_url)
+    config = uvicorn.Config(
+        app, host=settings.gateway.host,
+        port=settings.gateway.port if port is None else port,
+        loop="uvloop", http="httptools", ws="websockets-sansio", lifespan="on",
+        log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+    )
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                host, bound = self.servers[0].sockets[0].getsockname()[:2]
+                url = f"http://{host}:{bound}"
+                if on_listening is not None:
+                    on_listening.append(url)
+                # Tests and scripts wait for this line to learn the (maybe random) port.
+                print(f"clawbus gateway listening on {url}", flush=True)
+
+    Server(config).run()
+
+
+def _worker_command(args: argparse.Namespace, bus_url: str) -> list[str]:
+    cmd = [sys.executable, "-m", "cli", "worker", "--bus-url", bus_url,
+           "--log-level", args.log_level]
+    if args.config:
+        cmd += ["--config", str(args.config)]
+    return cmd
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM if this process dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgrp()  # a terminal's Ctrl-C reaches only us; we stop children in order
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    check_gateway_startable(settings)
+    if not settings.gateway.http.endpoints.chat_completions.enabled:
+        log.warning("gateway.http.endpoints.chatCompletions.enabled is false: "
+                    "/v1/chat/completions answers 404")
+    from bus.embedded import clear_running, write_running
+
+    with _bus(settings, args.bus_url, reuse_running=False) as bus_url:
+        workers = [subprocess.Popen(_worker_command(args, bus_url), preexec_fn=_die_with_parent)  # noqa: PLW1509
+                   for _ in range(args.workers)]
+        listening: list[str] = []
+        try:
+            write_running(settings.state_dir, {"bus_url": bus_url, "pid": os.getpid()})
+            _serve_gateway(settings, bus_url, args.port, listening)
+        finally:
+            clear_running(settings.state_dir)
+            for proc in workers:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in workers:
+                try:
+                    proc.wait(timeout=args.grace + 5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    check_gateway_startable(settings)
+    with _bus(settings, args.bus_url, reuse_running=True) as bus_url:
+        _serve_gateway(settings, bus_url, args.port)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import serve
+
+    settings = _load(args)
+    with _bus(settings, args.bus_url, reuse_running=True) as bus_url:
+        try:
+            import uvloop
+
+            uvloop.run(serve(settings, bus_url, grace_seconds=args.grace))
+        except ImportError:
+            asyncio.run(serve(settings, bus_url, grace_seconds=args.grace))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    print(json.dumps(masked(settings), indent=2))
+    try:
+        check_gateway_startable(settings)
+    except ConfigError as exc:
+        print(f"warning: a gateway would not start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clawbus", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=None, help="JSON5 config file")
+        p.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+
+    up = sub.add_parser("up", help="embedded NATS + gateway + workers on this machine")
+    common(up)
+    up.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    up.add_argument("--port", type=int, default=None, help="override gateway.port (0: any)")
+    up.add_argument("--bus-url", default=None, help="use this NATS instead of bus.url")
+    up.add_argument("--grace", type=float, default=30.0, help="worker drain seconds on stop")
+    up.set_defaults(func=cmd_up)
+
+    gw = sub.add_parser("gateway", help="run one gateway (HTTP + WebSocket)")
+    common(gw)
+    gw.add_argument("--port", type=int, default=None, help="override gateway.port (0: any)")
+    gw.add_argument("--bus-url", default=None, help="use this NATS instead of bus.url")
+    gw.set_defaults(func=cmd_gateway)
+
+    wk = sub.add_parser("worker", help="run one agent worker")
+    common(wk)
+    wk.add_argument("--bus-url", default=None, help="use this NATS instead of bus.url")
+    wk.add_argument("--grace", type=float, default=30.0,
+                    help="on SIGTERM, seconds to let in-flight runs finish")
+    wk.set_defaults(func=cmd_worker)
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate and print the effective config")
+    common(check)
+    check.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        print(f"clawbus: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,205 @@
+"""``POST /v1/chat/completions``: the SPEC §2 checks in order, then one bus run,
+answered as one JSON completion or as an SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.types import Receive
+
+from bus.config import Settings
+
+from . import errors, openai_format
+from .auth import Authenticator
+from .chat_request import ChatRequest, parse_chat_request
+from .errors import ApiError
+from .runs import NoWorkerError, RunClient, RunEvent, RunHandle, RunRejected, RunSpec
+
+
+def error_response(exc: ApiError) -> Response:
+    return Response(orjson.dumps(exc.envelope()), status_code=exc.status,
+                    media_type="application/json", headers=exc.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) anything over ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise errors.payload_too_large()
+        except ValueError:
+            raise errors.invalid_request("Invalid Content-Length header.") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.payload_too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> object:
+    if not body.strip():
+        return {}
+    try:
+        value: object = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.invalid_request(f"Invalid JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise errors.invalid_request("Request body must be a JSON object.")
+    return value
+
+
+def failure_error(event: RunEvent) -> ApiError:
+    assert event.type == "error"
+    exc = errors.from_run_failure(event.status, event.error_type, event.message, event.code)
+    if event.retry_after:
+        exc.headers["Retry-After"] = str(max(1, round(event.retry_after)))
+    return exc
+
+
+class ChatCompletions:
+    """The endpoint, bound to one gateway's settings, authenticator and run client."""
+
+    def __init__(self, settings: Settings, auth: Authenticator, runs: RunClient) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.runs = runs
+        self.config = settings.gateway.http.endpoints.chat_completions
+
+    async def __call__(self, request: Request) -> Response:
+        if not self.config.enabled:
+            return PlainTextResponse("Not Found", status_code=404)
+        if request.method != "POST":
+            exc = ApiError(405, "Method Not Allowed", errors.INVALID_REQUEST,
+                           headers={"Allow": "POST"})
+            return error_response(exc)
+        try:
+            client_ip = request.client.host if request.client else None
+            self.auth.check(request.headers.get("authorization"), client_ip)
+            body = parse_json(await read_body(request, self.config.max_body_bytes))
+            chat = parse_chat_request(body, request.headers, self.settings)
+            spec = RunSpec(agent_id=chat.agent_id, session_key=chat.session_key,
+                           message=chat.message, extra_system_prompt=chat.extra_system_prompt,
+                           params=chat.params)
+            try:
+                handle = await self.runs.submit(spec)
+            except RunRejected as rej:
+                if rej.status == 413:
+                    raise errors.payload_too_large() from None
+                raise errors.no_worker() from None
+        except ApiError as exc:
+            return error_response(exc)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        if chat.stream:
+            return self._stream(request, chat, handle)
+        return await self._complete(request.receive, chat, handle)
+
+    async def _complete(self, receive: Receive, chat: ChatRequest, handle: RunHandle) -> Response:
+        """Wait for the run's end, cancelling it if the client disconnects first."""
+        created = int(handle.created)
+        disconnected = asyncio.create_task(_wait_disconnect(receive), name="watch-disconnect")
+        result = asyncio.create_task(_last_event(handle), name="await-run")
+        try:
+            await asyncio.wait({disconnected, result}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not result.done():
+                await handle.cancel()
+                result.cancel()
+            disconnected.cancel()
+            await asyncio.gather(disconnected, result, return_exceptions=True)
+        if result.cancelled():
+            return Response(status_code=499)
+        try:
+            event = result.result()
+        except NoWorkerError:
+            return error_response(errors.no_worker())
+        if event.type == "error":
+            return error_response(failure_error(event))
+        assert event.type == "done"
+        body = openai_format.completion(handle.run_id, created, chat.model, text=event.text,
+                                        usage=event.usage, finish_reason=event.finish_reason)
+        return Response(body, media_type="application/json")
+
+    def _stream(self, request: Request, chat: ChatRequest, handle: RunHandle) -> Response:
+        encoder = openai_format.ChunkEncoder(handle.run_id, int(handle.created), chat.model)
+        keepalive = self.settings.gateway.keepalive_seconds
+        return StreamingResponse(
+            _sse_frames(handle, encoder, chat.include_usage, keepalive),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _last_event(handle: RunHandle) -> RunEvent:
+    last: RunEvent | None = None
+    async for event in handle.events():
+        last = event
+    assert last is not None
+    return last
+
+
+async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
+                      include_usage: bool, keepalive: float) -> AsyncIterator[bytes]:
+    """The SSE body. Starlette cancels this generator when the client disconnects;
+    ``finally`` then cancels the run."""
+    events = handle.events()
+    pending: asyncio.Task[RunEvent] | None = None
+    try:
+        yield encoder.role()
+        last_frame = time.monotonic()
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait(
+                {pending}, timeout=max(0.0, last_frame + keepalive - time.monotonic()))
+            if not done:
+                yield openai_format.KEEPALIVE_FRAME
+                last_frame = time.monotonic()
+                continue
+            task, pending = pending, None
+            try:
+                event = task.result()
+            except StopAsyncIteration:
+                break
+            except NoWorkerError:
+                yield encoder.error(errors.no_worker().envelope())
+                break
+            last_frame = time.monotonic()
+            if event.type == "delta":
+                yield encoder.content(event.text)
+            elif event.type == "done":
+                if not handle.streamed and event.text:
+                    yield encoder.content(event.text)
+                yield encoder.finish(event.finish_reason)
+                if include_usage:
+                    yield encoder.usage(event.usage)
+                break
+            elif event.type == "error":
+                yield encoder.error(failure_error(event).envelope())
+                break
+        yield openai_format.DONE_FRAME
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await handle.cancel()
+        with contextlib.suppress(BaseException):
+            await events.aclose()

@@ -1,0 +1,258 @@
+"""The gateway's one run API: submit an agent run to the bus and follow its events.
+
+HTTP, WebSocket and the ``clawbus agent`` CLI all go through :class:`RunClient`,
+so a fix here is a fix for every door.
+
+One wildcard subscription per process (``evt.<gatewayId>.*``) receives every
+event for every run this process owns; the callback only answers liveness
+probes and enqueues into the run's bounded queue (never parses, never blocks).
+A run whose consumer falls too far behind (a stalled client) is cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from bus import subjects
+from bus.config import BusConfig
+from bus.messages import (
+    REPLY_GONE,
+    REPLY_OK,
+    Accepted,
+    Delta,
+    Done,
+    Failed,
+    Heartbeat,
+    Queued,
+    RunRequest,
+    SamplingParams,
+    decode_event,
+)
+
+log = logging.getLogger("clawbus.gateway")
+
+QUEUE_EVENTS = 2048
+PUBLISH_TIMEOUT = 5.0
+
+
+class NoWorkerError(Exception):
+    """No worker accepted the run within the queue timeout (→ 503)."""
+
+
+class RunRejected(Exception):
+    """The run could not be queued (bus down, message too large)."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """What a door (HTTP, WS, CLI) asks for: one agent turn."""
+
+    agent_id: str
+    session_key: str
+    message: str
+    extra_system_prompt: str = ""
+    params: SamplingParams = field(default_factory=SamplingParams)
+    run_id: str | None = None
+
+
+RunEvent = Accepted | Delta | Done | Failed
+
+
+def _failed(status: int, error_type: str, message: str, code: str) -> Failed:
+    return Failed(seq=0, attempt=0, status=status, error_type=error_type, message=message,
+                  code=code)
+
+
+class RunHandle:
+    """One submitted run. Iterate :meth:`events` once; call :meth:`cancel` when the
+    client goes away (safe to call at any time, any number of times)."""
+
+    def __init__(self, client: RunClient, run_id: str, session_key: str) -> None:
+        self.run_id = run_id
+        self.session_key = session_key
+        self.created = time.time()
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_EVENTS)
+        self.overflowed = False
+        self.finished = False
+        self.accepted = False
+        self.streamed = False
+        self.stream_seq: int | None = None
+        self.queue_wait: float | None = None
+        self._client = client
+        self._attempt = 0
+        self._next_seq = 1
+
+    @property
+    def wanted(self) -> bool:
+        return not self.finished
+
+    def offer(self, data: bytes) -> None:
+        """Called from the subscription callback: enqueue without blocking."""
+        if self.finished:
+            return
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            # Wake the consumer so it sees the overflow even if it is waiting.
+            self.queue.get_nowait()
+            self.queue.put_nowait(b"")
+
+    async def events(self) -> AsyncIterator[RunEvent]:
+        """Accepted, then Deltas, then exactly one Done or Failed (the last item)."""
+        bus = self._client.bus
+        idle_timeout = 3 * bus.heartbeat_seconds + 1.0
+        try:
+            while True:
+                timeout = idle_timeout if self.accepted else bus.queue_timeout_seconds
+                try:
+                    async with asyncio.timeout(timeout):
+                        data = await self.queue.get()
+                except TimeoutError:
+                    await self.cancel()
+                    if not self.accepted:
+                        raise NoWorkerError() from None
+                    yield _failed(503, "api_error", "agent worker stopped responding",
+                                  "worker_lost")
+                    return
+                if self.overflowed:
+                    await self.cancel()
+                    yield _failed(503, "api_error", "client too slow: event queue overflowed",
+                                  "slow_consumer")
+                    return
+                event = decode_event(data)
+                if event.attempt < self._attempt:
+                    continue  # a stale attempt (its worker died or was fenced)
+                if event.attempt > self._attempt:
+                    if self.streamed:
+                        # Output was already sent: a retry would duplicate text.
+                        await self.cancel()
+                        yield _failed(503, "api_error",
+                                      "agent run interrupted: its worker was lost mid-reply",
+                                      "interrupted")
+                        return
+                    self._attempt = event.attempt
+                    self._next_seq = 1
+                if isinstance(event, Queued | Heartbeat):
+                    continue
+                if event.seq != self._next_seq:
+                    await self.cancel()
+                    yield _failed(502, "api_error", "agent event stream lost messages",
+                                  "event_gap")
+                    return
+                self._next_seq += 1
+                if isinstance(event, Accepted):
+                    if not self.accepted:
+                        self.accepted = True
+                        self.queue_wait = time.time() - self.created
+                    yield event
+                    continue
+                if isinstance(event, Delta):
+                    self.streamed = True
+                    yield event
+                    continue
+                self.finished = True
+                yield event
+                return
+        finally:
+            self.finished = True
+            self._client.forget(self)
+
+    async def cancel(self) -> None:
+        """Stop the run: tell its worker, and drop it from the queue if not started."""
+        was_finished = self.finished
+        self.finished = True
+        self._client.forget(self)
+        if was_finished and self.accepted:
+            return
+        await self._client.cancel(self)
+
+
+class RunClient:
+    """Owns the event subscription of one gateway process and submits runs."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, bus: BusConfig,
+                 gateway_id: str | None = None) -> None:
+        self.nc = nc
+        self.js = js
+        self.bus = bus
+        self.gateway_id = gateway_id or f"gw{uuid.uuid4().hex[:12]}"
+        self._runs: dict[str, RunHandle] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(
+            subjects.events_all(self.gateway_id), cb=self._on_event,
+            pending_msgs_limit=-1, pending_bytes_limit=-1)
+
+    async def close(self) -> None:
+        for handle in list(self._runs.values()):
+            with contextlib.suppress(Exception):
+                await handle.cancel()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    @property
+    def active_runs(self) -> int:
+        return len(self._runs)
+
+    async def _on_event(self, msg: Msg) -> None:
+        handle = self._runs.get(subjects.last_token(msg.subject))
+        if msg.reply:
+            await self.nc.publish(msg.reply, REPLY_OK if handle and handle.wanted else REPLY_GONE)
+        if handle is not None:
+            handle.offer(msg.data)
+
+    def forget(self, handle: RunHandle) -> None:
+        self._runs.pop(handle.run_id, None)
+
+    async def submit(self, spec: RunSpec) -> RunHandle:
+        """Queue a run on its session's subject; raises RunRejected if the bus refuses."""
+        run_id = spec.run_id or f"chatcmpl_{uuid.uuid4()}"
+        handle = RunHandle(self, run_id, spec.session_key)
+        request = RunRequest(
+            run_id=run_id, session_key=spec.session_key, agent_id=spec.agent_id,
+            message=spec.message, extra_system_prompt=spec.extra_system_prompt,
+            params=spec.params, events_subject=subjects.events(self.gateway_id, run_id),
+            created=handle.created,
+        )
+        payload = request.model_dump_json().encode()
+        if len(payload) > self.nc.max_payload:
+            raise RunRejected("Payload too large", status=413)
+        self._runs[run_id] = handle
+        try:
+            ack = await self.js.publish(
+                subjects.run(subjects.session_token(spec.session_key)), payload,
+                timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": run_id})
+        except Exception as exc:
+            self.forget(handle)
+            log.warning("could not queue run %s: %s", run_id, exc)
+            raise RunRejected("No agent worker available.") from exc
+        handle.stream_seq = int(ack.seq)
+        return handle
+
+    async def cancel(self, handle: RunHandle) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.publish(subjects.cancel(handle.run_id), b"")
+        if not handle.accepted and handle.stream_seq is not None:
+            with contextlib.suppress(NotFoundError, Exception):
+                await self.js.delete_msg(subjects.RUNS_STREAM, handle.stream_seq)

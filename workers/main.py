@@ -1,0 +1,35 @@
+"""Running a worker process: ``clawbus worker`` / ``python -m workers``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Mapping
+
+from bus.config import Settings
+from bus.connection import connect
+
+from .worker import Worker
+
+log = logging.getLogger("clawbus.worker")
+
+
+async def serve(settings: Settings, bus_url: str, *, grace_seconds: float = 30.0,
+                env: Mapping[str, str] | None = None) -> None:
+    """Serve runs until SIGTERM/SIGINT, then drain for ``grace_seconds`` and exit."""
+    nc = await connect(bus_url, "clawbus-worker")
+    worker = Worker(settings, nc, env, grace_seconds=grace_seconds)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        with contextlib.suppress(Exception):
+            await nc.close()

@@ -1,0 +1,481 @@
+"""The agent worker: takes runs from the shared ``RUNS`` consumer and executes them.
+
+Scheduling (DESIGN "The run, end to end", steps 2, 3, 6–8):
+
+- The worker fetches at most as many runs as it has free slots
+  (``agents.defaults.maxConcurrent``); held runs occupy slots too.
+- A run starts only if it is the oldest stored message of its session subject
+  *and* the worker wins the session lease. Otherwise the worker holds it (up to
+  a quarter of its slots), telling the gateway it is queued, until the
+  session's ``sess.done`` signal or a periodic re-check; beyond that it naks.
+- While a run executes: ``in_progress`` acks and a fenced lease refresh every
+  ``ackWait/3``, liveness probes to the gateway while silent, a per-run timeout,
+  and ``cancel.<runId>`` honoured at once.
+- SIGTERM (:meth:`Worker.stop`): stop fetching, let in-flight runs finish for
+  the grace period, then cancel the rest (naked for a transparent retry on
+  another worker if they had streamed nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from bus import subjects
+from bus.config import Settings
+from bus.connection import ensure_bus, lease_ttl_seconds
+from bus.leases import Leases
+from bus.messages import RunRequest, Turn
+from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
+
+from . import errors
+from .events import Emitter, RunAbandoned
+from .providers import make_provider
+from .providers.base import Provider, ProviderError
+from .run import Reply, build_request, generate
+
+log = logging.getLogger("clawbus.worker")
+
+FETCH_TIMEOUT = 1.0
+NAK_DELAY = 0.25
+CANCELLED_MEMORY = 10_000
+
+StopReason = Literal["cancelled", "fenced", "abandoned", "shutdown", "timeout"]
+
+
+@dataclass(slots=True)
+class Execution:
+    """A run being executed: its provider task and why it was stopped, if it was."""
+
+    run_id: str
+    task: asyncio.Task[Reply] | None = None
+    reason: StopReason | None = None
+    timeout: float = 0.0
+
+    def stop(self, reason: StopReason) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self.task is not None:
+            self.task.cancel()
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    runs_started: int = 0
+    runs_completed: int = 0
+    runs_failed: int = 0
+    runs_cancelled: int = 0
+    naks: int = 0
+    by_error: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, settings: Settings, nc: Client, env: Mapping[str, str] | None = None,
+                 *, worker_id: str | None = None, grace_seconds: float = 30.0) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.env = dict(os.environ if env is None else env)
+        self.worker_id = worker_id or (
+            f"w-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        self.grace_seconds = grace_seconds
+        self.max_concurrent = settings.agents.defaults.max_concurrent
+        self.max_holds = max(1, self.max_concurrent // 4)
+        self.stats = WorkerStats()
+        self._owner = orjson.dumps({"worker": self.worker_id})
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._holds = 0
+        self._active: dict[str, Execution] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._session_done: dict[str, asyncio.Event] = {}
+        self._providers: dict[str, Provider] = {}
+        self._js: JetStreamContext | None = None
+        self._leases: Leases | None = None
+        self._transcripts: Transcripts | None = None
+        self.ready = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking work; :meth:`run` then drains and returns."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve runs until :meth:`stop`, then shut down gracefully."""
+        bus = self.settings.bus
+        js = await ensure_bus(self.nc, bus, self.settings.session)
+        self._js = js
+        self._leases = Leases(js, lease_ttl_seconds(bus))
+        self._transcripts = Transcripts(js)
+        cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
+                                             pending_msgs_limit=-1, pending_bytes_limit=-1)
+        done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
+                                           pending_msgs_limit=-1, pending_bytes_limit=-1)
+        psub = await js.pull_subscribe_bind(durable=subjects.RUNS_CONSUMER,
+                                            stream=subjects.RUNS_STREAM)
+        registry = asyncio.create_task(self._registry_loop(js), name="worker-registry")
+        log.info("worker %s ready (maxConcurrent=%d)", self.worker_id, self.max_concurrent)
+        self.ready.set()
+        try:
+            await self._fetch_loop(psub)
+        finally:
+            await self._drain()
+            registry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await registry
+            await self._deregister(js)
+            for sub in (psub, cancel_sub, done_sub):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            for provider in self._providers.values():
+                await provider.aclose()
+            log.info("worker %s stopped", self.worker_id)
+
+    async def _fetch_loop(self, psub: JetStreamContext.PullSubscription) -> None:
+        while not self._stopping.is_set():
+            free = self.max_concurrent - len(self._tasks)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._wait_either(self._slot_freed, FETCH_TIMEOUT)
+                continue
+            try:
+                msgs = await psub.fetch(batch=free, timeout=FETCH_TIMEOUT)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            except Exception as exc:  # a reconnect in progress, a cluster election
+                log.warning("fetch failed: %s", exc)
+                await self._wait_either(self._stopping, FETCH_TIMEOUT)
+                continue
+            for msg in msgs:
+                if self._stopping.is_set():
+                    await msg.nak()
+                    continue
+                task = asyncio.create_task(self._serve(msg), name="serve-run")
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("run task crashed", exc_info=task.exception())
+
+    async def _wait_either(self, event: asyncio.Event, seconds: float) -> None:
+        """Wait for ``event`` or stop(), at most ``seconds``."""
+        waiters = [asyncio.ensure_future(event.wait()),
+                   asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        log.info("draining %d run(s) for up to %.1f s", len(self._tasks), self.grace_seconds)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace_seconds)
+        if pending:
+            for execution in list(self._active.values()):
+                execution.stop("shutdown")
+            await asyncio.wait(pending, timeout=10.0)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _registry_loop(self, js: JetStreamContext) -> None:
+        kv = await js.key_value(subjects.WORKERS_BUCKET)
+        period = self.settings.bus.heartbeat_seconds
+        while True:
+            info = {"id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+                    "running": len(self._active), "maxConcurrent": self.max_concurrent,
+                    "ts": time.time()}
+            try:
+                await kv.put(subjects.session_token(self.worker_id), orjson.dumps(info))
+            except Exception as exc:
+                log.warning("worker heartbeat failed: %s", exc)
+            await asyncio.sleep(period)
+
+    async def _deregister(self, js: JetStreamContext) -> None:
+        with contextlib.suppress(Exception):
+            kv = await js.key_value(subjects.WORKERS_BUCKET)
+            await kv.purge(subjects.session_token(self.worker_id))
+
+    # -- bus signals ---------------------------------------------------------
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        run_id = subjects.last_token(msg.subject)
+        self._cancelled[run_id] = None
+        while len(self._cancelled) > CANCELLED_MEMORY:
+            self._cancelled.popitem(last=False)
+        execution = self._active.get(run_id)
+        if execution is not None:
+            execution.stop("cancelled")
+
+    async def _on_session_done(self, msg: Msg) -> None:
+        event = self._session_done.pop(subjects.last_token(msg.subject), None)
+        if event is not None:
+            event.set()
+
+    # -- one run -------------------------------------------------------------
+
+    async def _serve(self, msg: Msg) -> None:
+        try:
+            run = RunRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            log.error("dropping malformed run message on %s: %s", msg.subject, exc)
+            await msg.term()
+            return
+        token = subjects.last_token(msg.subject)
+        meta = msg.metadata
+        emitter = Emitter(self.nc, run.events_subject, attempt=meta.num_delivered)
+        try:
+            revision = await self._wait_turn(msg, run, token, meta.sequence.stream, emitter)
+            if revision is None:
+                return
+            try:
+                await self._execute(msg, run, token, revision, emitter)
+            finally:
+                await self.nc.publish(subjects.session_done(token), b"")
+        except Exception:
+            log.exception("run %s failed inside the worker", run.run_id)
+            with contextlib.suppress(Exception):
+                await emitter.failed(errors.internal("internal worker error"))
+            with contextlib.suppress(Exception):
+                await msg.term()
+        finally:
+            await emitter.aclose()
+
+    async def _head_seq(self, token: str) -> int | None:
+        assert self._js is not None
+        try:
+            head = await self._js.get_msg(subjects.RUNS_STREAM, seq=1,
+                                          subject=subjects.run(token), next=True)
+        except NotFoundError:
+            return None
+        return int(head.seq) if head.seq is not None else None
+
+    async def _wait_turn(self, msg: Msg, run: RunRequest, token: str, seq: int,
+                         emitter: Emitter) -> int | None:
+        """Wait until this run heads its session and we hold the lease; the lease
+        revision, or None if the run was handed back (naked) or dropped."""
+        assert self._leases is not None
+        holding = False
+        next_probe = 0.0
+        try:
+            while True:
+                if run.run_id in self._cancelled:
+                    await msg.term()
+                    return None
+                head = await self._head_seq(token)
+                if head is None or head > seq:
+                    # Deleted (its client gave up) or already completed elsewhere.
+                    await msg.term()
+                    return None
+                if head == seq:
+                    revision = await self._leases.acquire(token, self._owner)
+                    if revision is not None:
+                        return revision
+                if self._stopping.is_set():
+                    await msg.nak()
+                    return None
+                if not holding:
+                    if self._holds >= self.max_holds:
+                        self.stats.naks += 1
+                        await msg.nak(delay=NAK_DELAY)
+                        return None
+                    holding = True
+                    self._holds += 1
+                now = time.monotonic()
+                if now >= next_probe:
+                    try:
+                        await emitter.queued()
+                    except RunAbandoned:
+                        await msg.term()
+                        return None
+                    await msg.in_progress()
+                    next_probe = now + min(self.settings.bus.heartbeat_seconds,
+                                           self.settings.bus.ack_wait_seconds / 3)
+                event = self._session_done.setdefault(token, asyncio.Event())
+                await self._wait_either(event, max(0.05, next_probe - time.monotonic()))
+        finally:
+            if holding:
+                self._holds -= 1
+
+    async def _execute(self, msg: Msg, run: RunRequest, token: str, revision: int,
+                       emitter: Emitter) -> None:
+        assert self._leases is not None and self._transcripts is not None
+        execution = Execution(run.run_id)
+        self._active[run.run_id] = execution
+        lease = [revision]
+        keeper = asyncio.create_task(self._keep_alive(msg, token, lease, emitter, execution),
+                                     name="run-keepalive")
+        outcome = "failed"
+        try:
+            try:
+                await emitter.accepted(self.worker_id)
+            except RunAbandoned:
+                outcome = "abandoned"
+                await msg.term()
+                return
+            self.stats.runs_started += 1
+            turns, last_seq = await self._transcripts.load(token)
+            if turns and turns[-1].run_id == run.run_id:
+                # Completed before (the ack was lost): report, never run twice.
+                done = turns[-1]
+                await emitter.done(done.assistant, done.usage, "stop")
+                await msg.ack()
+                outcome = "completed"
+                return
+            reply = await self._generate(run, turns, emitter, execution)
+            if reply is None:
+                outcome = await self._stopped(msg, emitter, execution)
+                return
+            # Fencing: only the lease holder may append (and the append itself is
+            # conditional on the transcript being as we read it).
+            new_rev = await self._leases.refresh(token, self._owner, lease[0])
+            if new_rev is None:
+                emitter.fenced = True
+                outcome = "fenced"
+                return
+            lease[0] = new_rev
+            turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
+                        assistant=reply.text, ts=time.time(), usage=reply.usage)
+            try:
+                await self._transcripts.append(token, turn, last_seq)
+            except StaleTranscriptError:
+                await emitter.failed(errors.internal(
+                    "session changed while the run was in progress; the turn was not saved"))
+                await msg.term()
+                return
+            await emitter.done(reply.text, reply.usage, reply.finish_reason)
+            await msg.ack()
+            outcome = "completed"
+        except ProviderError as exc:
+            self.stats.by_error[exc.kind] = self.stats.by_error.get(exc.kind, 0) + 1
+            await emitter.failed(errors.provider_failure(exc))
+            await msg.term()
+        finally:
+            self._active.pop(run.run_id, None)
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            if outcome != "fenced":
+                with contextlib.suppress(Exception):
+                    await self._leases.release(token, lease[0])
+            if outcome == "completed":
+                self.stats.runs_completed += 1
+            elif outcome in ("cancelled", "abandoned"):
+                self.stats.runs_cancelled += 1
+            elif outcome != "requeued":
+                self.stats.runs_failed += 1
+
+    async def _generate(self, run: RunRequest, turns: list[Turn], emitter: Emitter,
+                        execution: Execution) -> Reply | None:
+        """The provider call under the run timeout; None if stopped (see execution.reason)."""
+        settings = self.settings
+        agent = settings.agent(run.agent_id)
+        if agent is None:
+            raise ProviderError("failed", f"agent '{run.agent_id}' is not configured here")
+        provider_name, _, model = settings.agent_model(agent)
+        provider = self._provider(provider_name)
+        history = within_budget(turns, settings.session.history_budget_chars)
+        request = build_request(model, settings.agent_system_prompt(agent), run, history)
+        timeout = execution.timeout = settings.agent_timeout(agent)
+        execution.task = asyncio.create_task(generate(provider, request, emitter), name="generate")
+        if execution.reason is not None:  # cancelled while we were getting ready
+            execution.task.cancel()
+        try:
+            async with asyncio.timeout(timeout):
+                return await execution.task
+        except asyncio.CancelledError:
+            if execution.reason is None:
+                raise  # our own task is being cancelled: propagate
+            return None
+        except TimeoutError:
+            execution.reason = "timeout"
+            return None
+
+    async def _stopped(self, msg: Msg, emitter: Emitter, execution: Execution) -> str:
+        reason = execution.reason
+        if reason == "timeout":
+            await emitter.failed(errors.run_timeout(execution.timeout))
+            await msg.term()
+            return "failed"
+        if reason == "shutdown":
+            if emitter.sent_text:
+                await emitter.failed(errors.interrupted("the worker shut down"))
+                await msg.term()
+                return "failed"
+            await msg.nak()  # nothing streamed yet: another worker restarts it
+            return "requeued"
+        if reason == "fenced":
+            emitter.fenced = True
+            return "fenced"
+        # cancelled by the client, or the gateway is gone
+        await msg.term()
+        return "cancelled"
+
+    async def _keep_alive(self, msg: Msg, token: str, lease: list[int], emitter: Emitter,
+                          execution: Execution) -> None:
+        """in_progress acks + fenced lease refresh every ackWait/3, and a liveness
+        probe to the gateway every heartbeat interval (also while text flows, so a
+        dead gateway is noticed mid-stream)."""
+        assert self._leases is not None
+        bus = self.settings.bus
+        refresh_every = bus.ack_wait_seconds / 3
+        beat_every = bus.heartbeat_seconds
+        next_refresh = time.monotonic() + refresh_every
+        while True:
+            now = time.monotonic()
+            wake = min(next_refresh, emitter.last_probe + beat_every)
+            await asyncio.sleep(max(0.05, wake - now))
+            now = time.monotonic()
+            if now >= next_refresh:
+                next_refresh = now + refresh_every
+                try:
+                    await msg.in_progress()
+                    new_rev = await self._leases.refresh(token, self._owner, lease[0])
+                except Exception as exc:  # the bus is unreachable: try again next round
+                    log.warning("lease refresh for run %s failed: %s", execution.run_id, exc)
+                    continue
+                if new_rev is None:
+                    log.warning("run %s lost its session lease; stopping it", execution.run_id)
+                    emitter.fenced = True
+                    execution.stop("fenced")
+                    return
+                lease[0] = new_rev
+            if now - emitter.last_probe >= beat_every:
+                try:
+                    await emitter.heartbeat()
+                except RunAbandoned:
+                    execution.stop("abandoned")
+                    return
+
+    def _provider(self, name: str) -> Provider:
+        provider = self._providers.get(name)
+        if provider is None:
+            cfg = self.settings.providers[name]
+            provider = make_provider(cfg, self.settings.provider_api_key(cfg, self.env))
+            self._providers[name] = provider
+        return provider
+
