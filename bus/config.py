@@ -40,7 +40,11 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         alias_generator=to_camel,
-        populate_by_name=True,
+        # Python code may construct by field name; files are validated camelCase-only
+        # (see parse_settings). No silent coercion: `port: true` is an error, not 1.
+        validate_by_name=True,
+        validate_by_alias=True,
+        strict=True,
         frozen=True,
     )
 
@@ -135,7 +139,7 @@ class AgentConfig(_Model):
 
 class AgentsConfig(_Model):
     defaults: AgentDefaults = AgentDefaults()
-    list: tuple[AgentConfig, ...] = ()
+    entries: list[AgentConfig] = Field(default_factory=list, alias="list")
 
 
 class ProviderConfig(_Model):
@@ -186,13 +190,14 @@ class Settings(_Model):
     @model_validator(mode="after")
     def _check_agents(self) -> Settings:
         seen: set[str] = set()
-        for agent in self.agents.list:
+        for agent in self.agents.entries:
             if agent.id in seen:
                 raise ValueError(f"duplicate agent id '{agent.id}'")
             seen.add(agent.id)
-        for agent in self.agents.list:
-            self._check_model_ref(agent.model or self.agents.defaults.model, f"agent '{agent.id}'")
-        if not self.agents.list:
+        for agent in self.agents.entries:
+            model = self.agents.defaults.model if agent.model is None else agent.model
+            self._check_model_ref(model, f"agent '{agent.id}'")
+        if not self.agents.entries:
             self._check_model_ref(self.agents.defaults.model, "agents.defaults.model")
         return self
 
@@ -212,11 +217,11 @@ class Settings(_Model):
 
     @property
     def agent_ids(self) -> list[str]:
-        return [a.id for a in self.agents.list] or ["main"]
+        return [a.id for a in self.agents.entries] or ["main"]
 
     @property
     def default_agent_id(self) -> str:
-        for agent in self.agents.list:
+        for agent in self.agents.entries:
             if agent.default:
                 return agent.id
         return self.agent_ids[0]
@@ -224,10 +229,10 @@ class Settings(_Model):
     def agent(self, agent_id: str) -> AgentConfig | None:
         """The agent with this id (case-insensitive), or None if unknown."""
         agent_id = agent_id.lower()
-        for agent in self.agents.list:
+        for agent in self.agents.entries:
             if agent.id == agent_id:
                 return agent
-        if not self.agents.list and agent_id == "main":
+        if not self.agents.entries and agent_id == "main":
             return AgentConfig(id="main", default=True)
         return None
 
@@ -303,14 +308,16 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    problems = []
     for err in exc.errors():
         loc = _format_loc(tuple(err["loc"]))
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
+            problems.append(f"{loc}: unknown key")
         else:
-            lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
+            problems.append(f"{loc}: {err['msg']}")
+    if len(problems) == 1:
+        return f"invalid configuration in {source}: {problems[0]}"
+    return "\n  ".join([f"invalid configuration in {source}:", *problems])
 
 
 def parse_settings(raw: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None,
@@ -321,8 +328,11 @@ def parse_settings(raw: Any, *, source: str = "<config>", env: Mapping[str, str]
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid configuration in {source}: the top level must be an object")
+    for key in ("stateDir", "state_dir", "configDir", "config_dir"):
+        if key in raw:  # Settings fields resolved at load time, never read from the file
+            raise ConfigError(f"invalid configuration in {source}: {key}: unknown key")
     try:
-        settings = Settings.model_validate(raw)
+        settings = Settings.model_validate(raw, by_alias=True, by_name=False)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
     auth = settings.gateway.auth
@@ -352,7 +362,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         return parse_settings({}, source="defaults", env=env)
     try:
         raw = json5.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot parse {file}: {exc}") from None
     return parse_settings(raw, source=str(file), env=env, config_dir=file.parent.resolve())
 
@@ -387,5 +397,6 @@ def masked(settings: Settings) -> dict[str, Any]:
     for provider in data["models"]["providers"].values():
         if provider.get("apiKey"):
             provider["apiKey"] = "***"
+        provider["headers"] = {k: "***" for k in provider.get("headers", {})}
     data["gateway"]["auth"]["mode"] = settings.auth_mode
     return data

@@ -25,7 +25,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-
 from bus.config import ConfigError, Settings, check_gateway_startable, load_settings, masked
 
 log = logging.getLogger("clawbus")

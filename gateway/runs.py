@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client
@@ -115,7 +115,7 @@ class RunHandle:
             self.queue.get_nowait()
             self.queue.put_nowait(b"")
 
-    async def events(self) -> AsyncIterator[RunEvent]:
+    async def events(self) -> AsyncGenerator[RunEvent, None]:
         """Accepted, then Deltas, then exactly one Done or Failed (the last item)."""
         bus = self._client.bus
         idle_timeout = 3 * bus.heartbeat_seconds + 1.0

@@ -1,0 +1,103 @@
+"""Shared fixtures: a real nats-server, a fake OpenAI upstream (a real HTTP
+server), and real clawbus gateway/worker processes on free loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bus.embedded import NatsServer
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.natsfixtures import nats_cluster, nats_server, shared_nats  # noqa: F401
+from tests.procs import Gateway, Worker, write_config
+
+TOKEN = "test-token-123"
+
+
+def base_config(upstream: FakeOpenAI | None, **bus: Any) -> dict[str, Any]:
+    """A config with the endpoint on, two agents on the fake upstream, short bus timers."""
+    providers: dict[str, Any] = {"echo": {"api": "echo"}}
+    model = "echo/echo"
+    if upstream is not None:
+        providers["fake"] = {"api": "openai-completions", "baseUrl": upstream.base_url,
+                             "apiKey": "sk-upstream", "timeoutSeconds": 5,
+                             "connectTimeoutSeconds": 2}
+        model = "fake/gpt-test"
+    return {
+        "gateway": {"auth": {"token": TOKEN},
+                    "http": {"endpoints": {"chatCompletions": {"enabled": True}}}},
+        "agents": {
+            "defaults": {"model": model, "timeoutSeconds": 30},
+            "list": [{"id": "main", "default": True, "systemPrompt": "You are main."},
+                     {"id": "beta", "systemPrompt": "You are beta."}],
+        },
+        "models": {"providers": providers},
+        "bus": {"queueTimeoutSeconds": 5, "heartbeatSeconds": 1, "ackWaitSeconds": 6, **bus},
+    }
+
+
+@dataclass
+class Stack:
+    """Processes sharing one NATS: gateways, workers and the fake upstream."""
+
+    nats: NatsServer
+    upstream: FakeOpenAI
+    config: Path
+    gateways: list[Gateway] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.gateways[0].url
+
+    def add_gateway(self) -> Gateway:
+        gw = Gateway(self.config, self.nats.url, name=f"gateway{len(self.gateways)}")
+        self.gateways.append(gw)
+        return gw
+
+    def add_worker(self, grace: float = 10.0) -> Worker:
+        wk = Worker(self.config, self.nats.url, grace=grace, name=f"worker{len(self.workers)}")
+        self.workers.append(wk)
+        return wk
+
+    def stop(self) -> None:
+        for proc in [*self.workers, *self.gateways]:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def stack(shared_nats: NatsServer, upstream: FakeOpenAI,  # noqa: F811
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Two gateways and three workers on the shared NATS, against the fake upstream."""
+    config = write_config(tmp_path_factory.mktemp("stack") / "clawbus.json5",
+                          base_config(upstream))
+    st = Stack(shared_nats, upstream, config)
+    try:
+        for _ in range(2):
+            st.add_gateway()
+        for _ in range(3):
+            st.add_worker()
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_upstream(request: pytest.FixtureRequest) -> None:
+    """Every test starts with a well-behaved upstream."""
+    if "upstream" in request.fixturenames or "stack" in request.fixturenames:
+        up: FakeOpenAI = request.getfixturevalue("upstream")
+        up.token_delay = 0.0
+        up.fail_status = None
+        up.garbage_after = None
+        up.stall = False
