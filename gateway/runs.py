@@ -90,7 +90,8 @@ class RunHandle:
         self.created = time.time()
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_EVENTS)
         self.overflowed = False
-        self.finished = False
+        self.finished = False  # nobody reads the events any more
+        self.ended = False  # the run's last event (Done/Failed) arrived
         self.accepted = False
         self.streamed = False
         self.stream_seq: int | None = None
@@ -168,7 +169,7 @@ class RunHandle:
                     self.streamed = True
                     yield event
                     continue
-                self.finished = True
+                self.ended = True
                 yield event
                 return
         finally:
@@ -177,12 +178,11 @@ class RunHandle:
 
     async def cancel(self) -> None:
         """Stop the run: tell its worker, and drop it from the queue if not started."""
-        was_finished = self.finished
         self.finished = True
         self._client.forget(self)
-        if was_finished and self.accepted:
-            return
-        await self._client.cancel(self)
+        if not self.ended:
+            self.ended = True
+            await self._client.cancel(self)
 
 
 class RunClient:

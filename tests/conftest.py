@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bus.embedded import NatsServer
 
+from bus.embedded import NatsServer
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.natsfixtures import nats_cluster, nats_server, shared_nats  # noqa: F401
 from tests.procs import Gateway, Worker, write_config
@@ -42,13 +42,29 @@ def base_config(upstream: FakeOpenAI | None, **bus: Any) -> dict[str, Any]:
 
 @dataclass
 class Stack:
-    """Processes sharing one NATS: gateways, workers and the fake upstream."""
+    """Processes sharing one NATS of their own (so stacks with different configs
+    never serve each other's runs): gateways, workers and the fake upstream."""
 
     nats: NatsServer
     upstream: FakeOpenAI
     config: Path
     gateways: list[Gateway] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, directory: Path, upstream: FakeOpenAI, config: dict[str, Any], *,
+              gateways: int = 1, workers: int = 1) -> Stack:
+        nats = NatsServer(store_dir=directory / "nats").start()
+        st = cls(nats, upstream, write_config(directory / "clawbus.json5", config))
+        try:
+            for _ in range(gateways):
+                st.add_gateway()
+            for _ in range(workers):
+                st.add_worker()
+        except BaseException:
+            st.stop()
+            raise
+        return st
 
     @property
     def url(self) -> str:
@@ -67,6 +83,7 @@ class Stack:
     def stop(self) -> None:
         for proc in [*self.workers, *self.gateways]:
             proc.stop()
+        self.nats.stop()
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +93,11 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def stack(shared_nats: NatsServer, upstream: FakeOpenAI,  # noqa: F811
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Two gateways and three workers on the shared NATS, against the fake upstream."""
-    config = write_config(tmp_path_factory.mktemp("stack") / "clawbus.json5",
-                          base_config(upstream))
-    st = Stack(shared_nats, upstream, config)
+def stack(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Two gateways and three workers on one NATS, against the fake upstream."""
+    st = Stack.start(tmp_path_factory.mktemp("stack"), upstream, base_config(upstream),
+                     gateways=2, workers=3)
     try:
-        for _ in range(2):
-            st.add_gateway()
-        for _ in range(3):
-            st.add_worker()
         yield st
     finally:
         st.stop()

@@ -97,20 +97,25 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             code = self.popen.wait()
-        self._reader.join(timeout=5)
+        self._close()
         return code
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         self.popen.wait()
+        self._close()
+
+    def _close(self) -> None:
         self._reader.join(timeout=5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
 
 
 class Gateway(Proc):
     def __init__(self, config: Path, bus_url: str, *, env: dict[str, str] | None = None,
                  name: str = "gateway") -> None:
         super().__init__(["gateway", "--config", str(config), "--bus-url", bus_url,
-                          "--port", "0", "--log-level", "warning"], env=env, name=name)
+                          "--port", "0", "--log-level", "info"], env=env, name=name)
         self.url = self.wait_line(LISTENING).group(1)
 
 

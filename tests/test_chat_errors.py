@@ -16,14 +16,13 @@ import httpx
 import openai
 import orjson
 import pytest
-from bus.embedded import NatsServer
 from fastapi import FastAPI
 
 from bus.config import parse_settings
+from bus.embedded import NatsServer
 from gateway.app import create_app
 from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.procs import write_config
 from tests.schemas import validate
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -205,16 +204,12 @@ async def test_no_worker_is_503_and_run_never_executes_later(
 
 
 @pytest.fixture(scope="module")
-def failing(shared_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Stack]:
+def failing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with FakeOpenAI() as up:
         config = base_config(up)
         config["models"]["providers"]["fake"]["timeoutSeconds"] = 0.5
-        path = write_config(tmp_path_factory.mktemp("failing") / "c.json5", config)
-        st = Stack(shared_nats, up, path)
+        st = Stack.start(tmp_path_factory.mktemp("failing"), up, config)
         try:
-            st.add_gateway()
-            st.add_worker()
             yield st
         finally:
             st.stop()
@@ -247,7 +242,7 @@ def test_run_failure_rows(failing: Stack, setup: dict[str, Any], status: int, ty
         assert resp.headers["retry-after"] == "1"
 
 
-def test_upstream_unreachable_is_502(shared_nats: NatsServer, tmp_path: Path) -> None:
+def test_upstream_unreachable_is_502(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as s:  # a port with nothing listening
@@ -257,10 +252,8 @@ def test_upstream_unreachable_is_502(shared_nats: NatsServer, tmp_path: Path) ->
     config["models"]["providers"]["dead"] = {"api": "openai-completions",
                                              "baseUrl": f"http://127.0.0.1:{port}/v1"}
     config["agents"]["defaults"]["model"] = "dead/x"
-    st = Stack(shared_nats, FakeOpenAI(), write_config(tmp_path / "c.json5", config))
+    st = Stack.start(tmp_path, FakeOpenAI(), config)
     try:
-        st.add_gateway()
-        st.add_worker()
         with openai.OpenAI(base_url=f"{st.url}/v1", api_key=TOKEN, max_retries=0) as c, \
                 pytest.raises(openai.APIStatusError) as err:
             c.chat.completions.create(model="openclaw", messages=[{"role": "user",

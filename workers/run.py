@@ -7,6 +7,7 @@ the ack and cancellation.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from bus.messages import RunRequest, Turn, Usage
@@ -38,10 +39,13 @@ def build_request(model: str, system_prompt: str, run: RunRequest,
 async def generate(provider: Provider, request: ProviderRequest, emitter: Emitter) -> Reply:
     parts: list[str] = []
     finish = Finish()
-    async for item in provider.stream(request):
-        if isinstance(item, TextDelta):
-            parts.append(item.text)
-            emitter.delta(item.text)
-        else:
-            finish = item
+    # aclosing: on cancellation the provider's generator is closed at once, which
+    # closes its upstream HTTP request (instead of whenever it is garbage collected).
+    async with contextlib.aclosing(provider.stream(request)) as stream:
+        async for item in stream:
+            if isinstance(item, TextDelta):
+                parts.append(item.text)
+                emitter.delta(item.text)
+            else:
+                finish = item
     return Reply(text="".join(parts), usage=finish.usage, finish_reason=finish.reason)

@@ -229,6 +229,7 @@ class Worker:
             self._cancelled.popitem(last=False)
         execution = self._active.get(run_id)
         if execution is not None:
+            log.info("run %s cancelled by its client", run_id)
             execution.stop("cancelled")
 
     async def _on_session_done(self, msg: Msg) -> None:

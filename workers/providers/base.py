@@ -10,7 +10,7 @@ must release its HTTP request when its generator is closed or cancelled.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -60,7 +60,7 @@ class ProviderError(Exception):
 
 
 class Provider(Protocol):
-    def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
         """Stream the reply; yields TextDelta items then one Finish."""
         ...
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from bus.messages import Usage
 
@@ -26,7 +26,7 @@ class EchoProvider:
     def __init__(self, token_delay_ms: float = 0.0) -> None:
         self._delay = token_delay_ms / 1000.0
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
         current = request.messages[-1].content if request.messages else ""
         prompt_tokens = _count(request.system) + sum(_count(m.content) for m in request.messages)
         reply = current

