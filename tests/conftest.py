@@ -28,7 +28,7 @@ def base_config(upstream: FakeOpenAI | None, **bus: Any) -> dict[str, Any]:
                              "connectTimeoutSeconds": 2}
         model = "fake/gpt-test"
     return {
-        "gateway": {"auth": {"token": TOKEN},
+        "gateway": {"auth": {"token": TOKEN}, "keepaliveSeconds": 0.3,
                     "http": {"endpoints": {"chatCompletions": {"enabled": True}}}},
         "agents": {
             "defaults": {"model": model, "timeoutSeconds": 30},

@@ -278,3 +278,37 @@ def test_session_ordering_invariant(stack: Stack) -> None:
             assert earlier.ended is not None and earlier.ended <= later.started
         # Each run saw every earlier turn of its session.
         assert len(recs[-1].body["messages"]) == 1 + 2 * (runs_per_session - 1) + 1
+
+
+def test_keepalive_comments_while_agent_is_silent(stack: Stack) -> None:
+    """The stack's gateways send ``: keep-alive`` after 0.3 s of silence."""
+    stack.upstream.token_delay = 1.0
+    body = {"model": "openclaw", "stream": True,
+            "messages": [{"role": "user", "content": "slow"}]}
+    with httpx.Client(timeout=30) as http:
+        resp = http.post(f"{stack.url}/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ": keep-alive\n\n" in resp.text
+    assert sse_events(resp.text)[-1] == "[DONE]"
+
+
+def test_cancelled_run_leaves_no_half_turn(stack: Stack) -> None:
+    key = f"halfturn:{marker()}"
+    first, second = marker(), marker()
+    stack.upstream.token_delay = 0.05
+    body = {"model": "openclaw", "stream": True, "messages": [
+        {"role": "user", "content": f"{first} " + " ".join(["word"] * 60)}]}
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-openclaw-session-key": key}
+    with httpx.Client(timeout=30) as http, http.stream(
+            "POST", f"{stack.url}/v1/chat/completions", json=body, headers=headers) as resp:
+        for line in resp.iter_lines():
+            if "word" in line:
+                break  # leave mid-reply
+    stack.upstream.wait_for(lambda recs: any(
+        first in orjson.dumps(r.body).decode() and r.disconnected for r in recs), timeout=5)
+    stack.upstream.token_delay = 0.0
+    with client(stack.gateways[1].url) as c:
+        c.chat.completions.create(model="openclaw", extra_headers={"x-openclaw-session-key": key},
+                                  messages=[{"role": "user", "content": second}])
+    (rec,) = records_with(stack.upstream, second)
+    assert first not in orjson.dumps(rec.body).decode()

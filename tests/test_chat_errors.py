@@ -8,6 +8,8 @@ a real NATS; the run-failure rows go through a real worker and fake upstream.
 from __future__ import annotations
 
 import contextlib
+import signal
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -289,3 +291,47 @@ def test_stream_error_after_200(failing: Stack) -> None:
     assert set(error["error"]) >= {"message", "type"}
     assert error["error"]["message"].startswith("upstream provider error")
 
+
+
+def test_failed_run_leaves_no_turn(failing: Stack) -> None:
+    key = f"failed:{uuid.uuid4().hex}"
+    headers = {**AUTH, "x-openclaw-session-key": key}
+    failing.upstream.fail_status = 500
+    try:
+        with httpx.Client(timeout=30) as http:
+            bad = http.post(f"{failing.url}{URL}", headers=headers, json={
+                "model": "openclaw", "messages": [{"role": "user", "content": "lost turn"}]})
+    finally:
+        failing.upstream.fail_status = None
+    assert bad.status_code == 500
+    with httpx.Client(timeout=30) as http:
+        good = http.post(f"{failing.url}{URL}", headers=headers, json={
+            "model": "openclaw", "messages": [{"role": "user", "content": "kept turn"}]})
+    assert good.status_code == 200
+    last = failing.upstream.requests[-1]
+    assert [m["content"] for m in last.body["messages"][1:]] == ["kept turn"]
+
+
+def test_stalled_worker_hits_idle_timeout(tmp_path: Path) -> None:
+    """A worker frozen mid-run (SIGSTOP) stops heartbeating: the client gets an
+    error after ~3 heartbeats instead of hanging."""
+    with FakeOpenAI(token_delay=0.3) as up:
+        st = Stack.start(tmp_path, up, base_config(up))
+        try:
+            with httpx.Client(timeout=30) as http, http.stream(
+                    "POST", f"{st.url}{URL}", headers=AUTH, json={
+                        "model": "openclaw", "stream": True,
+                        "messages": [{"role": "user", "content": "a b c d e f g h i j"}]}
+                    ) as resp:
+                lines = resp.iter_lines()
+                for line in lines:
+                    if "echo" in line:
+                        st.workers[0].signal(signal.SIGSTOP)
+                        break
+                rest = list(lines)
+            st.workers[0].signal(signal.SIGCONT)
+        finally:
+            st.stop()
+    frames = [line[6:] for line in rest if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    assert orjson.loads(frames[-2])["error"]["message"] == "agent worker stopped responding"

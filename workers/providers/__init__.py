@@ -6,13 +6,15 @@ from typing import assert_never
 
 from bus.config import ProviderConfig
 
+from .anthropic_messages import AnthropicMessagesProvider
 from .base import Provider
 from .echo import EchoProvider
 from .openai_completions import OpenAICompletionsProvider
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+ANTHROPIC_DEFAULT_BASE_URL = "https://api.anthropic.com/v1"
 
-__all__ = ["OPENAI_DEFAULT_BASE_URL", "Provider", "make_provider"]
+__all__ = ["ANTHROPIC_DEFAULT_BASE_URL", "OPENAI_DEFAULT_BASE_URL", "Provider", "make_provider"]
 
 
 def make_provider(cfg: ProviderConfig, api_key: str | None) -> Provider:
@@ -28,5 +30,11 @@ def make_provider(cfg: ProviderConfig, api_key: str | None) -> Provider:
             connect_timeout_seconds=cfg.connect_timeout_seconds,
         )
     if cfg.api == "anthropic-messages":
-        raise ValueError("anthropic-messages provider is not available yet")
+        return AnthropicMessagesProvider(
+            base_url=cfg.base_url or ANTHROPIC_DEFAULT_BASE_URL,
+            api_key=api_key,
+            headers=dict(cfg.headers),
+            timeout_seconds=cfg.timeout_seconds,
+            connect_timeout_seconds=cfg.connect_timeout_seconds,
+        )
     assert_never(cfg.api)

@@ -1,0 +1,187 @@
+"""Session leases (bus.leases) against a real nats-server: CAS acquire, fenced refresh,
+release through the ``free`` marker, and expiry by per-message TTL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from bus import subjects
+from bus.config import BusConfig, SessionConfig
+from bus.connection import connect, ensure_bus, lease_ttl_seconds
+from bus.embedded import NatsServer
+from bus.leases import FREE, Leases
+from bus.subjects import session_token
+
+BUS = BusConfig(ack_wait_seconds=3)
+TTL = lease_ttl_seconds(BUS)
+LEASES_STREAM = f"KV_{subjects.LEASES_BUCKET}"
+A = b"worker-a"
+B = b"worker-b"
+
+
+@pytest.fixture
+async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc = await connect(nats_server.url, "test-leases")
+    try:
+        yield await ensure_bus(nc, BUS, SessionConfig())
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def leases(js: JetStreamContext) -> Leases:
+    return Leases(js, TTL)
+
+
+async def stored(js: JetStreamContext, token: str) -> bytes | None:
+    """The current value of the session's lease key (None if absent/expired)."""
+    try:
+        msg = await js.get_msg(
+            LEASES_STREAM, subject=f"$KV.{subjects.LEASES_BUCKET}.{token}", direct=False)
+    except NotFoundError:
+        return None
+    return msg.data
+
+
+def test_ttl_is_whole_seconds() -> None:
+    assert TTL == 3
+    assert lease_ttl_seconds(BusConfig(ack_wait_seconds=3.2)) == 4
+
+
+async def test_acquire_fresh_session(js: JetStreamContext, leases: Leases) -> None:
+    token = session_token("fresh session.*>")
+    rev = await leases.acquire(token, A)
+    assert isinstance(rev, int)
+    assert rev > 0
+    assert await stored(js, token) == A
+
+
+async def test_second_acquire_fails_while_held(js: JetStreamContext, leases: Leases) -> None:
+    token = session_token("held")
+    rev = await leases.acquire(token, A)
+    assert rev is not None
+    assert await leases.acquire(token, B) is None
+    # Nor can the holder take it a second time (acquire is not re-entrant).
+    assert await leases.acquire(token, A) is None
+    assert await stored(js, token) == A
+    # The failed attempts changed nothing: the holder's revision still works.
+    assert await leases.refresh(token, A, rev) is not None
+
+
+async def test_leases_are_per_session(leases: Leases) -> None:
+    keys = ["s1", "s2", "s1.s2", "*", ">", ""]
+    revs = [await leases.acquire(session_token(k), A) for k in keys]
+    assert all(r is not None for r in revs)
+    assert len(set(revs)) == len(keys)
+
+
+async def test_refresh_with_current_revision(js: JetStreamContext, leases: Leases) -> None:
+    token = session_token("refresh")
+    rev = await leases.acquire(token, A)
+    assert rev is not None
+    rev2 = await leases.refresh(token, A, rev)
+    assert rev2 is not None
+    assert rev2 > rev
+    rev3 = await leases.refresh(token, A, rev2)
+    assert rev3 is not None
+    assert rev3 > rev2
+    assert await stored(js, token) == A
+
+
+async def test_refresh_with_stale_revision_is_fenced(js: JetStreamContext, leases: Leases) -> None:
+    token = session_token("fencing")
+    rev = await leases.acquire(token, A)
+    assert rev is not None
+    rev2 = await leases.refresh(token, A, rev)
+    assert rev2 is not None
+    assert await leases.refresh(token, A, rev) is None
+    assert await leases.refresh(token, B, rev) is None
+    # A revision from the future is not accepted either.
+    assert await leases.refresh(token, A, rev2 + 100) is None
+    # The current holder is unaffected.
+    assert await leases.refresh(token, A, rev2) is not None
+
+
+async def test_release_then_acquire_via_free_marker(js: JetStreamContext, leases: Leases) -> None:
+    token = session_token("release")
+    rev = await leases.acquire(token, A)
+    assert rev is not None
+    await leases.release(token, rev)
+    # The key now holds the free marker (not yet expired): acquire must CAS over it.
+    assert await stored(js, token) == FREE
+    rev_b = await leases.acquire(token, B)
+    assert rev_b is not None
+    assert rev_b > rev
+    assert await stored(js, token) == B
+    # The old holder is fenced off, the new one is not.
+    assert await leases.refresh(token, A, rev) is None
+    assert await leases.acquire(token, A) is None
+    assert await leases.refresh(token, B, rev_b) is not None
+
+
+async def test_free_marker_expires(js: JetStreamContext, leases: Leases) -> None:
+    """Released sessions leave nothing behind (the marker has a 1 s TTL)."""
+    token = session_token("idle")
+    rev = await leases.acquire(token, A)
+    assert rev is not None
+    await leases.release(token, rev)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1 + 3
+    while await stored(js, token) is not None:
+        assert loop.time() < deadline, "free marker did not expire"
+        await asyncio.sleep(0.1)
+    # And from empty, acquire works again.
+    assert await leases.acquire(token, B) is not None
+
+
+async def test_stale_release_does_not_clobber(js: JetStreamContext, leases: Leases) -> None:
+    token = session_token("stale release")
+    rev = await leases.acquire(token, A)
+    assert rev is not None
+    rev2 = await leases.refresh(token, A, rev)
+    assert rev2 is not None
+    await leases.release(token, rev)  # stale: must be a no-op
+    assert await stored(js, token) == A
+    assert await leases.acquire(token, B) is None
+    assert await leases.refresh(token, A, rev2) is not None
+
+
+async def test_stale_release_after_handover(js: JetStreamContext, leases: Leases) -> None:
+    token = session_token("handover")
+    rev_a = await leases.acquire(token, A)
+    assert rev_a is not None
+    await leases.release(token, rev_a)
+    rev_b = await leases.acquire(token, B)
+    assert rev_b is not None
+    await leases.release(token, rev_a)  # A releases again (e.g. a retried cleanup)
+    assert await stored(js, token) == B
+    assert await leases.acquire(token, A) is None
+    assert await leases.refresh(token, B, rev_b) is not None
+
+
+async def test_lease_expires_by_ttl(js: JetStreamContext, leases: Leases) -> None:
+    token = session_token("expiring")
+    rev_a = await leases.acquire(token, A)
+    assert rev_a is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + TTL + 3
+    rev_b: int | None = None
+    while rev_b is None:
+        assert loop.time() < deadline, "lease did not expire within ttl+3 s"
+        rev_b = await leases.acquire(token, B)
+        if rev_b is None:
+            await asyncio.sleep(0.1)
+    # It was held for (about) the TTL, not taken early.
+    assert loop.time() - started >= TTL - 0.5
+    assert await stored(js, token) == B
+    # The stalled old holder finds out on its next refresh and cannot clobber B.
+    assert await leases.refresh(token, A, rev_a) is None
+    await leases.release(token, rev_a)
+    assert await stored(js, token) == B
+    assert await leases.refresh(token, B, rev_b) is not None

@@ -1,0 +1,239 @@
+"""Session transcripts (bus.transcripts): appends fenced by the expected last subject
+sequence, dedupe by run id, per-session reset, against a real nats-server; and the
+pure history budget."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.js import JetStreamContext
+
+from bus import subjects
+from bus.config import BusConfig, SessionConfig
+from bus.connection import connect, ensure_bus
+from bus.embedded import NatsServer
+from bus.messages import Turn, Usage
+from bus.subjects import session_token
+from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
+
+BUS = BusConfig(ack_wait_seconds=3)
+
+
+def turn(run_id: str, user: str = "hi", assistant: str = "hello") -> Turn:
+    return Turn(run_id=run_id, agent_id="main", user=user, assistant=assistant, ts=1.0,
+                usage=Usage(prompt_tokens=1, completion_tokens=2))
+
+
+@pytest.fixture
+async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc = await connect(nats_server.url, "test-transcripts")
+    try:
+        yield await ensure_bus(nc, BUS, SessionConfig())
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def tx(js: JetStreamContext) -> Transcripts:
+    return Transcripts(js)
+
+
+async def stored_count(js: JetStreamContext, token: str) -> int:
+    subject = subjects.transcript(token)
+    info = await js.stream_info(subjects.TX_STREAM, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def test_load_unknown_session(tx: Transcripts) -> None:
+    assert await tx.load(session_token("nobody")) == ([], 0)
+    assert await tx.last_seq(session_token("nobody")) == 0
+
+
+async def test_appends_load_in_order(js: JetStreamContext, tx: Transcripts) -> None:
+    token = session_token("chat.with *dots* and >")
+    other = session_token("interleaved")
+    expected: list[Turn] = []
+    last = 0
+    other_last = 0
+    for i in range(25):
+        t = turn(f"run-{i}", user=f"question {i}", assistant=f"answer {i}")
+        seq = await tx.append(token, t, last)
+        assert seq > last
+        last = seq
+        expected.append(t)
+        # Another session's writes interleave on the same stream.
+        other_last = await tx.append(other, turn(f"other-{i}"), other_last)
+    turns, loaded_last = await tx.load(token)
+    assert turns == expected
+    assert loaded_last == last
+    assert await tx.last_seq(token) == last
+    assert await stored_count(js, token) == 25
+    other_turns, _ = await tx.load(other)
+    assert [t.run_id for t in other_turns] == [f"other-{i}" for i in range(25)]
+
+
+async def test_load_then_append_continues(tx: Transcripts) -> None:
+    token = session_token("continue")
+    await tx.append(token, turn("r1"), 0)
+    turns, last = await tx.load(token)
+    seq = await tx.append(token, turn("r2"), last)
+    turns, last = await tx.load(token)
+    assert [t.run_id for t in turns] == ["r1", "r2"]
+    assert last == seq
+
+
+async def test_stale_append_is_rejected(js: JetStreamContext, tx: Transcripts) -> None:
+    token = session_token("stale")
+    seq1 = await tx.append(token, turn("r1"), 0)
+    # A writer that read the empty transcript before r1 was stored.
+    with pytest.raises(StaleTranscriptError):
+        await tx.append(token, turn("r2"), 0)
+    # A writer that claims to have read more than exists.
+    with pytest.raises(StaleTranscriptError):
+        await tx.append(token, turn("r3"), seq1 + 10)
+    assert await stored_count(js, token) == 1
+    turns, last = await tx.load(token)
+    assert [t.run_id for t in turns] == ["r1"]
+    assert last == seq1
+    # The rejected run can still be stored once its writer re-reads (the rejection
+    # did not register its message id as a duplicate).
+    seq2 = await tx.append(token, turn("r2"), last)
+    assert seq2 > seq1
+    assert [t.run_id for t in (await tx.load(token))[0]] == ["r1", "r2"]
+
+
+async def test_stale_append_on_one_session_ignores_others(tx: Transcripts) -> None:
+    a, b = session_token("a"), session_token("b")
+    await tx.append(a, turn("a1"), 0)
+    # b's expected sequence is about b's subject only.
+    seq_b = await tx.append(b, turn("b1"), 0)
+    await tx.append(a, turn("a2"), await tx.last_seq(a))
+    await tx.append(b, turn("b2"), seq_b)
+
+
+async def test_republished_turn_is_not_duplicated(js: JetStreamContext, tx: Transcripts) -> None:
+    token = session_token("retry")
+    t = turn("chatcmpl_1")
+    seq = await tx.append(token, t, 0)
+    # A retried publish (e.g. the ack was lost): same run id, same expected seq.
+    try:
+        again = await tx.append(token, t, 0)
+    except StaleTranscriptError:
+        pass
+    else:
+        assert again == seq  # acknowledged as a duplicate of the stored message
+    assert await stored_count(js, token) == 1
+    turns, last = await tx.load(token)
+    assert turns == [t]
+    assert last == seq
+
+
+async def test_republished_turn_after_reread_is_deduped(
+        js: JetStreamContext, tx: Transcripts) -> None:
+    """Even with a current expected sequence, the run id (Nats-Msg-Id) stops a second copy."""
+    token = session_token("retry after re-read")
+    t1 = turn("chatcmpl_1")
+    seq1 = await tx.append(token, t1, 0)
+    seq2 = await tx.append(token, turn("chatcmpl_2"), seq1)
+    assert await tx.append(token, t1, seq2) == seq1  # the duplicate's original sequence
+    assert await stored_count(js, token) == 2
+    turns, last = await tx.load(token)
+    assert ids(turns) == ["chatcmpl_1", "chatcmpl_2"]
+    assert last == seq2
+
+
+async def test_reset_purges_one_session(js: JetStreamContext, tx: Transcripts) -> None:
+    a, b = session_token("reset me"), session_token("keep me")
+    for i in range(3):
+        await tx.append(a, turn(f"a{i}"), await tx.last_seq(a))
+        await tx.append(b, turn(f"b{i}"), await tx.last_seq(b))
+    b_before = await tx.load(b)
+    await tx.reset(a)
+    assert await tx.load(a) == ([], 0)
+    assert await stored_count(js, a) == 0
+    assert await tx.load(b) == b_before
+    # A reset session starts again from empty.
+    await tx.append(a, turn("a-new"), 0)
+    assert [t.run_id for t in (await tx.load(a))[0]] == ["a-new"]
+    # Resetting an unknown session is harmless.
+    await tx.reset(session_token("never used"))
+    assert await tx.load(b) == b_before
+
+
+# --------------------------------------------------------------------------- within_budget
+
+
+def sized(run_id: str, size: int) -> Turn:
+    """A turn whose budgeted size (user + assistant characters) is ``size``."""
+    half = size // 2
+    return turn(run_id, user="u" * half, assistant="a" * (size - half))
+
+
+def ids(turns: list[Turn]) -> list[str]:
+    return [t.run_id for t in turns]
+
+
+def test_budget_empty_history() -> None:
+    assert within_budget([], 100) == []
+    assert within_budget([], 0) == []
+
+
+def test_budget_zero_keeps_nothing() -> None:
+    assert within_budget([sized("t1", 1), sized("t2", 10)], 0) == []
+
+
+def test_budget_all_fit_exactly() -> None:
+    turns = [sized("t1", 10), sized("t2", 20), sized("t3", 30)]
+    assert within_budget(turns, 60) == turns
+    assert within_budget(turns, 1000) == turns
+
+
+def test_budget_drops_oldest_first() -> None:
+    turns = [sized("t1", 10), sized("t2", 20), sized("t3", 30)]
+    assert ids(within_budget(turns, 59)) == ["t2", "t3"]
+    assert ids(within_budget(turns, 50)) == ["t2", "t3"]
+    assert ids(within_budget(turns, 49)) == ["t3"]
+    assert ids(within_budget(turns, 30)) == ["t3"]
+    assert within_budget(turns, 29) == []
+
+
+def test_budget_single_turn_larger_than_budget() -> None:
+    assert within_budget([sized("big", 101)], 100) == []
+    # The newest turn does not fit: nothing older is kept either (no gaps in history).
+    assert within_budget([sized("small", 5), sized("big", 101)], 100) == []
+
+
+def test_budget_keeps_a_contiguous_suffix() -> None:
+    # An oversized turn in the middle cuts off everything before it.
+    turns = [sized("old", 5), sized("big", 500), sized("new", 5)]
+    assert ids(within_budget(turns, 100)) == ["new"]
+
+
+def test_budget_counts_characters_not_bytes() -> None:
+    t = turn("uni", user="é" * 10, assistant="😀" * 10)
+    assert within_budget([t], 20) == [t]
+    assert within_budget([t], 19) == []
+
+
+def test_budget_does_not_mutate_input() -> None:
+    turns = [sized("t1", 10), sized("t2", 20)]
+    copy = list(turns)
+    within_budget(turns, 20)
+    assert turns == copy
+
+
+@settings(max_examples=200, derandomize=True, deadline=None, database=None)
+@given(st.lists(st.integers(min_value=0, max_value=50), max_size=15),
+       st.integers(min_value=0, max_value=300))
+def test_budget_properties(sizes: list[int], budget: int) -> None:
+    turns = [sized(f"t{i}", s) for i, s in enumerate(sizes)]
+    kept = within_budget(turns, budget)
+    # A suffix of the history, in order, within the budget ...
+    assert kept == turns[len(turns) - len(kept):]
+    assert sum(sizes[len(sizes) - len(kept):]) <= budget
+    # ... and the longest such suffix.
+    if len(kept) < len(turns):
+        assert sum(sizes[len(sizes) - len(kept) - 1:]) > budget

@@ -1,0 +1,248 @@
+"""``anthropic-messages``: the Anthropic Messages API, ``POST {baseUrl}/messages``.
+
+The request always streams (``stream: true``). The system prompt goes in the
+top-level ``system`` field; consecutive messages of the same role are merged so the
+API's user/assistant alternation always holds; ``max_tokens`` (required by the API)
+defaults to :data:`DEFAULT_MAX_TOKENS`. OpenAI-only sampling parameters
+(``frequency_penalty``, ``presence_penalty``, ``seed``) are not sent.
+
+The SSE reply is a sequence of typed events (``message_start``,
+``content_block_start`` / ``_delta`` / ``_stop``, ``message_delta``,
+``message_stop``, ``ping``, ``error``); text deltas become :class:`TextDelta` items
+and the stream ends with one :class:`Finish` once ``message_stop`` arrives.
+
+As in ``openai-completions``, one ``httpx.AsyncClient`` is shared by all runs and
+the response lives inside ``async with client.stream(...)``, so cancelling or closing
+the generator closes the connection at once and the upstream stops generating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import Any, Literal, cast
+
+import httpx
+import orjson
+
+from bus.messages import Usage
+
+from .base import (
+    ChatMessage,
+    Finish,
+    ProviderError,
+    ProviderRequest,
+    StreamItem,
+    TextDelta,
+)
+from .openai_completions import _describe, _drain, _retry_after, _sse_data
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+_MAX_DETAIL = 500
+# Stop reasons meaning "cut short", reported as finish reason "length".
+_LENGTH_STOP_REASONS = frozenset({"max_tokens", "model_context_window_exceeded"})
+
+
+class AnthropicMessagesProvider:
+    def __init__(self, base_url: str, api_key: str | None, headers: dict[str, str],
+                 timeout_seconds: float, connect_timeout_seconds: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._url = f"{self.base_url}/messages"
+        default_headers = httpx.Headers({
+            "accept": "text/event-stream",
+            "content-type": "application/json",
+            "anthropic-version": ANTHROPIC_VERSION,
+        })
+        if api_key:
+            default_headers["x-api-key"] = api_key
+        default_headers.update(headers)  # configured headers win (case-insensitively)
+        self._client = httpx.AsyncClient(
+            headers=default_headers,
+            timeout=httpx.Timeout(timeout_seconds, connect=connect_timeout_seconds),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
+        reason: Literal["stop", "length"] = "stop"
+        prompt_tokens = completion_tokens = 0
+        done = False
+        responded = False
+        try:
+            async with self._client.stream(
+                "POST", self._url, content=orjson.dumps(_request_body(request))
+            ) as response:
+                responded = True
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _status_error(response)
+                lines_iter = cast(AsyncGenerator[str, None], response.aiter_lines())
+                async with contextlib.aclosing(lines_iter) as lines:
+                    event_name = ""
+                    async for line in lines:
+                        if line.startswith("event:"):
+                            event_name = line[6:].strip()
+                            continue
+                        data = _sse_data(line)
+                        if data is None:
+                            continue
+                        event = _decode_event(data)
+                        kind = event.get("type")
+                        if not isinstance(kind, str):
+                            kind = event_name
+                        event_name = ""
+                        if kind == "content_block_delta":
+                            delta = event.get("delta")
+                            if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                                text = delta.get("text")
+                                if isinstance(text, str) and text:
+                                    yield TextDelta(text)
+                        elif kind == "message_start":
+                            message = event.get("message")
+                            if isinstance(message, dict):
+                                prompt_tokens, completion_tokens = _usage(
+                                    message.get("usage"), prompt_tokens, completion_tokens)
+                        elif kind == "message_delta":
+                            delta = event.get("delta")
+                            stop_reason = delta.get("stop_reason") if isinstance(
+                                delta, dict) else None
+                            if isinstance(stop_reason, str):
+                                reason = ("length" if stop_reason in _LENGTH_STOP_REASONS
+                                          else "stop")
+                            prompt_tokens, completion_tokens = _usage(
+                                event.get("usage"), prompt_tokens, completion_tokens)
+                        elif kind == "message_stop":
+                            done = True
+                            break
+                        elif kind == "error":
+                            raise _stream_error(event)
+                        # ping, content_block_start/stop and unknown events: ignored
+                    if done:
+                        await _drain(lines)
+                if not done:
+                    content_type = response.headers.get("content-type", "")
+                    raise ProviderError(
+                        "bad_response",
+                        "upstream stream ended without message_stop"
+                        + ("" if "event-stream" in content_type
+                           else f" (content-type {content_type or 'missing'}, not SSE)"),
+                    )
+        except httpx.TimeoutException as exc:
+            raise ProviderError("timeout", f"upstream timed out: {_describe(exc)}") from exc
+        except httpx.HTTPError as exc:
+            if responded:
+                raise ProviderError(
+                    "bad_response", f"upstream stream broke off: {_describe(exc)}"
+                ) from exc
+            raise ProviderError(
+                "unreachable", f"cannot reach {self._url}: {_describe(exc)}"
+            ) from exc
+        yield Finish(reason=reason, usage=Usage(prompt_tokens=prompt_tokens,
+                                                completion_tokens=completion_tokens))
+
+
+def _request_body(request: ProviderRequest) -> dict[str, Any]:
+    params = request.params
+    body: dict[str, Any] = {
+        "model": request.model,
+        "max_tokens": params.max_tokens if params.max_tokens is not None
+        else DEFAULT_MAX_TOKENS,
+        "messages": _merge_roles(request.messages),
+        "stream": True,
+    }
+    if request.system:
+        body["system"] = request.system
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if params.top_p is not None:
+        body["top_p"] = params.top_p
+    if params.stop:
+        body["stop_sequences"] = list(params.stop)
+    return body
+
+
+def _merge_roles(messages: tuple[ChatMessage, ...]) -> list[dict[str, str]]:
+    """Messages with consecutive same-role turns joined by a blank line."""
+    merged: list[dict[str, str]] = []
+    for message in messages:
+        if merged and merged[-1]["role"] == message.role:
+            previous = merged[-1]["content"]
+            if message.content:
+                previous = f"{previous}\n\n{message.content}" if previous else message.content
+            merged[-1]["content"] = previous
+        else:
+            merged.append({"role": message.role, "content": message.content})
+    return merged
+
+
+def _decode_event(data: str) -> dict[str, Any]:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProviderError(
+            "bad_response", f"upstream sent a non-JSON SSE event: {data[:_MAX_DETAIL]!r}"
+        ) from None
+    if not isinstance(event, dict):
+        raise ProviderError("bad_response", f"upstream sent a non-object event: {data[:100]!r}")
+    return event
+
+
+def _usage(raw: object, prompt: int, completion: int) -> tuple[int, int]:
+    """(prompt, completion) tokens updated from an Anthropic ``usage`` object.
+
+    Counts are cumulative; prompt tokens include cache reads and writes, which
+    Anthropic reports apart from ``input_tokens``.
+    """
+    if not isinstance(raw, dict):
+        return prompt, completion
+    if isinstance(raw.get("input_tokens"), int):
+        prompt = sum(raw[key] for key in ("input_tokens", "cache_creation_input_tokens",
+                                          "cache_read_input_tokens")
+                     if isinstance(raw.get(key), int))
+    if isinstance(raw.get("output_tokens"), int):
+        completion = raw["output_tokens"]
+    return prompt, completion
+
+
+def _error_detail(envelope: object) -> str | None:
+    """``"<error.type>: <error.message>"`` of an Anthropic error envelope."""
+    if not isinstance(envelope, dict):
+        return None
+    error = envelope.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        kind = error.get("type")
+        message = str(error["message"])
+        return (f"{kind}: {message}" if isinstance(kind, str) and kind else message)[
+            :_MAX_DETAIL]
+    if isinstance(envelope.get("message"), str):
+        return str(envelope["message"])[:_MAX_DETAIL]
+    return None
+
+
+def _stream_error(event: dict[str, Any]) -> ProviderError:
+    """An ``error`` event mid-stream (e.g. ``overloaded_error``)."""
+    error = event.get("error")
+    kind = error.get("type") if isinstance(error, dict) else None
+    detail = _error_detail(event) or "unknown error"
+    if kind in ("overloaded_error", "rate_limit_error"):
+        return ProviderError("rate_limit", f"upstream reported an error mid-stream: {detail}")
+    return ProviderError("bad_response", f"upstream reported an error mid-stream: {detail}")
+
+
+def _status_error(response: httpx.Response) -> ProviderError:
+    status = response.status_code
+    try:
+        detail = _error_detail(orjson.loads(response.content))
+    except orjson.JSONDecodeError:
+        detail = None
+    if detail is None:
+        detail = response.text.strip()[:_MAX_DETAIL] or response.reason_phrase
+    message = f"upstream returned HTTP {status}: {detail}"
+    if status in (401, 403):
+        return ProviderError("auth", message, status=status)
+    if status in (429, 529):  # 529: Anthropic's "overloaded"
+        return ProviderError("rate_limit", message, status=status,
+                             retry_after=_retry_after(response.headers))
+    return ProviderError("failed", message, status=status)
