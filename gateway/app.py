@@ -17,8 +17,9 @@ from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from bus import subjects
 from bus.config import Settings
@@ -27,7 +28,10 @@ from bus.connection import connect, ensure_bus
 from . import errors
 from .auth import Authenticator
 from .chat import ChatCompletions, error_response
+from .models import model_ids
 from .runs import RunClient
+from .sessions import Sessions
+from .ws import Connection
 
 log = logging.getLogger("clawbus.gateway")
 
@@ -65,6 +69,7 @@ class Gateway:
     runs: RunClient
     auth: Authenticator
     chat: ChatCompletions
+    sessions: Sessions
 
     async def workers_alive(self) -> int:
         try:
@@ -74,6 +79,15 @@ class Gateway:
         except Exception:
             return 0
         return len(keys)
+
+    async def health(self) -> dict[str, object]:
+        """Readiness: the bus is connected and at least one worker is alive."""
+        connected = self.nc.is_connected
+        workers = await self.workers_alive() if connected else 0
+        ready = connected and workers > 0
+        return {"ok": ready, "status": "ready" if ready else "not ready",
+                "bus": "connected" if connected else "disconnected", "workers": workers,
+                "gatewayId": self.runs.gateway_id, "activeRuns": self.runs.active_runs}
 
 
 def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway") -> FastAPI:
@@ -89,7 +103,7 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
             await runs.start()
             auth = Authenticator(settings)
             chat = ChatCompletions(settings, auth, runs)
-            holder["gw"] = Gateway(settings, nc, js, runs, auth, chat)
+            holder["gw"] = Gateway(settings, nc, js, runs, auth, chat, Sessions(js))
             log.info("gateway %s connected to %s", runs.gateway_id, bus_url)
             try:
                 yield
@@ -119,13 +133,40 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
 
     @app.get("/readyz")
     async def readyz() -> Response:
+        body = await gw().health()
+        return JSONResponse(body, status_code=200 if body["ok"] else 503)
+
+    def openai_side_door(request: Request) -> Response | None:
+        """/v1/models shares the chat endpoint's switch and auth."""
+        if not settings.gateway.http.endpoints.chat_completions.enabled:
+            return PlainTextResponse("Not Found", status_code=404)
+        try:
+            client = request.client.host if request.client else None
+            gw().auth.check(request.headers.get("authorization"), client)
+        except errors.ApiError as exc:
+            return error_response(exc)
+        return None
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        refused = openai_side_door(request)
+        if refused is not None:
+            return refused
+        return JSONResponse({"object": "list", "data": [_model(m) for m in model_ids(settings)]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> Response:
+        refused = openai_side_door(request)
+        if refused is not None:
+            return refused
+        if model_id not in model_ids(settings):
+            return error_response(errors.model_not_found(model_id))
+        return JSONResponse(_model(model_id))
+
+    @app.websocket("/")
+    async def websocket(ws: WebSocket) -> None:
         g = gw()
-        connected = g.nc.is_connected
-        workers = await g.workers_alive() if connected else 0
-        ready = connected and workers > 0
-        body = {"ok": ready, "status": "ready" if ready else "not ready",
-                "bus": "connected" if connected else "disconnected", "workers": workers}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        await Connection(ws, settings, g.auth, g.runs, g.sessions, g.health).serve()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
@@ -134,3 +175,7 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
 
     app.add_middleware(SecurityHeaders)
     return app
+
+
+def _model(model_id: str) -> dict[str, object]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "openclaw"}

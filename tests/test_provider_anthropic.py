@@ -182,8 +182,8 @@ async def test_consecutive_same_role_messages_merged(
         up: FakeAnthropic, provider: AnthropicMessagesProvider) -> None:
     req = ProviderRequest(model="m", system="", messages=(
         ChatMessage("user", "one"), ChatMessage("user", "two"),
-        ChatMessage("assistant", "three"), ChatMessage("assistant", ""),
-        ChatMessage("assistant", "four"), ChatMessage("user", "five"),
+        ChatMessage("assistant", "three"), ChatMessage("assistant", "four"),
+        ChatMessage("user", "five"),
     ))
     deltas, _ = await collect(provider, req)  # the fake rejects non-alternating roles
     assert "".join(deltas) == "echo: five"
@@ -191,6 +191,20 @@ async def test_consecutive_same_role_messages_merged(
         {"role": "user", "content": "one\n\ntwo"},
         {"role": "assistant", "content": "three\n\nfour"},
         {"role": "user", "content": "five"},
+    ]
+
+
+async def test_blank_messages_dropped_and_neighbours_merged(
+        up: FakeAnthropic, provider: AnthropicMessagesProvider) -> None:
+    # e.g. an earlier turn whose reply was empty: the API rejects blank content.
+    req = ProviderRequest(model="m", system="", messages=(
+        ChatMessage("user", "one"), ChatMessage("assistant", ""),
+        ChatMessage("user", "two"), ChatMessage("assistant", " \n"),
+        ChatMessage("user", "three"),
+    ))
+    await collect(provider, req)
+    assert up.requests[0].body["messages"] == [
+        {"role": "user", "content": "one\n\ntwo\n\nthree"},
     ]
 
 

@@ -346,8 +346,6 @@ async def test_make_provider() -> None:
     finally:
         await default.aclose()
         await custom.aclose()
-    with pytest.raises(ValueError, match="not available yet"):
-        make_provider(ProviderConfig(api="anthropic-messages"), "k")
 
 
 def test_fake_serves_plain_json_and_models_to_sync_clients() -> None:

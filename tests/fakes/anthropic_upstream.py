@@ -9,8 +9,9 @@ Used like :class:`tests.fakes.openai_upstream.FakeOpenAI`::
 
 Route: ``POST /v1/messages`` (the real SSE event sequence when ``stream: true``,
 else a JSON message). Requests are validated like the real API does: ``max_tokens``
-is required, ``messages`` must alternate user/assistant starting with user, and a
-``system`` role inside ``messages`` is rejected (all 400 ``invalid_request_error``).
+is required, ``messages`` must alternate user/assistant starting with user and have
+non-blank content (but for a final message), and a ``system`` role inside ``messages``
+is rejected (all 400 ``invalid_request_error``).
 Behaviour is set through plain attributes (read per request):
 
 * ``token_delay`` - seconds between streamed tokens (one token per word);
@@ -82,6 +83,9 @@ def _invalid(body: Any) -> str | None:
             return ("messages: roles must alternate between \"user\" and \"assistant\", "
                     "but found multiple \"" + str(role) + "\" roles in a row"
                     if i else "messages: first message must use the \"user\" role")
+        if not text_of(message.get("content")).strip() and i < len(messages) - 1:
+            return (f"messages.{i}: all messages must have non-empty content except for "
+                    "the optional final assistant message")
         expected = "assistant" if role == "user" else "user"
     return None
 

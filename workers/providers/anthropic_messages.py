@@ -1,10 +1,11 @@
 """``anthropic-messages``: the Anthropic Messages API, ``POST {baseUrl}/messages``.
 
 The request always streams (``stream: true``). The system prompt goes in the
-top-level ``system`` field; consecutive messages of the same role are merged so the
-API's user/assistant alternation always holds; ``max_tokens`` (required by the API)
-defaults to :data:`DEFAULT_MAX_TOKENS`. OpenAI-only sampling parameters
-(``frequency_penalty``, ``presence_penalty``, ``seed``) are not sent.
+top-level ``system`` field; blank messages are dropped and consecutive messages of the
+same role merged, so the API's user/assistant alternation always holds;
+``max_tokens`` (required by the API) defaults to :data:`DEFAULT_MAX_TOKENS`.
+OpenAI-only sampling parameters (``frequency_penalty``, ``presence_penalty``, ``seed``)
+are not sent.
 
 The SSE reply is a sequence of typed events (``message_start``,
 ``content_block_start`` / ``_delta`` / ``_stop``, ``message_delta``,
@@ -164,14 +165,15 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
 
 
 def _merge_roles(messages: tuple[ChatMessage, ...]) -> list[dict[str, str]]:
-    """Messages with consecutive same-role turns joined by a blank line."""
+    """Messages as the API accepts them: blank ones dropped (it rejects empty or
+    whitespace-only text), then consecutive same-role turns joined by a blank line
+    (it requires user/assistant alternation)."""
     merged: list[dict[str, str]] = []
     for message in messages:
+        if not message.content.strip():
+            continue
         if merged and merged[-1]["role"] == message.role:
-            previous = merged[-1]["content"]
-            if message.content:
-                previous = f"{previous}\n\n{message.content}" if previous else message.content
-            merged[-1]["content"] = previous
+            merged[-1]["content"] += "\n\n" + message.content
         else:
             merged.append({"role": message.role, "content": message.content})
     return merged

@@ -1,0 +1,76 @@
+"""Session management served from the shared JetStream state, so any gateway
+answers for any session: list sessions, read a transcript, reset one."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from bus import subjects
+from bus.messages import Turn
+from bus.transcripts import Transcripts
+
+LIST_LIMIT = 500
+LOOKUP_CONCURRENCY = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    key: str
+    agent_id: str
+    turns: int
+    last_activity: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "agentId": self.agent_id, "turns": self.turns,
+                "lastActivity": self.last_activity}
+
+
+class Sessions:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._transcripts = Transcripts(js)
+
+    async def summaries(self, limit: int = LIST_LIMIT) -> list[SessionSummary]:
+        """Sessions with at least one turn, most recently active first."""
+        info = await self._js.stream_info(subjects.TX_STREAM,
+                                          subjects_filter=subjects.transcripts_all())
+        counts: dict[str, int] = dict(info.state.subjects or {})
+        gate = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+        async def summary(subject: str, turns: int) -> SessionSummary | None:
+            async with gate:
+                try:
+                    last = await self._js.get_last_msg(subjects.TX_STREAM, subject)
+                except NotFoundError:
+                    return None
+            turn = Turn.model_validate_json(last.data or b"")
+            key = subjects.session_key_from_token(subjects.last_token(subject))
+            return SessionSummary(key, turn.agent_id, turns, turn.ts)
+
+        found = await asyncio.gather(*(summary(s, n) for s, n in counts.items()))
+        result = sorted((s for s in found if s is not None),
+                        key=lambda s: s.last_activity, reverse=True)
+        return result[:limit]
+
+    async def history(self, session_key: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The transcript as chat messages (user, assistant, …), oldest first."""
+        turns, _ = await self._transcripts.load(subjects.session_token(session_key))
+        messages: list[dict[str, Any]] = []
+        for turn in turns:
+            messages.append({"role": "user", "content": turn.user, "ts": turn.ts,
+                             "runId": turn.run_id})
+            messages.append({"role": "assistant", "content": turn.assistant, "ts": turn.ts,
+                             "runId": turn.run_id,
+                             "usage": turn.usage.model_dump() | {
+                                 "total_tokens": turn.usage.total_tokens}})
+        if limit is not None:
+            messages = messages[-limit:] if limit > 0 else []
+        return messages
+
+    async def reset(self, session_key: str) -> None:
+        await self._transcripts.reset(subjects.session_token(session_key))
