@@ -166,7 +166,8 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
     @app.websocket("/")
     async def websocket(ws: WebSocket) -> None:
         g = gw()
-        await Connection(ws, settings, g.auth, g.runs, g.sessions, g.health).serve()
+        await Connection(ws, settings, auth=g.auth, runs=g.runs, sessions=g.sessions,
+                         health=g.health).serve()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

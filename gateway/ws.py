@@ -69,8 +69,9 @@ def error_body(exc: ApiError) -> dict[str, Any]:
 class Connection:
     """One WebSocket client."""
 
-    def __init__(self, ws: WebSocket, settings: Settings, auth: Authenticator, runs: RunClient,
-                 sessions: Sessions, health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    def __init__(self, ws: WebSocket, settings: Settings, *, auth: Authenticator,
+                 runs: RunClient, sessions: Sessions,
+                 health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         self.ws = ws
         self.settings = settings
         self.auth = auth
