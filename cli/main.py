@@ -178,6 +178,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from bus.embedded import read_running
+
+    from .agent import EXIT_USAGE, run_turn
+
+    settings = _load(args)
+    bus_url = args.bus_url or settings.bus.url
+    if not bus_url:
+        running = read_running(settings.state_dir)
+        bus_url = str(running["bus_url"]) if running and running.get("bus_url") else None
+    if not bus_url:
+        print("clawbus agent: no bus to send the run to: start `clawbus up`, or set "
+              "bus.url / --bus-url", file=sys.stderr)
+        return EXIT_USAGE
+    params = {"message": args.message, "agentId": args.agent, "sessionKey": args.session_key,
+              "extraSystemPrompt": args.extra_system_prompt}
+    return asyncio.run(run_turn(settings, bus_url, params, args.json))
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _load(args)
     print(json.dumps(masked(settings), indent=2))
@@ -218,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--grace", type=float, default=30.0,
                     help="on SIGTERM, seconds to let in-flight runs finish")
     wk.set_defaults(func=cmd_worker)
+
+    ag = sub.add_parser("agent", help="run one agent turn through the bus")
+    common(ag)
+    ag.add_argument("--message", "-m", required=True, help="the user message")
+    ag.add_argument("--agent", default=None, help="agent id (default: the default agent)")
+    ag.add_argument("--session-key", default=None,
+                    help="session to continue (default: agent:<id>:main)")
+    ag.add_argument("--extra-system-prompt", default=None)
+    ag.add_argument("--json", action="store_true", help="print the final result as JSON")
+    ag.add_argument("--bus-url", default=None, help="use this NATS instead of bus.url")
+    ag.set_defaults(func=cmd_agent, log_level="warning")
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)

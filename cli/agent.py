@@ -1,0 +1,84 @@
+"""``clawbus agent``: one agent turn through the bus, from the terminal.
+
+It takes exactly the path an HTTP or WebSocket run takes (``RunClient``), so
+the same session key continues the same conversation whichever door was used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from typing import Any
+
+from bus.config import Settings
+from bus.connection import connect, ensure_bus
+from gateway.agent_turn import agent_turn
+from gateway.errors import ApiError
+from gateway.runs import NoWorkerError, RunClient, RunRejected
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+async def run_turn(settings: Settings, bus_url: str, params: dict[str, Any],
+                   as_json: bool) -> int:
+    try:
+        spec = agent_turn(params, settings)
+    except ApiError as exc:
+        print(f"clawbus agent: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    nc = await connect(bus_url, "clawbus-agent")
+    try:
+        js = await ensure_bus(nc, settings.bus, settings.session)
+        runs = RunClient(nc, js, settings.bus)
+        await runs.start()
+        try:
+            return await _follow(runs, spec, as_json)
+        finally:
+            await runs.close()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def _follow(runs: RunClient, spec: Any, as_json: bool) -> int:
+    try:
+        handle = await runs.submit(spec)
+    except RunRejected as exc:
+        print(f"clawbus agent: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        async for event in handle.events():
+            if event.type == "delta" and not as_json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif event.type == "done":
+                if as_json:
+                    print(json.dumps({
+                        "runId": handle.run_id, "agentId": spec.agent_id,
+                        "sessionKey": spec.session_key, "status": "ok", "text": event.text,
+                        "finishReason": event.finish_reason,
+                        "usage": {"prompt_tokens": event.usage.prompt_tokens,
+                                  "completion_tokens": event.usage.completion_tokens,
+                                  "total_tokens": event.usage.total_tokens}}))
+                else:
+                    if not handle.streamed:
+                        sys.stdout.write(event.text)
+                    sys.stdout.write("\n")
+                return 0
+            elif event.type == "error":
+                if handle.streamed and not as_json:
+                    sys.stdout.write("\n")
+                print(f"clawbus agent: {event.message} ({event.error_type})", file=sys.stderr)
+                return EXIT_FAILED
+    except NoWorkerError:
+        print("clawbus agent: No agent worker available. Is `clawbus up` (or a "
+              "`clawbus worker`) running on this bus?", file=sys.stderr)
+        return EXIT_FAILED
+    except asyncio.CancelledError:
+        await handle.cancel()
+        raise
+    print("clawbus agent: the run ended without a result", file=sys.stderr)
+    return EXIT_FAILED
