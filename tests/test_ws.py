@@ -29,8 +29,8 @@ def ws_url(stack: Stack) -> str:
     return stack.url.replace("http://", "ws://") + "/"
 
 
-async def recv(ws: ClientConnection, timeout: float = 15.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
+async def recv(ws: ClientConnection, seconds: float = 15.0) -> dict[str, Any]:
+    async with asyncio.timeout(seconds):
         frame: dict[str, Any] = json.loads(await ws.recv())
     return frame
 
