@@ -45,7 +45,7 @@ async def run_turn(settings: Settings, bus_url: str, params: dict[str, Any],
 
 async def _follow(runs: RunClient, spec: Any, as_json: bool) -> int:
     try:
-        handle = await runs.submit(spec)
+        handle = await runs.submit(spec, door="cli")
     except RunRejected as exc:
         print(f"clawbus agent: {exc.message}", file=sys.stderr)
         return EXIT_FAILED

@@ -27,13 +27,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bus.config import ConfigError, Settings, check_gateway_startable, load_settings, masked
+from bus.logs import setup_logging
 
 log = logging.getLogger("clawbus")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -111,7 +107,7 @@ def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
 
 def _worker_command(args: argparse.Namespace, bus_url: str) -> list[str]:
     cmd = [sys.executable, "-m", "cli", "worker", "--bus-url", bus_url,
-           "--log-level", args.log_level]
+           "--log-level", args.log_level, "--log-format", args.log_format]
     if args.config:
         cmd += ["--config", str(args.config)]
     return cmd
@@ -169,12 +165,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     with _bus(settings, args.bus_url, reuse_running=True) as bus_url:
+        coro = serve(settings, bus_url, grace_seconds=args.grace,
+                     metrics_port=args.metrics_port, metrics_host=args.metrics_host)
         try:
             import uvloop
-
-            uvloop.run(serve(settings, bus_url, grace_seconds=args.grace))
-        except ImportError:
-            asyncio.run(serve(settings, bus_url, grace_seconds=args.grace))
+        except ImportError:  # not on every platform
+            asyncio.run(coro)
+        else:
+            uvloop.run(coro)
     return 0
 
 
@@ -216,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None, help="JSON5 config file")
         p.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+        p.add_argument("--log-format", default="text", choices=["text", "json"],
+                       help="json: one JSON object per line, with run id and session key")
 
     up = sub.add_parser("up", help="embedded NATS + gateway + workers on this machine")
     common(up)
@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--bus-url", default=None, help="use this NATS instead of bus.url")
     wk.add_argument("--grace", type=float, default=30.0,
                     help="on SIGTERM, seconds to let in-flight runs finish")
+    wk.add_argument("--metrics-port", type=int, default=None,
+                    help="serve Prometheus metrics on this port (0: any free port)")
+    wk.add_argument("--metrics-host", default="127.0.0.1",
+                    help="address for --metrics-port (0.0.0.0 in containers)")
     wk.set_defaults(func=cmd_worker)
 
     ag = sub.add_parser("agent", help="run one agent turn through the bus")
@@ -259,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         code = args.func(args)
     except ConfigError as exc:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,6 +29,7 @@ from bus.connection import connect, ensure_bus
 from . import errors
 from .auth import Authenticator
 from .chat import ChatCompletions, error_response
+from .metrics import GatewayMetrics
 from .models import model_ids
 from .runs import RunClient
 from .sessions import Sessions
@@ -42,20 +44,37 @@ SECURITY_HEADERS = [
 READY_TIMEOUT = 2.0
 
 
-class SecurityHeaders:
-    """Pure ASGI middleware (it must not buffer streamed bodies)."""
+KNOWN_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/models", "/healthz", "/readyz",
+                             "/metrics", "/"})
 
-    def __init__(self, app: ASGIApp) -> None:
+
+def endpoint_label(path: str) -> str:
+    """A bounded label for a request path (no per-id or per-probe cardinality)."""
+    if path in KNOWN_ENDPOINTS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return "other"
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (it must not buffer streamed bodies): adds the SPEC's
+    security headers to every response and counts responses by endpoint/status."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        endpoint = endpoint_label(scope["path"])
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -70,6 +89,7 @@ class Gateway:
     auth: Authenticator
     chat: ChatCompletions
     sessions: Sessions
+    metrics: GatewayMetrics
 
     async def workers_alive(self) -> int:
         try:
@@ -93,17 +113,19 @@ class Gateway:
 def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway") -> FastAPI:
     """The gateway app; connects to NATS at ``bus_url`` when it starts."""
     holder: dict[str, Gateway] = {}
+    metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nc = await connect(bus_url, name)
         try:
             js = await ensure_bus(nc, settings.bus, settings.session)
-            runs = RunClient(nc, js, settings.bus)
+            runs = RunClient(nc, js, settings.bus, metrics=metrics)
             await runs.start()
+            metrics.active_runs.set_function(lambda: runs.active_runs)
             auth = Authenticator(settings)
-            chat = ChatCompletions(settings, auth, runs)
-            holder["gw"] = Gateway(settings, nc, js, runs, auth, chat, Sessions(js))
+            chat = ChatCompletions(settings, auth, runs, metrics)
+            holder["gw"] = Gateway(settings, nc, js, runs, auth, chat, Sessions(js), metrics)
             log.info("gateway %s connected to %s", runs.gateway_id, bus_url)
             try:
                 yield
@@ -136,6 +158,14 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
         body = await gw().health()
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        """Prometheus text format (unauthenticated, like /healthz: scrape it from
+        inside your network; it holds counts, never prompts or secrets)."""
+        g = gw()
+        g.metrics.workers.set(await g.workers_alive())
+        return Response(generate_latest(g.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     def openai_side_door(request: Request) -> Response | None:
         """/v1/models shares the chat endpoint's switch and auth."""
         if not settings.gateway.http.endpoints.chat_completions.enabled:
@@ -166,15 +196,19 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
     @app.websocket("/")
     async def websocket(ws: WebSocket) -> None:
         g = gw()
-        await Connection(ws, settings, auth=g.auth, runs=g.runs, sessions=g.sessions,
-                         health=g.health).serve()
+        g.metrics.ws_connections.inc()
+        try:
+            await Connection(ws, settings, auth=g.auth, runs=g.runs, sessions=g.sessions,
+                             health=g.health).serve()
+        finally:
+            g.metrics.ws_connections.dec()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(errors.ApiError(500, "internal error", errors.API_ERROR))
 
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(SecurityHeaders, metrics=metrics)
     return app
 
 

@@ -19,6 +19,7 @@ from . import errors, openai_format
 from .auth import Authenticator
 from .chat_request import ChatRequest, parse_chat_request
 from .errors import ApiError
+from .metrics import GatewayMetrics
 from .runs import NoWorkerError, RunClient, RunEvent, RunHandle, RunRejected, RunSpec
 
 
@@ -69,10 +70,12 @@ def failure_error(event: RunEvent) -> ApiError:
 class ChatCompletions:
     """The endpoint, bound to one gateway's settings, authenticator and run client."""
 
-    def __init__(self, settings: Settings, auth: Authenticator, runs: RunClient) -> None:
+    def __init__(self, settings: Settings, auth: Authenticator, runs: RunClient,
+                 metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.auth = auth
         self.runs = runs
+        self.metrics = metrics
         self.config = settings.gateway.http.endpoints.chat_completions
 
     async def __call__(self, request: Request) -> Response:
@@ -134,7 +137,7 @@ class ChatCompletions:
         encoder = openai_format.ChunkEncoder(handle.run_id, int(handle.created), chat.model)
         keepalive = self.settings.gateway.keepalive_seconds
         return StreamingResponse(
-            _sse_frames(handle, encoder, chat.include_usage, keepalive),
+            _sse_frames(handle, encoder, chat.include_usage, keepalive, self.metrics),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -156,11 +159,13 @@ async def _last_event(handle: RunHandle) -> RunEvent:
 
 
 async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
-                      include_usage: bool, keepalive: float) -> AsyncIterator[bytes]:
+                      include_usage: bool, keepalive: float,
+                      metrics: GatewayMetrics) -> AsyncIterator[bytes]:
     """The SSE body. Starlette cancels this generator when the client disconnects;
     ``finally`` then cancels the run."""
     events = handle.events()
     pending: asyncio.Task[RunEvent] | None = None
+    metrics.active_streams.inc()
     try:
         yield encoder.role()
         last_frame = time.monotonic()
@@ -196,6 +201,7 @@ async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
                 break
         yield openai_format.DONE_FRAME
     finally:
+        metrics.active_streams.dec()
         if pending is not None:
             pending.cancel()
             with contextlib.suppress(BaseException):

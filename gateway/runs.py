@@ -27,6 +27,7 @@ from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.config import BusConfig
+from bus.logs import run_context
 from bus.messages import (
     REPLY_GONE,
     REPLY_OK,
@@ -40,6 +41,8 @@ from bus.messages import (
     SamplingParams,
     decode_event,
 )
+
+from .metrics import GatewayMetrics
 
 log = logging.getLogger("clawbus.gateway")
 
@@ -84,8 +87,9 @@ class RunHandle:
     """One submitted run. Iterate :meth:`events` once; call :meth:`cancel` when the
     client goes away (safe to call at any time, any number of times)."""
 
-    def __init__(self, client: RunClient, run_id: str, session_key: str) -> None:
+    def __init__(self, client: RunClient, run_id: str, session_key: str, door: str) -> None:
         self.run_id = run_id
+        self.door = door
         self.session_key = session_key
         self.created = time.time()
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_EVENTS)
@@ -127,14 +131,17 @@ class RunHandle:
                     async with asyncio.timeout(timeout):
                         data = await self.queue.get()
                 except TimeoutError:
-                    await self.cancel()
                     if not self.accepted:
+                        await self.cancel("no_worker")
                         raise NoWorkerError() from None
+                    await self.cancel("worker_lost")
+                    self._client.bus_error("worker_lost")
                     yield _failed(503, "api_error", "agent worker stopped responding",
                                   "worker_lost")
                     return
                 if self.overflowed:
-                    await self.cancel()
+                    await self.cancel("slow_consumer")
+                    self._client.bus_error("slow_consumer")
                     yield _failed(503, "api_error", "client too slow: event queue overflowed",
                                   "slow_consumer")
                     return
@@ -144,7 +151,8 @@ class RunHandle:
                 if event.attempt > self._attempt:
                     if self.streamed:
                         # Output was already sent: a retry would duplicate text.
-                        await self.cancel()
+                        await self.cancel("interrupted")
+                        self._client.bus_error("interrupted")
                         yield _failed(503, "api_error",
                                       "agent run interrupted: its worker was lost mid-reply",
                                       "interrupted")
@@ -154,7 +162,8 @@ class RunHandle:
                 if isinstance(event, Queued | Heartbeat):
                     continue
                 if event.seq != self._next_seq:
-                    await self.cancel()
+                    await self.cancel("event_gap")
+                    self._client.bus_error("event_gap")
                     yield _failed(502, "api_error", "agent event stream lost messages",
                                   "event_gap")
                     return
@@ -163,25 +172,31 @@ class RunHandle:
                     if not self.accepted:
                         self.accepted = True
                         self.queue_wait = time.time() - self.created
+                        self._client.observe("queue_wait", self.queue_wait)
                     yield event
                     continue
                 if isinstance(event, Delta):
-                    self.streamed = True
+                    if not self.streamed:
+                        self.streamed = True
+                        self._client.observe("ttft", time.time() - self.created)
                     yield event
                     continue
                 self.ended = True
+                self._client.observe("run", time.time() - self.created)
+                self._client.outcome(self, "ok" if isinstance(event, Done) else "error")
                 yield event
                 return
         finally:
             self.finished = True
             self._client.forget(self)
 
-    async def cancel(self) -> None:
+    async def cancel(self, outcome: str = "cancelled") -> None:
         """Stop the run: tell its worker, and drop it from the queue if not started."""
         self.finished = True
         self._client.forget(self)
         if not self.ended:
             self.ended = True
+            self._client.outcome(self, outcome)
             await self._client.cancel(self)
 
 
@@ -189,11 +204,12 @@ class RunClient:
     """Owns the event subscription of one gateway process and submits runs."""
 
     def __init__(self, nc: Client, js: JetStreamContext, bus: BusConfig,
-                 gateway_id: str | None = None) -> None:
+                 gateway_id: str | None = None, metrics: GatewayMetrics | None = None) -> None:
         self.nc = nc
         self.js = js
         self.bus = bus
         self.gateway_id = gateway_id or f"gw{uuid.uuid4().hex[:12]}"
+        self.metrics = metrics
         self._runs: dict[str, RunHandle] = {}
         self._sub: Subscription | None = None
 
@@ -225,10 +241,29 @@ class RunClient:
     def forget(self, handle: RunHandle) -> None:
         self._runs.pop(handle.run_id, None)
 
-    async def submit(self, spec: RunSpec) -> RunHandle:
+    # -- metrics hooks (no-ops without a registry, e.g. in `clawbus agent`) --------
+
+    def observe(self, what: str, seconds: float) -> None:
+        if self.metrics is not None:
+            {"queue_wait": self.metrics.queue_wait, "ttft": self.metrics.ttft,
+             "run": self.metrics.run_latency}[what].observe(seconds)
+
+    def outcome(self, handle: RunHandle, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.runs.labels(handle.door, outcome).inc()
+
+    def bus_error(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.bus_errors.labels(kind).inc()
+
+    def round_trip(self, op: str) -> None:
+        if self.metrics is not None:
+            self.metrics.bus_requests.labels(op).inc()
+
+    async def submit(self, spec: RunSpec, door: str = "http") -> RunHandle:
         """Queue a run on its session's subject; raises RunRejected if the bus refuses."""
         run_id = spec.run_id or f"chatcmpl_{uuid.uuid4()}"
-        handle = RunHandle(self, run_id, spec.session_key)
+        handle = RunHandle(self, run_id, spec.session_key, door)
         request = RunRequest(
             run_id=run_id, session_key=spec.session_key, agent_id=spec.agent_id,
             message=spec.message, extra_system_prompt=spec.extra_system_prompt,
@@ -239,13 +274,16 @@ class RunClient:
         if len(payload) > self.nc.max_payload:
             raise RunRejected("Payload too large", status=413)
         self._runs[run_id] = handle
+        self.round_trip("publish_run")
         try:
             ack = await self.js.publish(
                 subjects.run(subjects.session_token(spec.session_key)), payload,
                 timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": run_id})
         except Exception as exc:
             self.forget(handle)
-            log.warning("could not queue run %s: %s", run_id, exc)
+            self.bus_error("publish")
+            with run_context(run_id, spec.session_key):
+                log.warning("could not queue run: %s", exc)
             raise RunRejected("No agent worker available.") from exc
         handle.stream_seq = int(ack.seq)
         return handle
@@ -254,5 +292,6 @@ class RunClient:
         with contextlib.suppress(Exception):
             await self.nc.publish(subjects.cancel(handle.run_id), b"")
         if not handle.accepted and handle.stream_seq is not None:
+            self.round_trip("delete_run")
             with contextlib.suppress(NotFoundError, Exception):
                 await self.js.delete_msg(subjects.RUNS_STREAM, handle.stream_seq)

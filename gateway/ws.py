@@ -265,7 +265,7 @@ class Connection:
             raise ApiError(429, f"at most {MAX_RUNS_PER_SOCKET} runs per connection",
                            "rate_limit_error", "too_many_runs")
         try:
-            handle = await self.runs.submit(spec)
+            handle = await self.runs.submit(spec, door="ws")
         except RunRejected as rej:
             raise errors.no_worker() if rej.status != 413 else errors.payload_too_large() \
                 from None

@@ -121,9 +121,11 @@ class Gateway(Proc):
 
 class Worker(Proc):
     def __init__(self, config: Path, bus_url: str, *, env: dict[str, str] | None = None,
-                 grace: float = 10.0, name: str = "worker") -> None:
+                 grace: float = 10.0, name: str = "worker",
+                 extra_args: Sequence[str] = ()) -> None:
         super().__init__(["worker", "--config", str(config), "--bus-url", bus_url,
-                          "--grace", str(grace), "--log-level", "info"], env=env, name=name)
+                          "--grace", str(grace), "--log-level", "info", *extra_args],
+                         env=env, name=name)
         self.worker_id = self.wait_line(WORKER_READY).group(1)
 
 

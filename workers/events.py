@@ -36,6 +36,7 @@ class Emitter:
         self._nc = nc
         self._subject = subject
         self._attempt = attempt
+        self.attempt = attempt
         self._seq = 0
         self._coalesce = coalesce_seconds
         self._buffer: list[str] = []

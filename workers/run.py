@@ -8,6 +8,7 @@ the ack and cancellation.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 from bus.messages import RunRequest, Turn, Usage
@@ -21,6 +22,8 @@ class Reply:
     text: str
     usage: Usage
     finish_reason: str
+    first_token_seconds: float | None = None
+    seconds: float = 0.0
 
 
 def build_request(model: str, system_prompt: str, run: RunRequest,
@@ -39,13 +42,18 @@ def build_request(model: str, system_prompt: str, run: RunRequest,
 async def generate(provider: Provider, request: ProviderRequest, emitter: Emitter) -> Reply:
     parts: list[str] = []
     finish = Finish()
+    started = time.monotonic()
+    first: float | None = None
     # aclosing: on cancellation the provider's generator is closed at once, which
     # closes its upstream HTTP request (instead of whenever it is garbage collected).
     async with contextlib.aclosing(provider.stream(request)) as stream:
         async for item in stream:
             if isinstance(item, TextDelta):
+                if first is None:
+                    first = time.monotonic() - started
                 parts.append(item.text)
                 emitter.delta(item.text)
             else:
                 finish = item
-    return Reply(text="".join(parts), usage=finish.usage, finish_reason=finish.reason)
+    return Reply(text="".join(parts), usage=finish.usage, finish_reason=finish.reason,
+                 first_token_seconds=first, seconds=time.monotonic() - started)

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import orjson
@@ -42,11 +42,13 @@ from bus import subjects
 from bus.config import Settings
 from bus.connection import ensure_bus, lease_ttl_seconds
 from bus.leases import Leases
+from bus.logs import run_context
 from bus.messages import RunRequest, Turn
 from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
 
 from . import errors
 from .events import Emitter, RunAbandoned
+from .metrics import WorkerMetrics
 from .providers import make_provider
 from .providers.base import Provider, ProviderError
 from .run import Reply, build_request, generate
@@ -76,16 +78,6 @@ class Execution:
             self.task.cancel()
 
 
-@dataclass(slots=True)
-class WorkerStats:
-    runs_started: int = 0
-    runs_completed: int = 0
-    runs_failed: int = 0
-    runs_cancelled: int = 0
-    naks: int = 0
-    by_error: dict[str, int] = field(default_factory=dict)
-
-
 class Worker:
     def __init__(self, settings: Settings, nc: Client, env: Mapping[str, str] | None = None,
                  *, worker_id: str | None = None, grace_seconds: float = 30.0) -> None:
@@ -97,7 +89,9 @@ class Worker:
         self.grace_seconds = grace_seconds
         self.max_concurrent = settings.agents.defaults.max_concurrent
         self.max_holds = max(1, self.max_concurrent // 4)
-        self.stats = WorkerStats()
+        self.metrics = WorkerMetrics()
+        self.metrics.active.set_function(lambda: len(self._active))
+        self.metrics.held.set_function(lambda: self._holds)
         self._owner = orjson.dumps({"worker": self.worker_id})
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -229,7 +223,7 @@ class Worker:
             self._cancelled.popitem(last=False)
         execution = self._active.get(run_id)
         if execution is not None:
-            log.info("run %s cancelled by its client", run_id)
+            log.info("run %s cancelled by its client", run_id)  # (callback: no run context)
             execution.stop("cancelled")
 
     async def _on_session_done(self, msg: Msg) -> None:
@@ -246,6 +240,10 @@ class Worker:
             log.error("dropping malformed run message on %s: %s", msg.subject, exc)
             await msg.term()
             return
+        with run_context(run.run_id, run.session_key):
+            await self._serve_run(msg, run)
+
+    async def _serve_run(self, msg: Msg, run: RunRequest) -> None:
         token = subjects.last_token(msg.subject)
         meta = msg.metadata
         emitter = Emitter(self.nc, run.events_subject, attempt=meta.num_delivered)
@@ -258,7 +256,7 @@ class Worker:
             finally:
                 await self.nc.publish(subjects.session_done(token), b"")
         except Exception:
-            log.exception("run %s failed inside the worker", run.run_id)
+            log.exception("run failed inside the worker")
             with contextlib.suppress(Exception):
                 await emitter.failed(errors.internal("internal worker error"))
             with contextlib.suppress(Exception):
@@ -301,7 +299,7 @@ class Worker:
                     return None
                 if not holding:
                     if self._holds >= self.max_holds:
-                        self.stats.naks += 1
+                        self.metrics.naks.inc()
                         await msg.nak(delay=NAK_DELAY)
                         return None
                     holding = True
@@ -332,13 +330,13 @@ class Worker:
                                      name="run-keepalive")
         outcome = "failed"
         try:
+            log.debug("run attempt %d started", emitter.attempt)
             try:
                 await emitter.accepted(self.worker_id)
             except RunAbandoned:
                 outcome = "abandoned"
                 await msg.term()
                 return
-            self.stats.runs_started += 1
             turns, last_seq = await self._transcripts.load(token)
             if turns and turns[-1].run_id == run.run_id:
                 # Completed before (the ack was lost): report, never run twice.
@@ -348,6 +346,8 @@ class Worker:
                 outcome = "completed"
                 return
             reply = await self._generate(run, turns, emitter, execution)
+            if reply is not None:
+                self._observe(run, reply)
             if reply is None:
                 outcome = await self._stopped(msg, emitter, execution)
                 return
@@ -372,7 +372,7 @@ class Worker:
             await msg.ack()
             outcome = "completed"
         except ProviderError as exc:
-            self.stats.by_error[exc.kind] = self.stats.by_error.get(exc.kind, 0) + 1
+            self.metrics.errors.labels(self._provider_name(run), exc.kind).inc()
             await emitter.failed(errors.provider_failure(exc))
             await msg.term()
         finally:
@@ -383,12 +383,8 @@ class Worker:
             if outcome != "fenced":
                 with contextlib.suppress(Exception):
                     await self._leases.release(token, lease[0])
-            if outcome == "completed":
-                self.stats.runs_completed += 1
-            elif outcome in ("cancelled", "abandoned"):
-                self.stats.runs_cancelled += 1
-            elif outcome != "requeued":
-                self.stats.runs_failed += 1
+            self.metrics.runs.labels(outcome).inc()
+            log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
 
     async def _generate(self, run: RunRequest, turns: list[Turn], emitter: Emitter,
                         execution: Execution) -> Reply | None:
@@ -471,6 +467,19 @@ class Worker:
                 except RunAbandoned:
                     execution.stop("abandoned")
                     return
+
+    def _provider_name(self, run: RunRequest) -> str:
+        agent = self.settings.agent(run.agent_id)
+        return self.settings.agent_model(agent)[0] if agent is not None else "unknown"
+
+    def _observe(self, run: RunRequest, reply: Reply) -> None:
+        provider = self._provider_name(run)
+        m = self.metrics
+        if reply.first_token_seconds is not None:
+            m.provider_latency.labels(provider).observe(reply.first_token_seconds)
+        m.run_duration.labels(provider).observe(reply.seconds)
+        m.tokens.labels(provider, "prompt").inc(reply.usage.prompt_tokens)
+        m.tokens.labels(provider, "completion").inc(reply.usage.completion_tokens)
 
     def _provider(self, name: str) -> Provider:
         provider = self._providers.get(name)

@@ -1,0 +1,41 @@
+"""Prometheus metrics of one worker process, served by ``prometheus-client``'s
+own HTTP server on ``--metrics-port`` (workers have no web app of their own)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+           300.0, 600.0)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.runs = Counter("clawbus_worker_runs", "Run attempts by outcome", ["outcome"],
+                            registry=r)
+        self.errors = Counter("clawbus_worker_errors", "Provider errors by kind",
+                              ["provider", "kind"], registry=r)
+        self.provider_latency = Histogram(
+            "clawbus_worker_provider_first_token_seconds",
+            "From the provider call to its first token", ["provider"], buckets=BUCKETS,
+            registry=r)
+        self.run_duration = Histogram("clawbus_worker_run_duration_seconds",
+                                      "Provider call duration", ["provider"], buckets=BUCKETS,
+                                      registry=r)
+        self.tokens = Counter("clawbus_worker_tokens", "Tokens reported by providers",
+                              ["provider", "kind"], registry=r)
+        self.active = Gauge("clawbus_worker_active_runs", "Runs executing now", registry=r)
+        self.held = Gauge("clawbus_worker_held_runs",
+                          "Runs held waiting for their session's earlier run", registry=r)
+        self.naks = Counter("clawbus_worker_naks", "Runs handed back to the queue", registry=r)
