@@ -3,6 +3,7 @@ prometheus-client's own parser) and JSON-lines logs with the run context."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -48,10 +49,8 @@ def test_gateway_metrics_move_with_traffic(stack: Stack) -> None:
                                       messages=[{"role": "user", "content": "count me"}])
         list(c.chat.completions.create(model="openclaw", stream=True,
                                        messages=[{"role": "user", "content": "me too"}]))
-        try:
+        with contextlib.suppress(openai.BadRequestError):
             c.chat.completions.create(model="nope", messages=[])
-        except openai.BadRequestError:
-            pass
     after = httpx.get(f"{url}/metrics").text
 
     def delta(name: str, **labels: str) -> float:
@@ -82,11 +81,9 @@ def test_worker_metrics_and_json_logs(tmp_path: Path) -> None:
                     model="openclaw", user="Metrics-User",
                     messages=[{"role": "user", "content": "four words right here"}])
                 up.fail_status = 429
-                try:
+                with contextlib.suppress(openai.RateLimitError):
                     c.chat.completions.create(model="openclaw",
                                               messages=[{"role": "user", "content": "x"}])
-                except openai.RateLimitError:
-                    pass
             text = httpx.get(metrics_url).text
             assert value(text, "clawbus_worker_runs_total", outcome="completed") == 1
             assert value(text, "clawbus_worker_runs_total", outcome="failed") == 1
