@@ -45,6 +45,9 @@ class RunRequest(_Wire):
     events_subject: str
     # Unix time the gateway accepted the request (for queue-wait metrics).
     created: float
+    # The gateway generated the session key and never disclosed it (a stateless
+    # call): no other run can join the session, so workers skip ordering and leases.
+    ephemeral: bool = False
 
 
 class Usage(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
@@ -27,8 +28,9 @@ class StaleTranscriptError(Exception):
 
 
 class Transcripts:
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, nc: Client | None = None) -> None:
         self._js = js
+        self._nc = nc
 
     async def last_seq(self, token: str) -> int:
         try:
@@ -73,6 +75,16 @@ class Transcripts:
                 raise StaleTranscriptError(str(exc)) from None
             raise
         return int(ack.seq)
+
+    async def record(self, token: str, turn: Turn) -> None:
+        """Store a turn without waiting for the store's ack (for ephemeral sessions,
+        which nobody reads back through the API: a core publish onto the stream's
+        subject, deduplicated by run id like :meth:`append`)."""
+        if self._nc is None:
+            raise RuntimeError("Transcripts.record needs the NATS connection")
+        await self._nc.publish(
+            subjects.transcript(token), turn.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": f"turn-{turn.run_id}"})
 
     async def reset(self, token: str) -> None:
         await self._js.purge_stream(subjects.TX_STREAM, subject=subjects.transcript(token))

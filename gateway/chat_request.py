@@ -81,6 +81,9 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    # True when the session key was generated here (no header, no ``user``): a
+    # stateless call whose session no other request can ever join.
+    ephemeral_session: bool = False
 
 
 def parse_chat_request(
@@ -95,7 +98,7 @@ def parse_chat_request(
         raise invalid_request(BODY_NOT_OBJECT)
     model, model_agent = _parse_model(body.get("model"), settings)
     agent_id = _resolve_agent(headers, model_agent, settings)
-    session_key = _resolve_session_key(headers, body.get("user"), agent_id)
+    session_key, ephemeral = _resolve_session_key(headers, body.get("user"), agent_id)
     stream, include_usage, params = _parse_params(body)
     message, extra_system_prompt = flatten_messages(body.get("messages"))
     return ChatRequest(
@@ -107,6 +110,7 @@ def parse_chat_request(
         params=params,
         stream=stream,
         include_usage=include_usage,
+        ephemeral_session=ephemeral,
     )
 
 
@@ -147,18 +151,20 @@ def _resolve_agent(headers: Mapping[str, str], model_agent: str, settings: Setti
 # --- session key -----------------------------------------------------------------
 
 
-def _resolve_session_key(headers: Mapping[str, str], user: object, agent_id: str) -> str:
+def _resolve_session_key(headers: Mapping[str, str], user: object,
+                         agent_id: str) -> tuple[str, bool]:
+    """(the session key, whether it was generated for this call alone)."""
     if user is not None and not isinstance(user, str):
         raise invalid_request(USER_NOT_STRING)
     explicit = headers.get(SESSION_KEY_HEADER, "").strip()
     if explicit:
         if is_reserved_session_key(explicit):
             raise invalid_request(RESERVED_SESSION_KEY)
-        return explicit
+        return explicit, False
     user_id = (user or "").strip()
     if user_id:
-        return f"agent:{agent_id}:openai-user:{user_id.lower()}"
-    return f"agent:{agent_id}:openai:{uuid.uuid4()}"
+        return f"agent:{agent_id}:openai-user:{user_id.lower()}", False
+    return f"agent:{agent_id}:openai:{uuid.uuid4()}", True
 
 
 def is_reserved_session_key(key: str) -> bool:

@@ -73,6 +73,8 @@ class RunSpec:
     extra_system_prompt: str = ""
     params: SamplingParams = field(default_factory=SamplingParams)
     run_id: str | None = None
+    # The session key was generated for this call and never disclosed.
+    ephemeral: bool = False
 
 
 RunEvent = Accepted | Delta | Done | Failed
@@ -268,7 +270,7 @@ class RunClient:
             run_id=run_id, session_key=spec.session_key, agent_id=spec.agent_id,
             message=spec.message, extra_system_prompt=spec.extra_system_prompt,
             params=spec.params, events_subject=subjects.events(self.gateway_id, run_id),
-            created=handle.created,
+            created=handle.created, ephemeral=spec.ephemeral,
         )
         payload = request.model_dump_json().encode()
         if len(payload) > self.nc.max_payload:

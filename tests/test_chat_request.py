@@ -724,3 +724,11 @@ def test_full_request_flattening(settings: Settings) -> None:
     assert req.session_key == "agent:main:openai-user:zed"
     assert req.extra_system_prompt == "You are terse."
     assert req.message.endswith("[Current message - respond to this]\nUser: times 3?")
+
+
+def test_only_generated_session_keys_are_ephemeral(settings: Settings) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse(body, settings).ephemeral_session is True
+    assert parse({**body, "user": "bob"}, settings).ephemeral_session is False
+    keyed = parse(body, settings, {"x-openclaw-session-key": "agent:main:openai:fixed"})
+    assert keyed.ephemeral_session is False

@@ -118,7 +118,7 @@ class Worker:
         js = await ensure_bus(self.nc, bus, self.settings.session)
         self._js = js
         self._leases = Leases(js, lease_ttl_seconds(bus))
-        self._transcripts = Transcripts(js)
+        self._transcripts = Transcripts(js, self.nc)
         cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
         done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
@@ -248,6 +248,14 @@ class Worker:
         meta = msg.metadata
         emitter = Emitter(self.nc, run.events_subject, attempt=meta.num_delivered)
         try:
+            if run.ephemeral:
+                # A gateway-generated stateless session: this is its only run, so
+                # there is no order to keep and no lease to take.
+                if run.run_id in self._cancelled:
+                    await msg.term()
+                    return
+                await self._execute(msg, run, token, None, emitter)
+                return
             revision = await self._wait_turn(msg, run, token, meta.sequence.stream, emitter)
             if revision is None:
                 return
@@ -320,12 +328,13 @@ class Worker:
             if holding:
                 self._holds -= 1
 
-    async def _execute(self, msg: Msg, run: RunRequest, token: str, revision: int,
+    async def _execute(self, msg: Msg, run: RunRequest, token: str, revision: int | None,
                        emitter: Emitter) -> None:
+        """Run an attempt; ``revision`` is our session lease (None: ephemeral session)."""
         assert self._leases is not None and self._transcripts is not None
         execution = Execution(run.run_id)
         self._active[run.run_id] = execution
-        lease = [revision]
+        lease: list[int | None] = [revision]
         keeper = asyncio.create_task(self._keep_alive(msg, token, lease, emitter, execution),
                                      name="run-keepalive")
         outcome = "failed"
@@ -337,7 +346,7 @@ class Worker:
                 outcome = "abandoned"
                 await msg.term()
                 return
-            turns, last_seq = await self._transcripts.load(token)
+            turns, last_seq = ([], 0) if run.ephemeral else await self._transcripts.load(token)
             if turns and turns[-1].run_id == run.run_id:
                 # Completed before (the ack was lost): report, never run twice.
                 done = turns[-1]
@@ -351,6 +360,16 @@ class Worker:
             if reply is None:
                 outcome = await self._stopped(msg, emitter, execution)
                 return
+            turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
+                        assistant=reply.text, ts=time.time(), usage=reply.usage)
+            if lease[0] is None:
+                # Ephemeral: nobody can read this session back through the API, so
+                # the turn is recorded without waiting for the store's ack.
+                await self._transcripts.record(token, turn)
+                await emitter.done(reply.text, reply.usage, reply.finish_reason)
+                await msg.ack()
+                outcome = "completed"
+                return
             # Fencing: only the lease holder may append (and the append itself is
             # conditional on the transcript being as we read it).
             new_rev = await self._leases.refresh(token, self._owner, lease[0])
@@ -359,8 +378,6 @@ class Worker:
                 outcome = "fenced"
                 return
             lease[0] = new_rev
-            turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
-                        assistant=reply.text, ts=time.time(), usage=reply.usage)
             try:
                 await self._transcripts.append(token, turn, last_seq)
             except StaleTranscriptError:
@@ -380,9 +397,10 @@ class Worker:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-            if outcome != "fenced":
+            held = lease[0]
+            if outcome != "fenced" and held is not None:
                 with contextlib.suppress(Exception):
-                    await self._leases.release(token, lease[0])
+                    await self._leases.release(token, held)
             self.metrics.runs.labels(outcome).inc()
             log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
 
@@ -432,8 +450,8 @@ class Worker:
         await msg.term()
         return "cancelled"
 
-    async def _keep_alive(self, msg: Msg, token: str, lease: list[int], emitter: Emitter,
-                          execution: Execution) -> None:
+    async def _keep_alive(self, msg: Msg, token: str, lease: list[int | None],
+                          emitter: Emitter, execution: Execution) -> None:
         """in_progress acks + fenced lease refresh every ackWait/3, and a liveness
         probe to the gateway every heartbeat interval (also while text flows, so a
         dead gateway is noticed mid-stream)."""
@@ -449,9 +467,12 @@ class Worker:
             now = time.monotonic()
             if now >= next_refresh:
                 next_refresh = now + refresh_every
+                held = lease[0]
                 try:
                     await msg.in_progress()
-                    new_rev = await self._leases.refresh(token, self._owner, lease[0])
+                    if held is None:
+                        continue
+                    new_rev = await self._leases.refresh(token, self._owner, held)
                 except Exception as exc:  # the bus is unreachable: try again next round
                     log.warning("lease refresh for run %s failed: %s", execution.run_id, exc)
                     continue
