@@ -122,5 +122,7 @@ async def _ensure_consumer(js: JetStreamContext, bus: BusConfig) -> None:
 
 
 def lease_ttl_seconds(bus: BusConfig) -> int:
-    """Whole seconds (NATS per-message TTLs are integral); as long as the ack wait."""
-    return max(1, math.ceil(bus.ack_wait_seconds))
+    """Whole seconds (NATS per-message TTLs are integral). A second shorter than the
+    ack wait: both are renewed together every ackWait/3, so a dead holder's lease
+    is gone by the time JetStream redelivers its run to another worker."""
+    return max(2, math.ceil(bus.ack_wait_seconds) - 1)

@@ -126,9 +126,18 @@ class RunHandle:
         """Accepted, then Deltas, then exactly one Done or Failed (the last item)."""
         bus = self._client.bus
         idle_timeout = 3 * bus.heartbeat_seconds + 1.0
+        # Before any text reached the client, a silent worker may be a dead one
+        # whose run JetStream redelivers after the ack wait: wait for that retry
+        # (it is transparent to the client) rather than failing at once.
+        redelivery_timeout = max(idle_timeout, bus.ack_wait_seconds + 2 * bus.heartbeat_seconds)
         try:
             while True:
-                timeout = idle_timeout if self.accepted else bus.queue_timeout_seconds
+                if not self.accepted:
+                    timeout = bus.queue_timeout_seconds
+                elif self.streamed:
+                    timeout = idle_timeout
+                else:
+                    timeout = redelivery_timeout
                 try:
                     async with asyncio.timeout(timeout):
                         data = await self.queue.get()
