@@ -48,9 +48,10 @@ async def stored(js: JetStreamContext, token: str) -> bytes | None:
     return msg.data
 
 
-def test_ttl_is_whole_seconds() -> None:
-    assert TTL == 3
-    assert lease_ttl_seconds(BusConfig(ack_wait_seconds=3.2)) == 4
+def test_ttl_is_whole_seconds_just_under_the_ack_wait() -> None:
+    assert TTL == 2
+    assert lease_ttl_seconds(BusConfig(ack_wait_seconds=3.2)) == 3
+    assert lease_ttl_seconds(BusConfig(ack_wait_seconds=30)) == 29
 
 
 async def test_acquire_fresh_session(js: JetStreamContext, leases: Leases) -> None:
