@@ -48,6 +48,9 @@ class RunRequest(_Wire):
     # The gateway generated the session key and never disclosed it (a stateless
     # call): no other run can join the session, so workers skip ordering and leases.
     ephemeral: bool = False
+    # The client reads the reply as it is generated (SSE, WebSocket, CLI). When
+    # false, the worker sends no deltas, only the final text.
+    stream: bool = True
 
 
 class Usage(BaseModel):

@@ -17,6 +17,7 @@ clears the IP's count. State is in memory and bounded to ``max_tracked`` IPs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -48,6 +49,7 @@ def parse_bearer(authorization: str | None) -> str | None:
     return parts[1].strip() or None
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_client_ip(client_ip: str | None) -> tuple[str, bool]:
     """(key to count failures under, whether the client is loopback).
 

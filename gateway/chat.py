@@ -92,7 +92,8 @@ class ChatCompletions:
             chat = parse_chat_request(body, request.headers, self.settings)
             spec = RunSpec(agent_id=chat.agent_id, session_key=chat.session_key,
                            message=chat.message, extra_system_prompt=chat.extra_system_prompt,
-                           params=chat.params, ephemeral=chat.ephemeral_session)
+                           params=chat.params, ephemeral=chat.ephemeral_session,
+                           stream=chat.stream)
             try:
                 handle = await self.runs.submit(spec)
             except RunRejected as rej:

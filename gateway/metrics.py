@@ -34,7 +34,8 @@ class GatewayMetrics:
                                      "From submission to the run's last event",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("clawbus_time_to_first_token_seconds",
-                              "From submission to the first text delta",
+                              "From submission to the first text the client can get "
+                              "(the whole reply for non-streaming calls)",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("clawbus_queue_wait_seconds",
                                     "From submission until a worker accepted the run",

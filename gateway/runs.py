@@ -75,6 +75,8 @@ class RunSpec:
     run_id: str | None = None
     # The session key was generated for this call and never disclosed.
     ephemeral: bool = False
+    # False for a non-streaming HTTP call: only the final text is needed.
+    stream: bool = True
 
 
 RunEvent = Accepted | Delta | Done | Failed
@@ -193,7 +195,10 @@ class RunHandle:
                     yield event
                     continue
                 self.ended = True
-                self._client.observe("run", time.time() - self.created)
+                elapsed = time.time() - self.created
+                if not self.streamed and isinstance(event, Done):
+                    self._client.observe("ttft", elapsed)  # its text arrives all at once
+                self._client.observe("run", elapsed)
                 self._client.outcome(self, "ok" if isinstance(event, Done) else "error")
                 yield event
                 return
@@ -279,7 +284,7 @@ class RunClient:
             run_id=run_id, session_key=spec.session_key, agent_id=spec.agent_id,
             message=spec.message, extra_system_prompt=spec.extra_system_prompt,
             params=spec.params, events_subject=subjects.events(self.gateway_id, run_id),
-            created=handle.created, ephemeral=spec.ephemeral,
+            created=handle.created, ephemeral=spec.ephemeral, stream=spec.stream,
         )
         payload = request.model_dump_json().encode()
         if len(payload) > self.nc.max_payload:

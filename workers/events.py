@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 from nats.aio.client import Client
@@ -32,19 +33,23 @@ class RunAbandoned(Exception):
 
 class Emitter:
     def __init__(self, nc: Client, subject: str, attempt: int,
-                 coalesce_seconds: float = COALESCE_SECONDS) -> None:
+                 coalesce_seconds: float = COALESCE_SECONDS, *, streaming: bool = True) -> None:
         self._nc = nc
         self._subject = subject
         self._attempt = attempt
         self.attempt = attempt
         self._seq = 0
         self._coalesce = coalesce_seconds
+        self._streaming = streaming
         self._buffer: list[str] = []
         self._buffered = 0
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self.fenced = False
         self.sent_text = False
+        # Monotonic time until which our session lease is certainly still ours
+        # (renewed on every successful acquire/refresh; inf: no lease).
+        self.lease_deadline = math.inf
         self.last_probe = time.monotonic()
 
     def _next_seq(self) -> int:
@@ -85,8 +90,9 @@ class Emitter:
         await self._probe(event.model_dump_json().encode())
 
     def delta(self, text: str) -> None:
-        """Queue text; the flusher sends it (the first piece without delay)."""
-        if not text:
+        """Queue text; the flusher sends it (the first piece without delay).
+        Without a streaming client, text only travels in the final event."""
+        if not text or not self._streaming:
             return
         self._buffer.append(text)
         self._buffered += len(text)
@@ -107,8 +113,17 @@ class Emitter:
                         await self._wake.wait()
                         self._wake.clear()
 
+    def renew_lease(self, deadline: float) -> None:
+        """The lease was (re)written at a time ≥ ``deadline`` - TTL: text may flow until then."""
+        self.lease_deadline = deadline
+        if self._buffer:
+            self._wake.set()
+
     async def _flush(self) -> None:
-        if not self._buffer:
+        # Fencing by the clock: past the lease deadline (the worker stalled, e.g.
+        # SIGSTOP or a long GC pause) another worker may own the session, so text
+        # is held until a refresh proves the lease is still ours (or it is fenced).
+        if not self._buffer or time.monotonic() >= self.lease_deadline:
             return
         text = "".join(self._buffer)
         self._buffer.clear()

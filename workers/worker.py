@@ -246,7 +246,8 @@ class Worker:
     async def _serve_run(self, msg: Msg, run: RunRequest) -> None:
         token = subjects.last_token(msg.subject)
         meta = msg.metadata
-        emitter = Emitter(self.nc, run.events_subject, attempt=meta.num_delivered)
+        emitter = Emitter(self.nc, run.events_subject, attempt=meta.num_delivered,
+                          streaming=run.stream)
         try:
             if run.ephemeral:
                 # A gateway-generated stateless session: this is its only run, so
@@ -299,8 +300,10 @@ class Worker:
                     await msg.term()
                     return None
                 if head == seq:
+                    asked = time.monotonic()
                     revision = await self._leases.acquire(token, self._owner)
                     if revision is not None:
+                        emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
                         return revision
                 if self._stopping.is_set():
                     await msg.nak()
@@ -372,12 +375,14 @@ class Worker:
                 return
             # Fencing: only the lease holder may append (and the append itself is
             # conditional on the transcript being as we read it).
+            asked = time.monotonic()
             new_rev = await self._leases.refresh(token, self._owner, lease[0])
             if new_rev is None:
                 emitter.fenced = True
                 outcome = "fenced"
                 return
             lease[0] = new_rev
+            emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
             try:
                 await self._transcripts.append(token, turn, last_seq)
             except StaleTranscriptError:
@@ -472,6 +477,7 @@ class Worker:
                     await msg.in_progress()
                     if held is None:
                         continue
+                    asked = time.monotonic()
                     new_rev = await self._leases.refresh(token, self._owner, held)
                 except Exception as exc:  # the bus is unreachable: try again next round
                     log.warning("lease refresh for run %s failed: %s", execution.run_id, exc)
@@ -482,6 +488,7 @@ class Worker:
                     execution.stop("fenced")
                     return
                 lease[0] = new_rev
+                emitter.renew_lease(asked + lease_ttl_seconds(bus))
             if now - emitter.last_probe >= beat_every:
                 try:
                     await emitter.heartbeat()
