@@ -143,11 +143,14 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
     def gw() -> Gateway:
         return holder["gw"]
 
-    @app.api_route("/v1/chat/completions",
-                   methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-                   include_in_schema=False)
     async def chat_completions(request: Request) -> Response:
         return await gw().chat(request)
+
+    # A plain Starlette route (no FastAPI dependency solving on the hot path); the
+    # handler answers every method itself (405 with the OpenAI envelope).
+    app.router.add_route("/v1/chat/completions", chat_completions,
+                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                         include_in_schema=False)
 
     @app.get("/healthz")
     async def healthz() -> Response:
