@@ -529,8 +529,8 @@ def cluster(
                 server.stop()
             if not exc.address_in_use or attempt == attempts - 1:
                 raise
-            for server in servers:  # a fresh cluster: forget the half-started one
-                shutil.rmtree(server.store_dir, ignore_errors=True)
+            # Retry on fresh ports with the same names and store dirs: nodes are
+            # known to each other by server name, so stored data (sessions!) stays.
             continue
         except BaseException:
             for server in started:

@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--bus-url", default=None, help="use this NATS instead of bus.url")
     ag.set_defaults(func=cmd_agent, log_level="warning")
 
+    from .cluster import add_parser as add_cluster_parser
+
+    add_cluster_parser(sub, common)
+
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate and print the effective config")

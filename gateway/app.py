@@ -33,6 +33,7 @@ from .metrics import GatewayMetrics
 from .models import model_ids
 from .runs import RunClient
 from .sessions import Sessions
+from .webui import mount_web_ui
 from .ws import Connection
 
 log = logging.getLogger("clawbus.gateway")
@@ -54,6 +55,8 @@ def endpoint_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path.startswith("/static/"):
+        return "/static"
     return "other"
 
 
@@ -195,6 +198,9 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
         if model_id not in model_ids(settings):
             return error_response(errors.model_not_found(model_id))
         return JSONResponse(_model(model_id))
+
+    if settings.control_ui_enabled:
+        mount_web_ui(app)  # GET / (the web chat page) and /static/…
 
     @app.websocket("/")
     async def websocket(ws: WebSocket) -> None:

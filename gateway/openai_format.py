@@ -59,7 +59,7 @@ class ChunkEncoder:
             {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
 
     def role(self) -> bytes:
-        return self._chunk({"role": "assistant", "content": ""}, None)
+        return self._chunk({"role": "assistant"}, None)  # exactly as SPEC §2 shows it
 
     def content(self, text: str) -> bytes:
         return self._content_prefix + orjson.dumps(text) + self._content_suffix

@@ -186,6 +186,22 @@ class SseRun:
             r.text += choice.get("delta", {}).get("content") or ""
             r.finish_reason = choice.get("finish_reason") or r.finish_reason
 
+    async def read_until_text(self) -> StreamResult:
+        """Read frames until some reply text arrived (or the stream ended)."""
+        r = self.result
+        if self._resp is None or r.transport_error is not None:
+            return r
+        try:
+            while not r.text and not r.done_frame:
+                line = await anext(self._lines)
+                if line.startswith("data: "):
+                    self._frame(line[6:])
+        except StopAsyncIteration:
+            pass
+        except httpx.HTTPError as exc:
+            r.transport_error = repr(exc)
+        return r
+
     async def finish(self) -> StreamResult:
         r = self.result
         if self._resp is not None and r.transport_error is None:

@@ -7,12 +7,14 @@ checked against what clawbus and ``nats-server`` actually accept. When a
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,7 +82,8 @@ def interpolate(value: Any, env: Mapping[str, str]) -> Any:
 
 def test_interpolation_follows_compose() -> None:
     env = {"A": "a", "E": ""}
-    assert _substitute("$A ${A} ${B:-d} ${E:-d} ${E-d} ${A:+x} ${B:+x} $$A", env) == "a a d d  x  $A"
+    assert (_substitute("$A ${A} ${B:-d} ${E:-d} ${E-d} ${A:+x} ${B:+x} $$A", env)
+            == "a a d d  x  $A")
     with pytest.raises(MissingVariable, match="B is missing a value: say so"):
         _substitute("${B:?say so}", env)
     with pytest.raises(MissingVariable):
@@ -367,6 +370,34 @@ def test_dockerfile() -> None:
             for source in arg.split()[:-1]:
                 assert (ROOT / source).exists(), source
                 assert f"!{source}" in ignore or f"!{source}/**" in ignore, source
+
+
+def test_the_image_gets_every_file_of_the_packages() -> None:
+    """The image installs with `pip install .` (not editable): a subpackage missing from
+    `packages`, or a data file (the web page's static files) missing from `package-data`,
+    would be absent from the container while every local run still finds it."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "tool"]["setuptools"]
+    packages = set(setuptools["packages"])
+    package_data: dict[str, list[str]] = setuptools.get("package-data", {})
+    copied = {ln.split()[1] for ln in (ROOT / "Dockerfile").read_text().splitlines()
+              if ln.startswith("COPY") and (ROOT / ln.split()[1]).is_dir()}
+    assert copied == {p for p in packages if "." not in p}, "COPY every top-level package"
+    for top in copied:
+        for path in sorted((ROOT / top).rglob("*")):
+            rel = path.relative_to(ROOT)
+            if "__pycache__" in rel.parts or path.is_dir() or path.suffix == ".pyc":
+                continue
+            package = ".".join(rel.parent.parts)
+            if path.suffix == ".py":
+                assert package in packages, f"{rel}: add {package!r} to packages"
+                continue
+            owner = max((p for p in packages if package == p or package.startswith(p + ".")),
+                        key=len)
+            inside = path.relative_to(ROOT / owner.replace(".", "/")).as_posix()
+            assert any(fnmatch.fnmatch(inside, pattern)
+                       for pattern in package_data.get(owner, [])), (
+                f"{rel} is not in package-data: the image would not have it")
 
 
 def test_the_mounted_config_starts_a_gateway_on_the_nats_cluster(compose: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import re
 import signal
 import statistics
 import threading
@@ -40,7 +41,6 @@ from tests.faultkit import (
     session_turns,
     stream_once,
 )
-from tests.procs import wait_until
 
 FAST_BUS = {"ackWaitSeconds": 3, "heartbeatSeconds": 0.5}
 
@@ -69,7 +69,7 @@ class Kill:
     busy: int  # runs the tap saw it holding when it was killed
 
 
-def _killer(stack: Stack, tap: EventTap, kills: list[Kill], n_kills: int, interval: float,
+def _killer(stack: Stack, tap: EventTap, kills: list[Kill], *, n_kills: int, interval: float,
             stop: threading.Event, errors: list[str], seed: int) -> None:
     """SIGKILL a busy worker every ~interval s and start a replacement in the background."""
     rng = random.Random(seed)
@@ -139,8 +139,9 @@ def test_sigkill_workers_mid_run(upstream: FaultyOpenAI, tmp_path: Path) -> None
 
     async def main(tap: EventTap) -> float:
         killer = threading.Thread(
-            target=_killer, name="killer", daemon=True,
-            args=(stack, tap, kills, n_kills, interval, stop, spawn_errors, 4))
+            target=_killer, name="killer", daemon=True, args=(stack, tap, kills),
+            kwargs={"n_kills": n_kills, "interval": interval, "stop": stop,
+                    "errors": spawn_errors, "seed": 4})
         started = time.monotonic()
         finished = threading.Event()
         killer.start()
@@ -170,14 +171,15 @@ def test_sigkill_workers_mid_run(upstream: FaultyOpenAI, tmp_path: Path) -> None
         stack.stop()
     assert not spawn_errors, spawn_errors
     assert len(kills) >= n_kills, kills
-    _check_kill_run(prefix, results, turns, tap, upstream, kills, elapsed)
+    _check_kill_run(prefix, results, turns=turns, tap=tap, upstream=upstream, kills=kills,
+                    elapsed=elapsed)
 
 
 def _index(content: str) -> int:
     return int(content.split()[2][1:])
 
 
-def _check_kill_run(prefix: str, results: dict[int, list[StreamResult]],
+def _check_kill_run(prefix: str, results: dict[int, list[StreamResult]], *,
                     turns: dict[int, Any], tap: EventTap, upstream: FaultyOpenAI,
                     kills: list[Kill], elapsed: float) -> None:
     all_runs = [r for rs in results.values() for r in rs]
@@ -222,24 +224,29 @@ def _check_kill_run(prefix: str, results: dict[int, list[StreamResult]],
             history = [m["content"] for m in rec.body["messages"][1:-1] if m["role"] == "user"]
             k = _index(last_user(rec))
             assert history == [u for u in stored if _index(u) < k], (history, k)
-    # 5. Transparent restarts: runs accepted by two workers that completed for the client.
+    # 5. Transparent restarts: runs an attempt of which was killed that still completed.
     events = tap.snapshot()
-    accepted_by: dict[str, set[str]] = {}
-    accept_times: dict[str, list[float]] = {}
+    killed = {k.worker_id: k.t for k in kills}
+    accepted: dict[tuple[str, int], tuple[str, float]] = {}
+    ended_at: dict[tuple[str, int], float] = {}
     for e in events:
         if e.type == "accepted" and e.worker_id:
-            accepted_by.setdefault(e.run_id, set()).add(e.worker_id)
-            accept_times.setdefault(e.run_id, []).append(e.t)
-    killed = {k.worker_id: k.t for k in kills}
-    retried = [r for r in complete if len(accepted_by.get(r.run_id or "", ())) > 1]
+            accepted[(e.run_id, e.attempt)] = (e.worker_id, e.t)
+        elif e.type in ("done", "error"):
+            ended_at.setdefault((e.run_id, e.attempt), e.t)
+    hit_at: dict[str, float] = {}  # run id → when a kill interrupted one of its attempts
+    for (run_id, attempt), (worker, t_accept) in accepted.items():
+        t_kill = killed.get(worker)
+        if t_kill is not None and t_accept < t_kill < ended_at.get((run_id, attempt), 1e18):
+            hit_at[run_id] = min(hit_at.get(run_id, 1e18), t_kill)
+    retried = [r for r in complete if r.run_id in hit_at]
     recovery = []
     for r in retried:
-        first_worker_kill = min(killed.get(w, float("inf"))
-                                for w in accepted_by[r.run_id or ""])
-        later = [t for t in accept_times[r.run_id or ""] if t > first_worker_kill]
-        if later:
-            recovery.append(min(later) - first_worker_kill)
-    hit = [r for r in all_runs if any(w in killed for w in accepted_by.get(r.run_id or "", ()))]
+        t_kill = hit_at[r.run_id or ""]
+        again = [t for (run_id, _), (_, t) in accepted.items() if run_id == r.run_id and t > t_kill]
+        if again:
+            recovery.append(min(again) - t_kill)
+    hit = [r for r in all_runs if r.run_id in hit_at]
     reasons: dict[str, int] = {}
     for r in errored:
         code = (r.error or {}).get("code") or (r.error or {}).get("message")
@@ -250,5 +257,273 @@ def _check_kill_run(prefix: str, results: dict[int, list[StreamResult]],
           f"{len(retried)} transparently retried (recovery "
           f"median {statistics.median(recovery) if recovery else 0:.2f} s, "
           f"max {max(recovery, default=0):.2f} s); 0 lost, 0 duplicated; "
-          f"{stored_after_error} errors whose turn was nevertheless stored")
+          f"{stored_after_error} errors whose turn was nevertheless stored; "
+          f"{sum(1 for r in errored if not r.text)} errors before any text")
     assert retried, "no run was transparently retried after its worker was killed"
+
+
+# --------------------------------------------------------------------------- SIGSTOP
+
+
+def _worker_of(stack: Stack, tap: EventTap, run_id: str) -> Any:
+    accepts = tap.accepts(run_id)
+    assert accepts, f"no worker accepted {run_id}"
+    worker_id = accepts[-1].worker_id
+    (proc,) = [w for w in stack.workers if w.worker_id == worker_id]
+    return proc
+
+
+@pytest.mark.slow
+def test_sigstop_past_lease_ttl_is_fenced(upstream: FaultyOpenAI, tmp_path: Path) -> None:
+    """A worker frozen (SIGSTOP) past its lease TTL loses the session: its client
+    gets a clean error, another worker serves the session's next turn, and when the
+    frozen worker thaws (SIGCONT) its fenced refresh fails and it emits nothing more."""
+    key = f"stop:{tag()}"
+    first, second = f"{tag()} first", f"{tag()} second"
+    upstream.token_delay = 0.15
+    words = " ".join(f"w{i}" for i in range(40))
+    stack = Stack.start(tmp_path, upstream, base_config(upstream, queueTimeoutSeconds=10,
+                                                        **FAST_BUS), workers=2)
+    headers = {"x-openclaw-session-key": key}
+
+    async def scenario() -> dict[str, Any]:
+        tap = await EventTap().start(stack.nats.url)
+        nc = await nats.connect(stack.nats.url)
+        try:
+            async with httpx.AsyncClient(timeout=60) as http:
+                a = SseRun(http, stack.url, f"{first} {words}", headers)
+                await a.open()
+                await a.read_until_text()
+                frozen = _worker_of(stack, tap, a.result.run_id or "")
+                frozen.signal(signal.SIGSTOP)
+                t_stop = time.monotonic()
+                result_a = await a.finish()  # the gateway gives up on the silent worker
+                # Past the lease TTL (and the ack wait): the session is free again.
+                await asyncio.sleep(max(0.0, t_stop + 4.0 - time.monotonic()))
+                b = SseRun(http, stack.url, f"{second} {words}", headers)
+                await b.open()
+                await b.read_until_text()
+                owner = await lease_owner(nc, key)
+                t_cont = time.monotonic()
+                frozen.signal(signal.SIGCONT)
+                result_b = await b.finish()
+                await asyncio.sleep(1.5)  # time for the thawed worker to misbehave
+            return {"a": result_a, "b": result_b, "frozen": frozen, "owner": owner,
+                    "t_stop": t_stop, "t_cont": t_cont, "events": tap.snapshot()}
+        finally:
+            await nc.close()
+            await tap.close()
+
+    try:
+        out = asyncio.run(scenario())
+        frozen = out["frozen"]
+        frozen.wait_line(re.compile("lost its session lease"), timeout=10)
+        turns = asyncio.run(session_turns(stack.nats.url, key))
+    finally:
+        stack.stop()
+    a, b = out["a"], out["b"]
+    assert a.clean_error and a.error["code"] == "worker_lost", a.frames
+    assert b.complete and b.text == expected_reply(b.content)
+    serving = [e.worker_id for e in out["events"] if e.run_id == b.run_id and e.worker_id]
+    assert serving and frozen.worker_id not in serving
+    assert out["owner"] == serving[-1]
+    # After SIGCONT the frozen worker sent nothing for its run (it was fenced).
+    late = [e for e in out["events"] if e.run_id == a.run_id and e.t > out["t_cont"]]
+    assert late == [], late
+    # Its provider call was stopped, the run never re-executed, and only B is stored.
+    recs_a = [r for r in upstream.requests if first in body_text(r)]
+    assert len(recs_a) == 1 and recs_a[0].disconnected and not recs_a[0].completed
+    assert [t.run_id for t in turns] == [b.run_id]
+    print(f"\nSIGSTOP: client error after {a.ended - out['t_stop']:.2f} s; next turn served by "
+          f"another worker; 0 events from the thawed worker")
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_runs_and_takes_no_new_ones(upstream: FaultyOpenAI,
+                                                             tmp_path: Path) -> None:
+    upstream.token_delay = 0.1
+    words = " ".join(f"w{i}" for i in range(15))
+    stack = Stack.start(tmp_path, upstream, base_config(upstream, queueTimeoutSeconds=20,
+                                                        **FAST_BUS), workers=1)
+    prefix = tag()
+
+    async def scenario() -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            inflight = [SseRun(http, stack.url, f"{prefix} inflight{i} {words}")
+                        for i in range(3)]
+            for run in inflight:
+                await run.open()
+            for run in inflight:
+                await run.read_until_text()
+            t_term = time.monotonic()
+            stack.workers[0].signal(signal.SIGTERM)
+            late = SseRun(http, stack.url, f"{prefix} late {words}")
+            await late.open()  # queued while the only worker drains
+            results = [await run.finish() for run in inflight]
+            code = await asyncio.to_thread(stack.workers[0].popen.wait, 20)
+            t_exit = time.monotonic()
+            early = [r for r in upstream.requests if f"{prefix} late" in body_text(r)]
+            await asyncio.to_thread(stack.add_worker)
+            late_result = await late.finish()
+        return {"results": results, "code": code, "t_term": t_term, "t_exit": t_exit,
+                "early": early, "late": late_result}
+
+    try:
+        out = asyncio.run(scenario())
+        drain_log = stack.workers[0].wait_line(re.compile(r"draining (\d+) run"), timeout=5)
+    finally:
+        stack.stop()
+    assert out["code"] == 0
+    assert drain_log.group(1) == "3"
+    for r in out["results"]:
+        assert r.complete and r.text == expected_reply(r.content), r.frames
+    for rec in upstream.requests:
+        if "inflight" in body_text(rec):
+            assert rec.completed
+    assert out["early"] == [], "the draining worker took a new run"
+    late = out["late"]
+    assert late.complete and late.text == expected_reply(late.content)
+    (rec,) = [r for r in upstream.requests if f"{prefix} late" in body_text(r)]
+    assert rec.started > out["t_exit"]
+    print(f"\nSIGTERM: 3 in-flight runs completed, drained and exited 0 in "
+          f"{out['t_exit'] - out['t_term']:.2f} s; the queued run waited for the next worker")
+
+
+@pytest.mark.slow
+def test_sigterm_grace_expiry_fails_streamed_and_requeues_unstarted(
+        upstream: FaultyOpenAI, tmp_path: Path) -> None:
+    """Runs still going when the grace period ends: one that streamed text ends
+    with a clean ``interrupted`` error; one that streamed nothing is handed back
+    to the queue and finished by another worker, transparently."""
+    upstream.token_delay = 0.1
+    prefix = tag()
+    slow_heads: dict[str, int] = {}
+
+    def head_delay(body: dict[str, Any]) -> float:
+        text = orjson.dumps(body).decode()
+        if "unstarted" not in text:
+            return 0.0
+        slow_heads["n"] = slow_heads.get("n", 0) + 1
+        return 6.0 if slow_heads["n"] == 1 else 0.0
+
+    upstream.head_delay = head_delay
+    config = base_config(upstream, queueTimeoutSeconds=20, **FAST_BUS)
+    stack = Stack.start(tmp_path, upstream, config, workers=0)
+    stack.add_worker(grace=1.0)
+    words = " ".join(f"w{i}" for i in range(60))
+
+    async def scenario() -> tuple[StreamResult, StreamResult, int]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            streamed = SseRun(http, stack.url, f"{prefix} streamed {words}")
+            unstarted = SseRun(http, stack.url, f"{prefix} unstarted a b c")
+            await streamed.open()
+            await unstarted.open()
+            await streamed.read_until_text()
+            await asyncio.to_thread(upstream.wait_for, lambda recs: any(
+                "unstarted" in body_text(r) for r in recs), 10)
+            stack.workers[0].signal(signal.SIGTERM)
+            await asyncio.to_thread(stack.add_worker)
+            code = await asyncio.to_thread(stack.workers[0].popen.wait, 20)
+            return await streamed.finish(), await unstarted.finish(), code
+
+    try:
+        streamed, unstarted, code = asyncio.run(scenario())
+    finally:
+        stack.stop()
+    assert code == 0
+    assert streamed.clean_error and streamed.error is not None
+    assert streamed.error["message"] == "agent run interrupted: the worker shut down"
+    assert expected_reply(streamed.content).startswith(streamed.text)
+    assert unstarted.complete and unstarted.text == expected_reply(unstarted.content)
+    assert slow_heads["n"] == 2  # cut on the first worker, redone on the second
+
+
+# --------------------------------------------------------------------------- gateway killed
+
+
+@pytest.mark.slow
+def test_gateway_killed_mid_stream(upstream: FaultyOpenAI, tmp_path: Path) -> None:
+    """SIGKILL the gateway a client streams through: the worker notices (its
+    liveness probe finds no responder), stops the provider call, stores no half
+    turn and frees the session at once; another gateway serves the next turn."""
+    key = f"gwkill:{tag()}"
+    first, second = f"{tag()} first", f"{tag()} second"
+    upstream.token_delay = 0.1
+    words = " ".join(f"w{i}" for i in range(60))
+    stack = Stack.start(tmp_path, upstream, base_config(upstream, **FAST_BUS),
+                        gateways=2, workers=1)
+    headers = {"x-openclaw-session-key": key}
+
+    async def scenario() -> tuple[float, float, StreamResult]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            run = SseRun(http, stack.gateways[0].url, f"{first} {words}", headers)
+            await run.open()
+            await run.read_until_text()
+            t_kill = time.monotonic()
+            await asyncio.to_thread(stack.gateways[0].kill)
+            await run.finish()  # the connection just drops
+            rec = await asyncio.to_thread(upstream.wait_for, lambda recs: next(
+                (r for r in recs if first in body_text(r) and r.ended), None), 15)
+            assert rec is not None and rec.ended is not None
+            stopped = rec.ended - t_kill
+            nxt = await stream_once(http, stack.gateways[1].url, second, headers)
+            return stopped, nxt.ended - t_kill, nxt
+
+    try:
+        stopped, next_turn, nxt = asyncio.run(scenario())
+        turns = asyncio.run(session_turns(stack.nats.url, key))
+    finally:
+        stack.stop()
+    (rec_a,) = [r for r in upstream.requests if first in body_text(r)]
+    assert rec_a.disconnected and not rec_a.completed
+    assert stopped < 5.0, f"provider call ran on for {stopped:.1f} s after the gateway died"
+    assert nxt.complete and nxt.text == expected_reply(second)
+    (rec_b,) = [r for r in upstream.requests if second in body_text(r)]
+    assert first not in body_text(rec_b)  # no half turn in the history
+    assert [t.user for t in turns] == [second]
+    print(f"\ngateway SIGKILL: provider call stopped {stopped:.2f} s after the kill; next turn "
+          f"done via the other gateway {next_turn:.2f} s after the kill")
+
+
+# --------------------------------------------------------------------------- no worker
+
+
+@pytest.mark.slow
+def test_no_worker_503_within_queue_timeout_and_never_runs_later(
+        upstream: FaultyOpenAI, tmp_path: Path) -> None:
+    queue_timeout = 2.0
+    stack = Stack.start(tmp_path, upstream,
+                        base_config(upstream, queueTimeoutSeconds=queue_timeout, **FAST_BUS),
+                        workers=0)
+    marks = [tag(), tag()]
+    try:
+        with httpx.Client(timeout=30) as http:
+            t0 = time.monotonic()
+            resp = http.post(f"{stack.url}{URL}", headers=AUTH, json={
+                "model": "openclaw", "messages": [{"role": "user", "content": marks[0]}]})
+            took = time.monotonic() - t0
+            streamed = http.post(f"{stack.url}{URL}", headers=AUTH, json={
+                "model": "openclaw", "stream": True, "user": "alice",
+                "messages": [{"role": "user", "content": marks[1]}]})
+            stack.add_worker()
+            # The worker is up and serving; the refused runs never reach the upstream.
+            ok = http.post(f"{stack.url}{URL}", headers=AUTH, json={
+                "model": "openclaw", "user": "alice",
+                "messages": [{"role": "user", "content": "after"}]})
+            time.sleep(2 * 3.0)  # two ack waits: any redelivery would have happened
+    finally:
+        stack.stop()
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["message"] == "No agent worker available."
+    assert queue_timeout <= took < queue_timeout + 5.0
+    frames = [ln[6:] for ln in streamed.text.splitlines() if ln.startswith("data: ")]
+    assert orjson.loads(frames[-2])["error"]["message"] == "No agent worker available."
+    assert ok.status_code == 200, ok.text
+    assert not [r for r in upstream.requests if any(m in body_text(r) for m in marks)]
+    (rec,) = [r for r in upstream.requests if "after" in body_text(r)]
+    assert marks[1] not in body_text(rec)  # the refused turn is not in alice's session
+    print(f"\nno worker: 503 after {took:.2f} s (queue timeout {queue_timeout} s); "
+          f"0 refused runs executed later")

@@ -1,0 +1,299 @@
+"""The systems a benchmark round measures, all behind one small interface.
+
+* :class:`UpstreamAlone` — the fake upstream itself (the baseline: what the load
+  generators and the upstream cost without anything in between);
+* :class:`Clawbus` — ``clawbus up`` (embedded nats-server, gateway, N workers),
+  every process on the given CPUs (``taskset`` on ``up``; children inherit it);
+* :class:`LiteLLM` — LiteLLM's proxy from its own venv (``bench/.venvs/litellm``,
+  installed by the harness, never a project dependency), on the given CPUs.
+
+Every system routes the model names of the fake upstream (``fake-t<N>-d<MS>``, see
+:mod:`bench.upstream`) to it, so one upstream serves every scenario.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .procs import Process, free_port, http_get, http_post, pinned
+
+ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / "bench" / ".venvs"
+CLAWBUS_TOKEN = "bench-token"
+LITELLM_KEY = "sk-bench-master"
+UPSTREAM_KEY = "sk-bench-upstream"
+START_TIMEOUT = 120.0
+
+# Every reply shape a scenario uses (tokens, delay in ms).
+SHAPES: tuple[tuple[int, float], ...] = ((32, 0.0), (32, 20.0), (20, 500.0))
+
+
+def upstream_model(tokens: int, delay_ms: float) -> str:
+    return f"fake-t{tokens}-d{delay_ms:g}"
+
+
+class UpstreamProcess:
+    """The fake upstream (``python -m bench.upstream``) as a pinned child process."""
+
+    def __init__(self, logs: Path, cpus: str | None) -> None:
+        self.proc = Process("upstream", pinned(
+            [sys.executable, "-m", "bench.upstream", "--port", "0"], cpus),
+            logs / "upstream.log", cwd=ROOT)
+        match = self.proc.wait_for(r"listening on (http://\S+)", 30.0)
+        self.url = match.group(1)  # http://127.0.0.1:PORT
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class System(ABC):
+    key: str
+    label: str
+    auth: str | None = None
+
+    @property
+    @abstractmethod
+    def base_url(self) -> str:
+        """``http://host:port`` of the system's OpenAI-compatible server."""
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.base_url}/v1/chat/completions"
+
+    @abstractmethod
+    def model(self, tokens: int, delay_ms: float) -> str:
+        """The client-side ``model`` that makes the upstream reply with this shape."""
+
+    @abstractmethod
+    def pids(self) -> list[int]:
+        """Every process of the system (for CPU time and memory)."""
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Start the system and return once it serves requests."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Stop every process of the system."""
+
+    def log_problems(self) -> list[str]:
+        """Warning/error lines the system logged (for the report)."""
+        return []
+
+    def warm(self) -> None:
+        """A non-streaming and a streaming request, so lazy set-up is not measured."""
+        headers = {"Authorization": f"Bearer {self.auth}"} if self.auth else {}
+        for stream in (False, True):
+            body = orjson.dumps({"model": self.model(*SHAPES[0]), "stream": stream,
+                                 "messages": [{"role": "user", "content": "warm up"}]})
+            status, text = http_post(self.chat_url, body, headers)
+            if status != 200:
+                raise RuntimeError(f"{self.label}: warm-up request failed with {status}: "
+                                   f"{text[:300]!r}")
+
+
+class UpstreamAlone(System):
+    key = "upstream"
+    label = "upstream alone"
+
+    def __init__(self, upstream: UpstreamProcess) -> None:
+        self.upstream = upstream
+
+    @property
+    def base_url(self) -> str:
+        return self.upstream.url
+
+    def model(self, tokens: int, delay_ms: float) -> str:
+        return upstream_model(tokens, delay_ms)
+
+    def pids(self) -> list[int]:
+        return self.upstream.proc.pids()
+
+
+def _problem_lines(text: str, words: tuple[str, ...]) -> list[str]:
+    return [line for line in text.splitlines() if any(w in line for w in words)]
+
+
+class Clawbus(System):
+    key = "clawbus"
+    auth = CLAWBUS_TOKEN
+
+    def __init__(self, upstream_url: str, workdir: Path, logs: Path, *, workers: int,
+                 cpus: str | None, label: str | None = None,
+                 max_concurrent: int = 4096) -> None:
+        self.upstream_url = upstream_url
+        self.workdir = workdir
+        self.logs = logs
+        self.workers = workers
+        self.cpus = cpus
+        self.max_concurrent = max_concurrent
+        self.label = label or "clawbus"
+        self.proc: Process | None = None
+        self._url = ""
+        self._starts = 0
+
+    def config(self) -> dict[str, Any]:
+        agents: list[dict[str, Any]] = [
+            {"id": f"t{t}-d{d:g}", "model": f"bench/{upstream_model(t, d)}"} for t, d in SHAPES]
+        agents[0]["default"] = True
+        return {
+            "gateway": {"bind": "loopback", "auth": {"mode": "token", "token": CLAWBUS_TOKEN},
+                        "http": {"endpoints": {"chatCompletions": {"enabled": True}}}},
+            "agents": {"defaults": {"model": f"bench/{upstream_model(*SHAPES[0])}",
+                                    "maxConcurrent": self.max_concurrent,
+                                    "timeoutSeconds": 300},
+                       "list": agents},
+            "models": {"providers": {"bench": {
+                "api": "openai-completions", "baseUrl": f"{self.upstream_url}/v1",
+                "apiKey": UPSTREAM_KEY, "timeoutSeconds": 120}}},
+            "bus": {"url": None},
+        }
+
+    @property
+    def base_url(self) -> str:
+        return self._url
+
+    def model(self, tokens: int, delay_ms: float) -> str:
+        return f"openclaw/t{tokens}-d{delay_ms:g}"
+
+    def start(self) -> None:
+        self._starts += 1
+        run_dir = self.workdir / f"{self.label.replace(' ', '-')}-{self._starts}"
+        state = run_dir / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        config = run_dir / "clawbus.json5"
+        config.write_bytes(orjson.dumps(self.config(), option=orjson.OPT_INDENT_2))
+        exe = Path(sys.executable).with_name("clawbus")
+        base = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli"]
+        cmd = pinned([*base, "up", "--config", str(config), "--workers", str(self.workers),
+                      "--port", "0", "--log-level", "warning", "--grace", "5"], self.cpus)
+        self.proc = Process(self.label, cmd, self.logs / f"{run_dir.name}.log",
+                            env={"CLAWBUS_STATE_DIR": str(state)}, cwd=run_dir)
+        self._url = self.proc.wait_for(r"clawbus gateway listening on (http://\S+)",
+                                       START_TIMEOUT).group(1)
+
+        def ready() -> bool:
+            status, body = http_get(f"{self._url}/readyz")
+            if status != 200:
+                return False
+            return int(orjson.loads(body).get("workers", 0)) >= self.workers
+
+        self.proc.wait_until(ready, f"ready with {self.workers} workers", START_TIMEOUT)
+
+    def pids(self) -> list[int]:
+        return self.proc.pids() if self.proc is not None else []
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def log_problems(self) -> list[str]:
+        if self.proc is None:
+            return []
+        return _problem_lines(self.proc.log_text(),
+                              ("WARNING", "ERROR", "Traceback", "warning", "error"))
+
+
+def litellm_venv() -> Path:
+    return VENVS / "litellm"
+
+
+def ensure_litellm(spec: str = "litellm[proxy]") -> Path:
+    """The ``litellm`` executable of the harness's own venv, installing it if needed."""
+    venv = litellm_venv()
+    exe = venv / "bin" / "litellm"
+    if exe.exists():
+        return exe
+    print(f"bench: installing {spec!r} into {venv} (once; about a minute)", flush=True)
+    if venv.exists():
+        shutil.rmtree(venv)
+    VENVS.mkdir(parents=True, exist_ok=True)
+    python = shutil.which("python3") or sys.executable
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", spec], check=True)
+    if not exe.exists():
+        raise RuntimeError(f"pip installed {spec!r} but {exe} is missing")
+    return exe
+
+
+def litellm_version() -> str:
+    python = litellm_venv() / "bin" / "python"
+    out = subprocess.run([str(python), "-c",
+                          "import importlib.metadata as m; print(m.version('litellm'))"],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+class LiteLLM(System):
+    key = "litellm"
+    label = "LiteLLM"
+    auth = LITELLM_KEY
+
+    def __init__(self, upstream_url: str, workdir: Path, logs: Path, *,
+                 cpus: str | None) -> None:
+        self.upstream_url = upstream_url
+        self.workdir = workdir
+        self.logs = logs
+        self.cpus = cpus
+        self.proc: Process | None = None
+        self.port = 0
+        self._starts = 0
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "model_list": [
+                {"model_name": upstream_model(t, d),
+                 "litellm_params": {"model": f"openai/{upstream_model(t, d)}",
+                                    "api_base": f"{self.upstream_url}/v1",
+                                    "api_key": UPSTREAM_KEY}}
+                for t, d in SHAPES],
+            "general_settings": {"master_key": LITELLM_KEY},
+            "litellm_settings": {"drop_params": True, "request_timeout": 300},
+        }
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def model(self, tokens: int, delay_ms: float) -> str:
+        return upstream_model(tokens, delay_ms)
+
+    def start(self) -> None:
+        exe = ensure_litellm()
+        self._starts += 1
+        run_dir = self.workdir / f"litellm-{self._starts}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = run_dir / "config.yaml"  # JSON is YAML
+        config.write_bytes(orjson.dumps(self.config(), option=orjson.OPT_INDENT_2))
+        self.port = free_port()
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_TELEMETRY": "False", "NO_DOCS": "True", "NO_REDOC": "True",
+               "DISABLE_ADMIN_UI": "True", "HOME": str(run_dir)}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPENAI")}, **env}
+        cmd = pinned([str(exe), "--config", str(config), "--host", "127.0.0.1",
+                      "--port", str(self.port), "--num_workers", "1"], self.cpus)
+        self.proc = Process("litellm", cmd, self.logs / f"{run_dir.name}.log", env=env,
+                            cwd=run_dir)
+        self.proc.wait_until(
+            lambda: http_get(f"{self.base_url}/health/liveliness")[0] == 200,
+            "listening", START_TIMEOUT)
+        time.sleep(0.5)
+
+    def pids(self) -> list[int]:
+        return self.proc.pids() if self.proc is not None else []
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def log_problems(self) -> list[str]:
+        if self.proc is None:
+            return []
+        return _problem_lines(self.proc.log_text(), ("ERROR", "Traceback", "Exception"))

@@ -1,0 +1,713 @@
+/* clawbus web chat: a small client of the gateway's WebSocket protocol (SPEC §4).
+ *
+ * connect.challenge -> connect {auth} -> hello-ok; then agent / chat.abort /
+ * sessions.list / chat.history over the socket, and GET /v1/models (bearer) for
+ * the agent picker. The secret lives in sessionStorage only (never in a URL or a
+ * log line). Replies are Markdown rendered by marked, with raw HTML shown as
+ * text, then sanitised by DOMPurify before they touch the DOM.
+ */
+"use strict";
+
+(() => {
+  const STORAGE_KEY = "clawbus.secret";
+  const PROTOCOL = 3;
+  const REQUEST_TIMEOUT_MS = 15000;
+  const RECONNECT_MIN_MS = 500;
+  const RECONNECT_MAX_MS = 10000;
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    conn: $("conn"), signOut: $("sign-out"), banner: $("banner"),
+    signinView: $("signin-view"), signinForm: $("signin-form"), secret: $("secret"),
+    signinButton: $("signin-button"), authError: $("auth-error"),
+    chatView: $("chat-view"), agent: $("agent"), newSession: $("new-session"),
+    refreshSessions: $("refresh-sessions"), sessions: $("sessions"),
+    sessionTitle: $("session-title"), messages: $("messages"), composer: $("composer"),
+    input: $("input"), send: $("send"), stop: $("stop"),
+  };
+
+  const state = {
+    secret: null,            // the signed-in secret ("" when the gateway has no auth)
+    ws: null,                // the current, authenticated socket
+    signedIn: false,
+    nextId: 1,
+    pending: new Map(),      // request id -> {resolve, reject, onAccepted?, timer?}
+    runsById: new Map(),     // runId -> live run
+    liveRuns: new Map(),     // sessionKey -> live run (at most one per session)
+    agents: [],
+    defaultAgent: null,
+    sessionKey: null,        // the session on screen
+    sessionAgent: null,
+    sessionCache: [],        // last sessions.list answer
+    viewToken: 0,            // guards against stale chat.history answers
+    reconnectDelay: RECONNECT_MIN_MS,
+    reconnectTimer: null,
+    bannerTimer: null,
+  };
+
+  // -- rendering ------------------------------------------------------------
+
+  const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+  const escapeHtml = (s) => String(s).replace(/[&<>"']/g, (c) => ESCAPES[c]);
+
+  // Raw HTML in a reply is shown as text, never interpreted.
+  window.marked.use({
+    gfm: true,
+    breaks: false,
+    renderer: {
+      html(token) {
+        const text = escapeHtml(token.text);
+        return token.block ? `<p class="raw-html">${text}</p>` : text;
+      },
+    },
+  });
+
+  window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+    if (node.tagName === "A") {
+      node.setAttribute("target", "_blank");
+      node.setAttribute("rel", "noopener noreferrer");
+    }
+  });
+
+  function renderMarkdown(text) {
+    const html = window.marked.parse(text || "", { async: false });
+    return window.DOMPurify.sanitize(html, {
+      USE_PROFILE: { html: true },
+      FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "option"],
+      FORBID_ATTR: ["style"],
+      RETURN_DOM_FRAGMENT: true,
+    });
+  }
+
+  function messageNode(role) {
+    const wrap = document.createElement("article");
+    wrap.className = `msg ${role}`;
+    wrap.dataset.role = role;
+    const who = document.createElement("div");
+    who.className = "who";
+    who.textContent = role === "user" ? "You" : "Assistant";
+    const body = document.createElement("div");
+    body.className = "body";
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    wrap.append(who, body, meta);
+    return { wrap, body, meta };
+  }
+
+  function userMessage(text) {
+    const node = messageNode("user");
+    node.body.textContent = text;
+    return node;
+  }
+
+  function assistantMessage(text) {
+    const node = messageNode("assistant");
+    node.body.replaceChildren(renderMarkdown(text));
+    return node;
+  }
+
+  function addMeta(meta, cls, text) {
+    const span = document.createElement("span");
+    span.className = cls;
+    span.textContent = text;
+    meta.append(span);
+  }
+
+  function usageText(usage) {
+    if (!usage) return null;
+    const p = usage.prompt_tokens ?? 0;
+    const c = usage.completion_tokens ?? 0;
+    const t = usage.total_tokens ?? p + c;
+    return `${p} in · ${c} out · ${t} tokens`;
+  }
+
+  function scrollToEnd() {
+    ui.messages.scrollTop = ui.messages.scrollHeight;
+  }
+
+  function showBanner(kind, text, hideAfterMs) {
+    clearTimeout(state.bannerTimer);
+    ui.banner.dataset.kind = kind;
+    ui.banner.textContent = text;
+    ui.banner.hidden = false;
+    if (hideAfterMs) {
+      state.bannerTimer = setTimeout(() => { ui.banner.hidden = true; }, hideAfterMs);
+    }
+  }
+
+  function hideBanner() {
+    clearTimeout(state.bannerTimer);
+    ui.banner.hidden = true;
+    delete ui.banner.dataset.kind;
+  }
+
+  function setConn(s, text) {
+    ui.conn.dataset.state = s;
+    ui.conn.textContent = text;
+  }
+
+  function showAuthError(text) {
+    ui.authError.textContent = text;
+    ui.authError.hidden = false;
+  }
+
+  // -- the socket -----------------------------------------------------------
+
+  function newId(prefix) {
+    state.nextId += 1;
+    return `${prefix}${state.nextId}`;
+  }
+
+  function randomHex(bytes) {
+    const buf = new Uint8Array(bytes);
+    crypto.getRandomValues(buf);
+    return Array.from(buf, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function authFailure(error) {
+    const code = error && error.code;
+    if (code === "unauthorized") {
+      return { kind: "auth", message: "Wrong token or password." };
+    }
+    if (code === "rate_limited") {
+      return { kind: "auth", message: "Too many failed sign-in attempts. Try again later." };
+    }
+    return { kind: "auth", message: (error && error.message) || "Sign-in refused." };
+  }
+
+  /** Open a socket and authenticate; resolves with the socket after hello-ok. */
+  function openSocket(secret) {
+    return new Promise((resolve, reject) => {
+      const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+      let ws;
+      try {
+        ws = new WebSocket(`${scheme}${location.host}/`);
+      } catch (err) {
+        reject({ kind: "network", message: "Cannot open a WebSocket to the gateway." });
+        return;
+      }
+      const connectId = newId("c");
+      let settled = false;
+      let hello = false;
+      ws.onmessage = (ev) => {
+        let frame;
+        try { frame = JSON.parse(ev.data); } catch { return; }
+        if (hello) {
+          if (ws === state.ws) onFrame(frame);
+          return;
+        }
+        if (frame.type === "event" && frame.event === "connect.challenge") {
+          const auth = secret ? { token: secret, password: secret } : {};
+          ws.send(JSON.stringify({
+            type: "req", id: connectId, method: "connect",
+            params: {
+              minProtocol: PROTOCOL, maxProtocol: PROTOCOL,
+              client: { id: "clawbus-web", version: "1", platform: "web", mode: "webchat" },
+              auth,
+            },
+          }));
+        } else if (frame.type === "res" && frame.id === connectId) {
+          settled = true;
+          if (frame.ok) {
+            hello = true;
+            resolve(ws);
+          } else {
+            reject(authFailure(frame.error));
+          }
+        }
+      };
+      ws.onerror = () => { /* a close event follows */ };
+      ws.onclose = (ev) => {
+        if (!settled) {
+          settled = true;
+          reject(ev.code === 1008
+            ? { kind: "auth", message: ev.reason || "Sign-in refused." }
+            : { kind: "network", message: "Cannot reach the gateway." });
+        } else if (hello && ws === state.ws) {
+          onSocketLost();
+        }
+      };
+    });
+  }
+
+  function send(frame) {
+    const ws = state.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) {
+      throw { code: "DISCONNECTED", message: "Not connected to the gateway." };
+    }
+    ws.send(JSON.stringify(frame));
+  }
+
+  /** One request; resolves with the payload of its (final) res. For `agent`,
+   * `onAccepted` gets the first ("accepted") res and the promise the final one. */
+  function request(method, params, { onAccepted, timeout = REQUEST_TIMEOUT_MS } = {}) {
+    return new Promise((resolve, reject) => {
+      const id = newId("r");
+      const entry = { resolve, reject, onAccepted, timer: null };
+      if (timeout) {
+        entry.timer = setTimeout(() => {
+          state.pending.delete(id);
+          reject({ code: "TIMEOUT", message: `${method}: no answer from the gateway.` });
+        }, timeout);
+      }
+      state.pending.set(id, entry);
+      try {
+        send({ type: "req", id, method, params: params || {} });
+      } catch (err) {
+        clearTimeout(entry.timer);
+        state.pending.delete(id);
+        reject(err);
+      }
+    });
+  }
+
+  function onFrame(frame) {
+    if (frame.type === "res") {
+      const entry = state.pending.get(frame.id);
+      if (!entry) return;
+      // Any answer stops the request timer: after `agent`'s accepted res the
+      // final one may take as long as the run does.
+      clearTimeout(entry.timer);
+      if (frame.ok && entry.onAccepted && frame.payload && frame.payload.status === "accepted") {
+        const onAccepted = entry.onAccepted;
+        entry.onAccepted = null;   // the next res with this id is the final one
+        onAccepted(frame.payload);
+        return;
+      }
+      state.pending.delete(frame.id);
+      if (frame.ok) entry.resolve(frame.payload); else entry.reject(frame.error || {});
+    } else if (frame.type === "event" && frame.event === "agent" && frame.payload) {
+      const run = state.runsById.get(frame.payload.runId);
+      if (run) run.onEvent(frame.payload);
+    }
+  }
+
+  function failPending(error) {
+    for (const [id, entry] of state.pending) {
+      clearTimeout(entry.timer);
+      state.pending.delete(id);
+      entry.reject(error);
+    }
+  }
+
+  function onSocketLost() {
+    state.ws = null;
+    failPending({ code: "DISCONNECTED", message: "Connection to the gateway lost." });
+    if (state.signedIn) scheduleReconnect();
+  }
+
+  function scheduleReconnect() {
+    clearTimeout(state.reconnectTimer);
+    const delay = state.reconnectDelay;
+    state.reconnectDelay = Math.min(delay * 2, RECONNECT_MAX_MS);
+    setConn("reconnecting", "reconnecting…");
+    showBanner("disconnected",
+      `Connection to the gateway lost. Reconnecting in ${Math.ceil(delay / 1000)} s…`);
+    state.reconnectTimer = setTimeout(reconnect, delay);
+  }
+
+  async function reconnect() {
+    if (!state.signedIn) return;
+    let ws;
+    try {
+      ws = await openSocket(state.secret);
+    } catch (err) {
+      if (!state.signedIn) return;
+      if (err.kind === "auth") {
+        signOut(err.message);
+      } else {
+        scheduleReconnect();
+      }
+      return;
+    }
+    if (!state.signedIn) { ws.close(1000); return; }
+    state.ws = ws;
+    state.reconnectDelay = RECONNECT_MIN_MS;
+    setConn("online", "connected");
+    showBanner("reconnected", "Reconnected.", 3000);
+    refreshSessions();
+    if (state.sessionKey) showSession(state.sessionKey, state.sessionAgent);
+  }
+
+  // -- sign in / out --------------------------------------------------------
+
+  async function signIn(secret, { automatic = false } = {}) {
+    ui.authError.hidden = true;
+    ui.signinButton.disabled = true;
+    ui.signinButton.textContent = "Signing in…";
+    setConn("connecting", "connecting…");
+    let ws;
+    try {
+      ws = await openSocket(secret);
+    } catch (err) {
+      ui.signinButton.disabled = false;
+      ui.signinButton.textContent = "Sign in";
+      setConn("offline", "offline");
+      if (err.kind === "auth") {
+        sessionStorage.removeItem(STORAGE_KEY);
+        showAuthError(err.message);
+      } else {
+        showAuthError(`${err.message} Is it running?`);
+      }
+      if (automatic) ui.secret.focus();
+      return;
+    }
+    sessionStorage.setItem(STORAGE_KEY, secret);
+    state.secret = secret;
+    state.ws = ws;
+    state.signedIn = true;
+    state.reconnectDelay = RECONNECT_MIN_MS;
+    ui.secret.value = "";
+    ui.signinButton.disabled = false;
+    ui.signinButton.textContent = "Sign in";
+    ui.signinView.hidden = true;
+    ui.chatView.hidden = false;
+    ui.signOut.hidden = false;
+    setConn("online", "connected");
+    await loadAgents();
+    newSession();
+    refreshSessions();
+    ui.input.focus();
+  }
+
+  function signOut(message) {
+    state.signedIn = false;
+    clearTimeout(state.reconnectTimer);
+    sessionStorage.removeItem(STORAGE_KEY);
+    state.secret = null;
+    const ws = state.ws;
+    state.ws = null;
+    failPending({ code: "DISCONNECTED", message: "Signed out." });
+    if (ws) ws.close(1000, "sign out");
+    for (const run of state.liveRuns.values()) run.finish("interrupted", "Signed out.");
+    ui.chatView.hidden = true;
+    ui.signOut.hidden = true;
+    ui.signinView.hidden = false;
+    ui.messages.replaceChildren();
+    ui.sessions.replaceChildren();
+    hideBanner();
+    setConn("offline", "offline");
+    if (message) showAuthError(message); else ui.authError.hidden = true;
+    ui.secret.focus();
+  }
+
+  // -- agents and sessions --------------------------------------------------
+
+  async function loadAgents() {
+    let ids = null;
+    try {
+      const headers = state.secret ? { Authorization: `Bearer ${state.secret}` } : {};
+      const resp = await fetch("/v1/models", { headers, cache: "no-store", credentials: "omit" });
+      if (resp.ok) {
+        const body = await resp.json();
+        ids = (body.data || []).map((m) => m.id)
+          .filter((id) => id.startsWith("openclaw/") && id !== "openclaw/default")
+          .map((id) => id.slice("openclaw/".length));
+      }
+    } catch { /* fall back to agents.list */ }
+    let defaultId = null;
+    try {
+      const listed = await request("agents.list");
+      defaultId = listed.defaultId;
+      if (ids === null) ids = (listed.agents || []).map((a) => a.id);
+    } catch { /* keep what /v1/models gave */ }
+    ids = ids && ids.length ? ids : [defaultId || "main"];
+    state.agents = ids;
+    state.defaultAgent = defaultId && ids.includes(defaultId) ? defaultId : ids[0];
+    ui.agent.replaceChildren(...ids.map((id) => {
+      const opt = document.createElement("option");
+      opt.value = id;
+      opt.textContent = id === state.defaultAgent ? `${id} (default)` : id;
+      return opt;
+    }));
+    ui.agent.value = state.defaultAgent;
+  }
+
+  function ensureAgentOption(agentId) {
+    if (!agentId || state.agents.includes(agentId)) return;
+    state.agents.push(agentId);
+    const opt = document.createElement("option");
+    opt.value = agentId;
+    opt.textContent = agentId;
+    ui.agent.append(opt);
+  }
+
+  function newSession() {
+    const agentId = ui.agent.value || state.defaultAgent;
+    const key = `agent:${agentId}:web:${randomHex(6)}`;
+    showSession(key, agentId, { fresh: true });
+  }
+
+  async function refreshSessions() {
+    if (!state.ws) return;
+    try {
+      const payload = await request("sessions.list");
+      state.sessionCache = payload.sessions || [];
+    } catch { return; }
+    renderSessions();
+  }
+
+  function relativeTime(tsSeconds) {
+    if (!tsSeconds) return "";
+    const s = Math.max(0, Math.round(Date.now() / 1000 - tsSeconds));
+    if (s < 60) return "just now";
+    if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+    return new Date(tsSeconds * 1000).toLocaleDateString();
+  }
+
+  function renderSessions() {
+    const items = [...state.sessionCache];
+    if (state.sessionKey && !items.some((s) => s.key === state.sessionKey)) {
+      items.unshift({ key: state.sessionKey, agentId: state.sessionAgent, turns: 0, draft: true });
+    }
+    ui.sessions.replaceChildren(...items.map((s) => {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "session";
+      button.dataset.key = s.key;
+      if (s.key === state.sessionKey) button.setAttribute("aria-current", "true");
+      const title = document.createElement("span");
+      title.className = "key";
+      title.textContent = s.draft ? "New session" : s.key;
+      title.title = s.key;
+      const sub = document.createElement("span");
+      sub.className = "sub";
+      const bits = [s.agentId, `${s.turns} turn${s.turns === 1 ? "" : "s"}`];
+      if (!s.draft) bits.push(relativeTime(s.lastActivity));
+      if (state.liveRuns.has(s.key)) bits.push("running…");
+      sub.textContent = bits.filter(Boolean).join(" · ");
+      button.append(title, sub);
+      button.addEventListener("click", () => showSession(s.key, s.agentId));
+      li.append(button);
+      return li;
+    }));
+  }
+
+  async function showSession(key, agentId, { fresh = false } = {}) {
+    state.sessionKey = key;
+    state.sessionAgent = agentId || state.defaultAgent;
+    ensureAgentOption(state.sessionAgent);
+    ui.agent.value = state.sessionAgent;
+    ui.sessionTitle.textContent = key;
+    ui.sessionTitle.title = key;
+    const token = ++state.viewToken;
+    ui.messages.replaceChildren();
+    ui.messages.dataset.loading = "true";
+    renderSessions();
+    updateComposer();
+    let history = [];
+    if (!fresh && state.ws) {
+      try {
+        history = (await request("chat.history", { sessionKey: key })).messages || [];
+      } catch (err) {
+        if (token !== state.viewToken) return;
+        showBanner("error", `Could not load the session: ${err.message || err.code}`, 5000);
+      }
+    }
+    if (token !== state.viewToken) return;
+    const nodes = history.map((m) => {
+      const node = m.role === "user" ? userMessage(m.content) : assistantMessage(m.content);
+      node.wrap.dataset.state = "history";
+      if (m.role !== "user") {
+        const usage = usageText(m.usage);
+        if (usage) addMeta(node.meta, "usage", usage);
+      }
+      return node.wrap;
+    });
+    const live = state.liveRuns.get(key);
+    if (live) nodes.push(live.userNode.wrap, live.node.wrap);
+    ui.messages.replaceChildren(...nodes);
+    delete ui.messages.dataset.loading;
+    scrollToEnd();
+  }
+
+  function updateComposer() {
+    const running = state.liveRuns.has(state.sessionKey);
+    ui.send.disabled = running;
+    ui.stop.disabled = !running;
+  }
+
+  // -- runs -----------------------------------------------------------------
+
+  function noWorker(error) {
+    return error && (error.status === 503 || /no agent worker/i.test(error.message || ""));
+  }
+
+  function errorText(error) {
+    if (noWorker(error)) {
+      return "No agent worker available. Start one with `clawbus worker` " +
+        "(or `clawbus up --workers N`) and try again.";
+    }
+    if (error && error.code === "DISCONNECTED") {
+      return "The connection dropped during this reply; the run was cancelled.";
+    }
+    return (error && error.message) || "The run failed.";
+  }
+
+  class Run {
+    constructor(sessionKey, agentId, text) {
+      this.sessionKey = sessionKey;
+      this.agentId = agentId;
+      this.runId = null;
+      this.text = "";
+      this.started = performance.now();
+      this.firstToken = null;
+      this.abortRequested = false;
+      this.renderQueued = false;
+      this.userNode = userMessage(text);
+      this.node = messageNode("assistant");
+      this.node.wrap.dataset.state = "waiting";
+      this.node.body.classList.add("typing");
+    }
+
+    onAccepted(payload) {
+      this.runId = payload.runId;
+      this.node.wrap.dataset.runId = payload.runId;
+      state.runsById.set(payload.runId, this);
+      if (this.abortRequested) this.abort();
+    }
+
+    onEvent(payload) {
+      if (payload.stream === "assistant" && payload.data && typeof payload.data.delta === "string") {
+        if (this.firstToken === null) {
+          this.firstToken = performance.now();
+          this.node.wrap.dataset.state = "streaming";
+          this.node.body.classList.remove("typing");
+        }
+        this.text += payload.data.delta;
+        this.queueRender();
+      }
+    }
+
+    queueRender() {
+      if (this.renderQueued) return;
+      this.renderQueued = true;
+      requestAnimationFrame(() => {
+        this.renderQueued = false;
+        if (this.node.wrap.dataset.state !== "streaming") return;
+        this.render();
+        if (this.sessionKey === state.sessionKey) scrollToEnd();
+      });
+    }
+
+    render() {
+      this.node.body.replaceChildren(renderMarkdown(this.text));
+    }
+
+    abort() {
+      this.abortRequested = true;
+      if (!this.runId) return;   // sent once the run is accepted
+      request("chat.abort", { runId: this.runId }).catch(() => {});
+    }
+
+    finish(outcome, detail, result) {
+      if (state.liveRuns.get(this.sessionKey) === this) state.liveRuns.delete(this.sessionKey);
+      if (this.runId) state.runsById.delete(this.runId);
+      const { wrap, body, meta } = this.node;
+      body.classList.remove("typing");
+      if (result && typeof result.text === "string") this.text = result.text;
+      if (this.text) this.render(); else body.replaceChildren();
+      wrap.dataset.state = outcome;
+      meta.replaceChildren();
+      if (this.firstToken !== null) {
+        addMeta(meta, "ttft", `first token ${Math.round(this.firstToken - this.started)} ms`);
+      }
+      const usage = result ? usageText(result.usage) : null;
+      if (usage) addMeta(meta, "usage", usage);
+      addMeta(meta, "elapsed", `${((performance.now() - this.started) / 1000).toFixed(1)} s`);
+      if (outcome === "aborted") addMeta(meta, "outcome", "stopped");
+      if (outcome === "done" && result && result.finishReason === "length") {
+        addMeta(meta, "outcome", "cut at max tokens");
+      }
+      if (outcome === "error" || outcome === "interrupted") {
+        const err = document.createElement("div");
+        err.className = "run-error";
+        err.setAttribute("role", "alert");
+        err.textContent = detail;
+        wrap.append(err);
+      }
+      if (this.sessionKey === state.sessionKey) {
+        updateComposer();
+        scrollToEnd();
+      }
+      renderSessions();
+    }
+  }
+
+  async function sendMessage() {
+    const text = ui.input.value.trim();
+    const key = state.sessionKey;
+    if (!text || !key || state.liveRuns.has(key)) return;
+    if (!state.ws) {
+      showBanner("disconnected", "Not connected to the gateway; reconnecting…");
+      return;
+    }
+    const agentId = state.sessionAgent || ui.agent.value;
+    const run = new Run(key, agentId, text);
+    state.liveRuns.set(key, run);
+    ui.input.value = "";
+    ui.messages.append(run.userNode.wrap, run.node.wrap);
+    scrollToEnd();
+    updateComposer();
+    renderSessions();
+    try {
+      const final = await request("agent", { message: text, agentId, sessionKey: key },
+        { onAccepted: (p) => run.onAccepted(p), timeout: REQUEST_TIMEOUT_MS });
+      run.finish("done", null, final.result);
+    } catch (error) {
+      if (error && error.code === "ABORTED") {
+        run.finish("aborted", null, null);
+      } else if (error && error.code === "DISCONNECTED") {
+        run.finish("interrupted", errorText(error), null);
+      } else {
+        run.finish("error", errorText(error), null);
+      }
+    }
+    refreshSessions();
+  }
+
+  // -- wiring ---------------------------------------------------------------
+
+  ui.signinForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    signIn(ui.secret.value);
+  });
+  ui.signOut.addEventListener("click", () => signOut(null));
+  ui.composer.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sendMessage();
+  });
+  ui.input.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+      ev.preventDefault();
+      sendMessage();
+    }
+  });
+  ui.stop.addEventListener("click", () => {
+    const run = state.liveRuns.get(state.sessionKey);
+    if (run) {
+      ui.stop.disabled = true;
+      run.abort();
+    }
+  });
+  ui.newSession.addEventListener("click", () => newSession());
+  ui.refreshSessions.addEventListener("click", () => refreshSessions());
+  ui.agent.addEventListener("change", () => {
+    if (ui.agent.value !== state.sessionAgent) newSession();
+  });
+  window.addEventListener("online", () => {
+    if (state.signedIn && !state.ws) {
+      state.reconnectDelay = RECONNECT_MIN_MS;
+      scheduleReconnect();
+    }
+  });
+
+  const saved = sessionStorage.getItem(STORAGE_KEY);
+  if (saved !== null) {
+    signIn(saved, { automatic: true });
+  } else {
+    ui.secret.focus();
+  }
+})();

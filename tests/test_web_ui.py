@@ -1,0 +1,489 @@
+"""The web chat page (``gateway.controlUi``, served at ``/``) in a real headless
+Chromium driven by Playwright, against real gateway/worker processes and a fake
+OpenAI upstream that streams slowly enough to watch.
+
+Chromium is Debian's (``/usr/bin/chromium``, installed by ``.ci/run``); Playwright
+never downloads a browser. Without a Chromium binary these tests skip.
+
+``CLAWBUS_SCREENSHOT=1`` also saves ``docs/screenshot.png`` (a finished reply).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+from tests.conftest import TOKEN, Stack, base_config
+from tests.fakes.http_upstream import text_of
+from tests.fakes.openai_upstream import FakeOpenAI, RequestRecord, default_reply
+from tests.procs import Gateway, write_config
+
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Dialog,
+    Locator,
+    Page,
+    WebSocketRoute,
+    expect,
+    sync_playwright,
+)
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "web-pass-456"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+       "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+
+XSS_PROMPT = "xss please"
+XSS_REPLY = ("<img src=x onerror=alert(1)> <script>window.__xss=1</script> **bold** "
+             "[click](javascript:window.__xss=2)")
+LONG_PROMPT = "long story"
+LONG_WORDS = 80
+MARKDOWN_PROMPT = "What does clawbus do with my message?"
+MARKDOWN_REPLY = """Your message becomes an **agent run** on the bus:
+
+1. the gateway publishes it to **NATS JetStream**, keyed by session;
+2. any worker takes it and calls the model;
+3. tokens stream back here as they arrive.
+
+```bash
+clawbus up --workers 2
+```
+
+Runs of one session never overlap, whichever gateway or worker serves them."""
+
+expect.set_options(timeout=15_000)
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("CLAWBUS_CHROMIUM"), "/usr/bin/chromium",
+                      shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def reply(body: dict[str, Any]) -> str:
+    last = ""
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            last = text_of(message.get("content"))
+            break
+    if XSS_PROMPT in last:
+        return XSS_REPLY
+    if LONG_PROMPT in last:
+        return " ".join(f"word{i}" for i in range(LONG_WORDS))
+    if MARKDOWN_PROMPT in last:
+        return MARKDOWN_REPLY
+    return default_reply(body)
+
+
+def with_tag(records: list[RequestRecord], tag: str) -> list[RequestRecord]:
+    return [r for r in records if r.path == "/v1/chat/completions" and tag in str(r.body)]
+
+
+# -- fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no Chromium binary (apt-get install chromium; .ci/run does it as root)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def web_upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(reply=reply) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def web_stack(chromium: str, web_upstream: FakeOpenAI,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One token-auth gateway with the page, one worker; extra gateways on the same
+    bus: password auth with the HTTP endpoint off, and one with the page off."""
+    directory = tmp_path_factory.mktemp("webui")
+    config = base_config(web_upstream, queueTimeoutSeconds=2)
+    config["gateway"]["controlUi"] = {"enabled": True}
+    st = Stack.start(directory, web_upstream, config)
+    try:
+        password = base_config(web_upstream, queueTimeoutSeconds=2)
+        password["gateway"]["auth"] = {"password": PASSWORD}
+        password["gateway"]["http"]["endpoints"]["chatCompletions"]["enabled"] = False
+        no_ui = base_config(web_upstream, queueTimeoutSeconds=2)
+        no_ui["gateway"]["controlUi"] = {"enabled": False}
+        for name, cfg in (("password", password), ("no-ui", no_ui)):
+            path = write_config(directory / f"{name}.json5", cfg)
+            st.gateways.append(Gateway(path, st.nats.url, name=f"gateway-{name}"))
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class PageProblems:
+    """JS exceptions, CSP violations and dialogs seen by one page."""
+
+    def __init__(self, page: Page) -> None:
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        page.on("console", self._console)
+        page.on("dialog", self._dialog)
+
+    def _console(self, msg: ConsoleMessage) -> None:
+        if msg.type == "error" and ("Content Security Policy" in msg.text
+                                    or "Refused to" in msg.text):
+            self.errors.append(f"console: {msg.text}")
+
+    def _dialog(self, dialog: Dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+
+_problems: dict[int, PageProblems] = {}
+
+
+@pytest.fixture
+def page(browser: Browser, web_upstream: FakeOpenAI) -> Iterator[Page]:
+    """A fresh browser context (so fresh sessionStorage) per test; fails the test
+    on any JS exception, CSP violation or dialog."""
+    web_upstream.token_delay = 0.0
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = context.new_page()
+    problems = _problems[id(pg)] = PageProblems(pg)
+    try:
+        yield pg
+    finally:
+        context.close()
+        del _problems[id(pg)]
+    assert problems.errors == []
+    assert problems.dialogs == []
+
+
+def problems_of(page: Page) -> PageProblems:
+    return _problems[id(page)]
+
+
+def sign_in(page: Page, url: str, secret: str = TOKEN) -> None:
+    page.goto(url + "/")
+    page.fill("#secret", secret)
+    page.click("#signin-button")
+    expect(page.locator("#chat-view")).to_be_visible()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "online")
+
+
+def send(page: Page, text: str) -> None:
+    expect(page.locator("#send")).to_be_enabled()
+    page.fill("#input", text)
+    page.click("#send")
+
+
+def last_reply(page: Page) -> Locator:
+    return page.locator("#messages .msg.assistant").last
+
+
+def wait_done(page: Page) -> Locator:
+    reply_node = last_reply(page)
+    expect(reply_node).to_have_attribute("data-state", "done")
+    return reply_node
+
+
+# -- HTTP side -----------------------------------------------------------------
+
+
+def test_page_and_assets_served_with_a_strict_csp(web_stack: Stack) -> None:
+    url = web_stack.url
+    index = httpx.get(url + "/")
+    assert index.status_code == 200
+    assert index.headers["content-type"].startswith("text/html")
+    policy = index.headers["content-security-policy"]
+    for directive in CSP.split("; "):
+        assert directive in policy.split("; ")
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert index.headers["x-content-type-options"] == "nosniff"
+    assert index.headers["referrer-policy"] == "no-referrer"
+    assert "<script>" not in index.text and " style=" not in index.text  # nothing inline
+    for asset in ("app.js", "app.css", "marked.min.js", "purify.min.js",
+                  "marked.LICENSE.txt", "purify.LICENSE.txt"):
+        resp = httpx.get(f"{url}/static/{asset}")
+        assert resp.status_code == 200, asset
+    assert httpx.get(f"{url}/static/app.js").headers["content-type"].startswith(
+        ("text/javascript", "application/javascript"))
+    assert httpx.get(f"{url}/static/nope.js").status_code == 404
+    assert httpx.get(f"{url}/static/%2e%2e/webui.py").status_code == 404
+
+
+def test_switch_off_means_404_but_websocket_still_works(web_stack: Stack) -> None:
+    no_ui = web_stack.gateways[2].url
+    assert httpx.get(no_ui + "/").status_code == 404
+    assert httpx.get(no_ui + "/static/app.js").status_code == 404
+    with ws_connect(no_ui.replace("http://", "ws://") + "/") as ws:
+        assert '"connect.challenge"' in str(ws.recv(timeout=10))
+        ws.send(json.dumps({"type": "req", "id": "1", "method": "connect",
+                            "params": {"minProtocol": 3, "maxProtocol": 3,
+                                       "auth": {"token": TOKEN}}}))
+        assert '"hello-ok"' in str(ws.recv(timeout=10))
+
+
+# -- in the browser ------------------------------------------------------------
+
+
+def test_wrong_token_is_rejected(web_stack: Stack, page: Page) -> None:
+    page.goto(web_stack.url + "/")
+    page.fill("#secret", "not-the-token")
+    page.click("#signin-button")
+    expect(page.locator("#auth-error")).to_have_text("Wrong token or password.")
+    expect(page.locator("#chat-view")).to_be_hidden()
+    expect(page.locator("#signin-view")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('clawbus.secret')") is None
+    assert "not-the-token" not in page.url
+
+
+def test_sign_in_and_watch_a_reply_stream(web_stack: Stack, page: Page) -> None:
+    sign_in(page, web_stack.url)
+    assert page.evaluate("sessionStorage.getItem('clawbus.secret')") == TOKEN
+    assert TOKEN not in page.url
+    # the agent picker comes from /v1/models; the default agent is preselected
+    options = page.locator("#agent option")
+    expect(options).to_have_count(2)
+    assert [options.nth(i).get_attribute("value") for i in range(2)] == ["main", "beta"]
+    expect(page.locator("#agent")).to_have_value("main")
+
+    tag = uuid.uuid4().hex[:8]
+    words = " ".join(f"w{i}" for i in range(24))
+    web_stack.upstream.token_delay = 0.12
+    send(page, f"stream {tag} {words}")
+    expect(page.locator("#stop")).to_be_enabled()
+    reply_node = last_reply(page)
+    body = reply_node.locator(".body")
+    # Two samples while the run is still streaming (its final res not yet in):
+    # the text grows in place.
+    handle = reply_node.element_handle()
+    grown = ("([el, n]) => el.dataset.state === 'streaming'"
+             " && el.querySelector('.body').textContent.length > n")
+    sample = "el => [el.dataset.state, el.querySelector('.body').textContent.length]"
+    page.wait_for_function(grown, arg=[handle, 0])
+    first = page.evaluate(sample, handle)
+    page.wait_for_function(grown, arg=[handle, first[1]])
+    second = page.evaluate(sample, handle)
+    assert first[0] == second[0] == "streaming" and second[1] > first[1] > 0
+
+    wait_done(page)
+    expected = f"echo: stream {tag} {words}"
+    expect(body).to_have_text(expected)
+    assert len(expected) > second[1]
+    expect(reply_node.locator(".meta .ttft")).to_have_text(re.compile(r"^first token \d+ ms$"))
+    expect(reply_node.locator(".meta .usage")).to_have_text(
+        re.compile(r"^\d+ in · 27 out · \d+ tokens$"))
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_disabled()
+    # the finished session shows up in the list, selected
+    key = page.locator("#session-title").inner_text()
+    assert key.startswith("agent:main:web:")
+    expect(page.locator(f'#sessions .session[data-key="{key}"]')).to_have_attribute(
+        "aria-current", "true")
+    (record,) = with_tag(web_stack.upstream.requests, tag)
+    assert record.body["stream"] is True
+
+    # A Markdown reply: this is the screenshot in the README.
+    web_stack.upstream.token_delay = 0.0
+    send(page, MARKDOWN_PROMPT)
+    done = wait_done(page)
+    expect(done.locator(".body ol li")).to_have_count(3)
+    expect(done.locator(".body pre code")).to_have_text(
+        re.compile(r"^clawbus up --workers 2\s*$"))
+    expect(done.locator(".body strong").first).to_have_text("agent run")
+    if os.environ.get("CLAWBUS_SCREENSHOT") == "1":
+        page.locator("#input").fill("")
+        page.screenshot(path=str(SCREENSHOT))
+
+
+def test_stop_aborts_a_run_mid_stream(web_stack: Stack, page: Page) -> None:
+    sign_in(page, web_stack.url)
+    tag = uuid.uuid4().hex[:8]
+    web_stack.upstream.token_delay = 0.1
+    send(page, f"{LONG_PROMPT} {tag}")
+    reply_node = last_reply(page)
+    expect(reply_node).to_have_attribute("data-state", "streaming")
+    expect(reply_node.locator(".body")).to_contain_text("word3")
+    page.click("#stop")
+    expect(reply_node).to_have_attribute("data-state", "aborted")
+    expect(reply_node.locator(".meta .outcome")).to_have_text("stopped")
+    web_stack.upstream.wait_for(lambda recs: any(r.disconnected for r in with_tag(recs, tag)),
+                                timeout=5.0)
+    stopped_at = reply_node.locator(".body").inner_text()
+    assert f"word{LONG_WORDS - 1}" not in stopped_at
+    time.sleep(0.5)  # well over the token delay: nothing more arrives
+    assert reply_node.locator(".body").inner_text() == stopped_at
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_disabled()
+
+
+def test_switching_sessions_shows_their_history(web_stack: Stack, page: Page) -> None:
+    sign_in(page, web_stack.url)
+    tag = uuid.uuid4().hex[:8]
+    send(page, f"alpha {tag}")
+    wait_done(page)
+    key_a = page.locator("#session-title").inner_text()
+
+    # A new session with the other agent: the agent picker starts it.
+    page.select_option("#agent", "beta")
+    key_b = page.locator("#session-title").inner_text()
+    assert key_b != key_a and key_b.startswith("agent:beta:web:")
+    expect(page.locator("#messages .msg")).to_have_count(0)
+    send(page, f"bravo {tag}")
+    wait_done(page)
+    page.click("#new-session")
+    expect(page.locator("#messages .msg")).to_have_count(0)
+    (bravo,) = with_tag(web_stack.upstream.requests, f"bravo {tag}")
+    assert bravo.body["messages"][0]["content"] == "You are beta."
+
+    page.click(f'#sessions .session[data-key="{key_a}"]')
+    expect(page.locator("#session-title")).to_have_text(key_a)
+    messages = page.locator("#messages .msg")
+    expect(messages).to_have_count(2)
+    expect(messages.nth(0)).to_have_text(re.compile(f"alpha {tag}"))
+    expect(messages.nth(1).locator(".body")).to_have_text(f"echo: alpha {tag}")
+    expect(messages.nth(1)).to_have_attribute("data-state", "history")
+    expect(messages.nth(1).locator(".meta .usage")).to_contain_text("tokens")
+    expect(page.locator("#agent")).to_have_value("main")
+
+    page.click(f'#sessions .session[data-key="{key_b}"]')
+    expect(page.locator("#session-title")).to_have_text(key_b)
+    expect(messages).to_have_count(2)
+    expect(messages.nth(1).locator(".body")).to_have_text(f"echo: bravo {tag}")
+    expect(page.locator("#agent")).to_have_value("beta")
+
+    # A second turn in A sees A's history upstream.
+    page.click(f'#sessions .session[data-key="{key_a}"]')
+    expect(messages).to_have_count(2)
+    send(page, f"again {tag}")
+    wait_done(page)
+    expect(messages).to_have_count(4)
+    (again,) = with_tag(web_stack.upstream.requests, f"again {tag}")
+    assert [m["content"] for m in again.body["messages"][1:]] == [
+        f"alpha {tag}", f"echo: alpha {tag}", f"again {tag}"]
+
+
+def test_an_xss_payload_in_a_reply_is_inert(web_stack: Stack, page: Page) -> None:
+    sign_in(page, web_stack.url)
+    web_stack.upstream.token_delay = 0.02
+    send(page, XSS_PROMPT)
+    reply_node = wait_done(page)
+    body = reply_node.locator(".body")
+    # raw HTML is shown as text; Markdown still renders
+    expect(body).to_contain_text("<img src=x onerror=alert(1)>")
+    expect(body).to_contain_text("<script>window.__xss=1</script>")
+    expect(body.locator("strong")).to_have_text("bold")
+    link = body.locator("a")
+    expect(link).to_have_text("click")
+    assert not (link.get_attribute("href") or "").lower().startswith("javascript:")
+    link.click()  # even clicked, nothing runs
+
+    def assert_inert() -> None:
+        assert page.locator("#messages img, #messages script, #messages [onerror]").count() == 0
+        page.wait_for_timeout(300)  # time for an onerror/onload to fire, if one existed
+        assert page.evaluate("typeof window.__xss") == "undefined"
+        assert problems_of(page).dialogs == []
+
+    assert_inert()
+    # Reloaded from the session's history: still inert.
+    key = page.locator("#session-title").inner_text()
+    page.click("#new-session")
+    page.click(f'#sessions .session[data-key="{key}"]')
+    expect(page.locator("#messages .msg.assistant .body strong")).to_have_text("bold")
+    assert_inert()
+
+
+def test_password_auth_with_the_http_endpoint_off(web_stack: Stack, page: Page) -> None:
+    """/v1/models is 404 there: the agent list falls back to `agents.list`."""
+    url = web_stack.gateways[1].url
+    assert httpx.get(url + "/v1/models").status_code == 404
+    page.goto(url + "/")
+    page.fill("#secret", TOKEN)  # the other gateway's token is not this one's password
+    page.click("#signin-button")
+    expect(page.locator("#auth-error")).to_have_text("Wrong token or password.")
+    sign_in(page, url, PASSWORD)
+    options = page.locator("#agent option")
+    expect(options).to_have_count(2)
+    expect(page.locator("#agent")).to_have_value("main")
+    send(page, "over the password door")
+    expect(wait_done(page).locator(".body")).to_have_text("echo: over the password door")
+    # a reload signs in again from sessionStorage, without the form
+    page.reload()
+    expect(page.locator("#chat-view")).to_be_visible()
+    expect(page.locator("#signin-view")).to_be_hidden()
+
+
+def test_a_dropped_connection_reconnects(web_stack: Stack, page: Page) -> None:
+    sockets: list[WebSocketRoute] = []
+
+    def through(ws: WebSocketRoute) -> None:
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    page.route_web_socket(re.compile(r"^ws://[^/]+/$"), through)
+    sign_in(page, web_stack.url)
+    tag = uuid.uuid4().hex[:8]
+    web_stack.upstream.token_delay = 0.1
+    send(page, f"{LONG_PROMPT} {tag}")
+    reply_node = last_reply(page)
+    expect(reply_node).to_have_attribute("data-state", "streaming")
+    sockets[-1].close(code=4000, reason="simulated network drop")
+    expect(reply_node).to_have_attribute("data-state", "interrupted")
+    expect(reply_node.locator(".run-error")).to_contain_text("connection dropped")
+    banner = page.locator("#banner")
+    expect(banner).to_have_attribute("data-kind", "disconnected")
+    expect(banner).to_contain_text("Connection to the gateway lost")
+    # The server side closed too, which cancelled the run upstream.
+    web_stack.upstream.wait_for(lambda recs: any(r.disconnected for r in with_tag(recs, tag)),
+                                timeout=5.0)
+    # ... and the page reconnects by itself.
+    expect(banner).to_have_attribute("data-kind", "reconnected")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "online")
+    assert len(sockets) == 2
+    web_stack.upstream.token_delay = 0.0
+    send(page, f"after the drop {tag}")
+    expect(wait_done(page).locator(".body")).to_have_text(f"echo: after the drop {tag}")
+
+
+def test_no_worker_available_is_explained(web_stack: Stack, page: Page) -> None:
+    """Last in this module: it stops the stack's only worker."""
+    sign_in(page, web_stack.url)
+    for worker in web_stack.workers:
+        worker.stop()
+    send(page, "anyone there?")
+    reply_node = last_reply(page)
+    expect(reply_node).to_have_attribute("data-state", "error")
+    expect(reply_node.locator(".run-error")).to_have_text(
+        re.compile(r"^No agent worker available\."))
+    expect(page.locator("#send")).to_be_enabled()
