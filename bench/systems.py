@@ -13,6 +13,7 @@ Every system routes the model names of the fake upstream (``fake-t<N>-d<MS>``, s
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ CLAWBUS_TOKEN = "bench-token"
 LITELLM_KEY = "sk-bench-master"
 UPSTREAM_KEY = "sk-bench-upstream"
 START_TIMEOUT = 120.0
+_STARTS = itertools.count(1)  # unique state/log directory per system start
 
 # Every reply shape a scenario uses (tokens, delay in ms).
 SHAPES: tuple[tuple[int, float], ...] = ((32, 0.0), (32, 20.0), (20, 500.0))
@@ -137,7 +139,6 @@ class Clawbus(System):
         self.label = label or "clawbus"
         self.proc: Process | None = None
         self._url = ""
-        self._starts = 0
 
     def config(self) -> dict[str, Any]:
         agents: list[dict[str, Any]] = [
@@ -164,8 +165,7 @@ class Clawbus(System):
         return f"openclaw/t{tokens}-d{delay_ms:g}"
 
     def start(self) -> None:
-        self._starts += 1
-        run_dir = self.workdir / f"{self.label.replace(' ', '-')}-{self._starts}"
+        run_dir = self.workdir / f"{self.label.replace(' ', '-')}-{next(_STARTS)}"
         state = run_dir / "state"
         state.mkdir(parents=True, exist_ok=True)
         config = run_dir / "clawbus.json5"
@@ -244,7 +244,6 @@ class LiteLLM(System):
         self.cpus = cpus
         self.proc: Process | None = None
         self.port = 0
-        self._starts = 0
 
     def config(self) -> dict[str, Any]:
         return {
@@ -267,8 +266,7 @@ class LiteLLM(System):
 
     def start(self) -> None:
         exe = ensure_litellm()
-        self._starts += 1
-        run_dir = self.workdir / f"litellm-{self._starts}"
+        run_dir = self.workdir / f"litellm-{next(_STARTS)}"
         run_dir.mkdir(parents=True, exist_ok=True)
         config = run_dir / "config.yaml"  # JSON is YAML
         config.write_bytes(orjson.dumps(self.config(), option=orjson.OPT_INDENT_2))

@@ -79,7 +79,8 @@ class Responses:
         body = orjson.dumps({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                         "message": {"role": "assistant", "content": "".join(texts)}}],
+                         "message": {"role": "assistant", "content": "".join(texts),
+                                     "refusal": None}}],
             "usage": usage,
         })
         self.json_response = (

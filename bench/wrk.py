@@ -49,7 +49,9 @@ def ensure_wrk(*, install: bool = True) -> str:
 
 def wrk_version(wrk: str) -> str:
     out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
-    return (out.stdout or out.stderr).splitlines()[0].strip() if (out.stdout or out.stderr) else ""
+    text = (out.stdout or out.stderr).strip()
+    first = text.splitlines()[0] if text else "wrk ?"
+    return first.split(" [", 1)[0].replace("debian/", "")  # "wrk 4.1.0-3+b2"
 
 
 def run_wrk(wrk: str, url: str, body: bytes, *, auth: str | None, connections: int,

@@ -175,6 +175,9 @@ class BusConfig(_Model):
     ack_wait_seconds: float = Field(30.0, ge=3)
     # Replicas of streams and buckets (None: min(3, cluster size)).
     replicas: int | None = Field(None, ge=1, le=5)
+    # Events a gateway buffers per run for its client; a client that falls this
+    # far behind (it stopped reading) is cut off and its run cancelled.
+    event_queue_size: int = Field(2048, ge=8, le=1_000_000)
 
 
 class Settings(_Model):

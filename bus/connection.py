@@ -11,6 +11,8 @@ import logging
 import math
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js import api as js_api
@@ -24,6 +26,13 @@ log = logging.getLogger("clawbus.bus")
 # Timeout of JetStream API calls (publish acks, gets, CAS): every await on the
 # network has one.
 JS_TIMEOUT = 5.0
+
+# What a bus that is only briefly unavailable raises (a node died, a stream leader
+# election, a reconnect in progress): worth retrying, not worth failing a run for.
+BUS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError)
 
 
 async def connect(url: str, name: str) -> Client:

@@ -23,10 +23,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.config import BusConfig
+from bus.connection import BUS_UNAVAILABLE
 from bus.logs import run_context
 from bus.messages import (
     REPLY_GONE,
@@ -46,8 +48,8 @@ from .metrics import GatewayMetrics
 
 log = logging.getLogger("clawbus.gateway")
 
-QUEUE_EVENTS = 2048
 PUBLISH_TIMEOUT = 5.0
+PUBLISH_RETRY_DELAY = 0.25
 
 
 class NoWorkerError(Exception):
@@ -96,7 +98,7 @@ class RunHandle:
         self.door = door
         self.session_key = session_key
         self.created = time.time()
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_EVENTS)
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(client.bus.event_queue_size)
         self.overflowed = False
         self.finished = False  # nobody reads the events any more
         self.ended = False  # the run's last event (Done/Failed) arrived
@@ -105,6 +107,7 @@ class RunHandle:
         self.stream_seq: int | None = None
         self.queue_wait: float | None = None
         self._client = client
+        self._cutoff: asyncio.Task[None] | None = None
         self._attempt = 0
         self._next_seq = 1
 
@@ -123,6 +126,11 @@ class RunHandle:
             # Wake the consumer so it sees the overflow even if it is waiting.
             self.queue.get_nowait()
             self.queue.put_nowait(b"")
+            # The client stopped reading: its response may be stuck in a blocked
+            # send and never look at this queue again, so stop the run now rather
+            # than let the worker generate (and store) a reply nobody reads.
+            if self._cutoff is None and not self.ended:
+                self._cutoff = asyncio.ensure_future(self.cancel("slow_consumer"))
 
     async def events(self) -> AsyncGenerator[RunEvent, None]:
         """Accepted, then Deltas, then exactly one Done or Failed (the last item)."""
@@ -132,6 +140,8 @@ class RunHandle:
         # whose run JetStream redelivers after the ack wait: wait for that retry
         # (it is transparent to the client) rather than failing at once.
         redelivery_timeout = max(idle_timeout, bus.ack_wait_seconds + 2 * bus.heartbeat_seconds)
+        resync = False  # an event was lost: relay no more deltas, finish from the final text
+        sent = 0  # characters of reply text relayed so far
         try:
             while True:
                 if not self.accepted:
@@ -172,15 +182,17 @@ class RunHandle:
                         return
                     self._attempt = event.attempt
                     self._next_seq = 1
+                    resync = False
                 if isinstance(event, Queued | Heartbeat):
                     continue
-                if event.seq != self._next_seq:
-                    await self.cancel("event_gap")
+                if event.seq != self._next_seq and not resync:
+                    # An event was lost on the way (core NATS is at most once: e.g. a
+                    # NATS node died with it in its buffers). The final event carries
+                    # the whole reply: relay no more deltas and send the missing tail
+                    # from it, so the client still gets the text exactly once.
                     self._client.bus_error("event_gap")
-                    yield _failed(502, "api_error", "agent event stream lost messages",
-                                  "event_gap")
-                    return
-                self._next_seq += 1
+                    resync = True
+                self._next_seq = event.seq + 1
                 if isinstance(event, Accepted):
                     if not self.accepted:
                         self.accepted = True
@@ -189,6 +201,9 @@ class RunHandle:
                     yield event
                     continue
                 if isinstance(event, Delta):
+                    if resync:
+                        continue
+                    sent += len(event.text)
                     if not self.streamed:
                         self.streamed = True
                         self._client.observe("ttft", time.time() - self.created)
@@ -200,6 +215,9 @@ class RunHandle:
                     self._client.observe("ttft", elapsed)  # its text arrives all at once
                 self._client.observe("run", elapsed)
                 self._client.outcome(self, "ok" if isinstance(event, Done) else "error")
+                if resync and isinstance(event, Done) and len(event.text) > sent:
+                    self.streamed = True
+                    yield Delta(seq=event.seq, attempt=event.attempt, text=event.text[sent:])
                 yield event
                 return
         finally:
@@ -292,9 +310,8 @@ class RunClient:
         self._runs[run_id] = handle
         self.round_trip("publish_run")
         try:
-            ack = await self.js.publish(
-                subjects.run(subjects.session_token(spec.session_key)), payload,
-                timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": run_id})
+            ack = await self._publish_run(
+                subjects.run(subjects.session_token(spec.session_key)), payload, run_id)
         except Exception as exc:
             self.forget(handle)
             self.bus_error("publish")
@@ -303,6 +320,20 @@ class RunClient:
             raise RunRejected("No agent worker available.") from exc
         handle.stream_seq = int(ack.seq)
         return handle
+
+    async def _publish_run(self, subject: str, payload: bytes, run_id: str) -> PubAck:
+        """Publish a run, retrying for up to the queue timeout while the bus is briefly
+        unavailable (a NATS node died, a stream leader election): the run id as
+        ``Nats-Msg-Id`` makes retrying a publish that did land a no-op."""
+        deadline = time.monotonic() + self.bus.queue_timeout_seconds
+        while True:
+            try:
+                return await self.js.publish(subject, payload, timeout=PUBLISH_TIMEOUT,
+                                             headers={"Nats-Msg-Id": run_id})
+            except BUS_UNAVAILABLE:
+                if time.monotonic() + PUBLISH_RETRY_DELAY >= deadline:
+                    raise
+                await asyncio.sleep(PUBLISH_RETRY_DELAY)
 
     async def cancel(self, handle: RunHandle) -> None:
         with contextlib.suppress(Exception):

@@ -89,7 +89,9 @@ def _run_cluster_scenario(upstream: FaultyOpenAI, tmp_path: Path, nodes: list[Na
                           procs: list[Any]) -> None:
     all_urls = ",".join(n.url for n in nodes)
     asyncio.run(wait_jetstream_ready(all_urls, timeout=30))
-    config = base_config(upstream, replicas=3, queueTimeoutSeconds=20, ackWaitSeconds=3,
+    # ackWait (and so the lease TTL) outlasts a stream leader election (NATS waits
+    # 4-9 s of silence before electing): in-flight runs keep their leases through it.
+    config = base_config(upstream, replicas=3, queueTimeoutSeconds=20, ackWaitSeconds=12,
                          heartbeatSeconds=0.5)
     path = write_config(tmp_path / "clawbus.json5", config)
     first = Gateway(path, all_urls, name="gateway-all")  # creates the R3 streams

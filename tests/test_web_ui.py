@@ -117,7 +117,7 @@ def web_upstream() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def web_stack(chromium: str, web_upstream: FakeOpenAI,
+def web_stack(web_upstream: FakeOpenAI,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One token-auth gateway with the page, one worker; extra gateways on the same
     bus: password auth with the HTTP endpoint off, and one with the page off."""
@@ -314,16 +314,21 @@ def test_sign_in_and_watch_a_reply_stream(web_stack: Stack, page: Page) -> None:
     (record,) = with_tag(web_stack.upstream.requests, tag)
     assert record.body["stream"] is True
 
-    # A Markdown reply: this is the screenshot in the README.
-    web_stack.upstream.token_delay = 0.0
+    # A Markdown reply in a new session: this is the screenshot in the README.
+    page.click("#new-session")
+    web_stack.upstream.token_delay = 0.03
     send(page, MARKDOWN_PROMPT)
     done = wait_done(page)
     expect(done.locator(".body ol li")).to_have_count(3)
     expect(done.locator(".body pre code")).to_have_text(
         re.compile(r"^clawbus up --workers 2\s*$"))
     expect(done.locator(".body strong").first).to_have_text("agent run")
+    second_key = page.locator("#session-title").inner_text()
+    for k in (key, second_key):
+        expect(page.locator(f'#sessions .session[data-key="{k}"] .sub')).to_contain_text(
+            "1 turn")
     if os.environ.get("CLAWBUS_SCREENSHOT") == "1":
-        page.locator("#input").fill("")
+        page.locator("#input").blur()
         page.screenshot(path=str(SCREENSHOT))
 
 

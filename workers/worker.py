@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import orjson
@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from bus import subjects
 from bus.config import Settings
-from bus.connection import ensure_bus, lease_ttl_seconds
+from bus.connection import BUS_UNAVAILABLE, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases
 from bus.logs import run_context
 from bus.messages import RunRequest, Turn
@@ -56,6 +56,7 @@ from .run import Reply, build_request, generate
 log = logging.getLogger("clawbus.worker")
 
 FETCH_TIMEOUT = 1.0
+BUS_RETRY_DELAY = 0.5
 NAK_DELAY = 0.25
 CANCELLED_MEMORY = 10_000
 
@@ -70,6 +71,9 @@ class Execution:
     task: asyncio.Task[Reply] | None = None
     reason: StopReason | None = None
     timeout: float = 0.0
+    # Serialises the lease CAS writes of the keep-alive and the final refresh: two
+    # concurrent refreshes at one revision would fence one of them for nothing.
+    lease_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def stop(self, reason: StopReason) -> None:
         if self.reason is None:
@@ -223,7 +227,7 @@ class Worker:
             self._cancelled.popitem(last=False)
         execution = self._active.get(run_id)
         if execution is not None:
-            log.info("run %s cancelled by its client", run_id)  # (callback: no run context)
+            log.info("run %s cancelled by its client", run_id)
             execution.stop("cancelled")
 
     async def _on_session_done(self, msg: Msg) -> None:
@@ -264,7 +268,10 @@ class Worker:
                 await self._execute(msg, run, token, revision, emitter)
             finally:
                 await self.nc.publish(subjects.session_done(token), b"")
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, BUS_UNAVAILABLE):
+                await self._bus_unavailable(msg, emitter, exc)
+                return
             log.exception("run failed inside the worker")
             with contextlib.suppress(Exception):
                 await emitter.failed(errors.internal("internal worker error"))
@@ -272,6 +279,23 @@ class Worker:
                 await msg.term()
         finally:
             await emitter.aclose()
+
+    @staticmethod
+    async def _bus_unavailable(msg: Msg, emitter: Emitter, exc: Exception) -> None:
+        """JetStream was unavailable for longer than we could wait (a NATS node died,
+        a stream leader election). Before the client saw any text the run is handed
+        back for a transparent retry (if its turn did get stored, the retry finds it
+        in the transcript and reports it done); after, it fails as interrupted."""
+        if not emitter.sent_text:
+            log.warning("bus unavailable (%r); run handed back for a retry", exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=BUS_RETRY_DELAY)
+            return
+        log.warning("bus unavailable (%r) after the reply started; run failed", exc)
+        with contextlib.suppress(Exception):
+            await emitter.failed(errors.interrupted("the message bus was unavailable"))
+        with contextlib.suppress(Exception):
+            await msg.term()
 
     async def _head_seq(self, token: str) -> int | None:
         assert self._js is not None
@@ -375,16 +399,12 @@ class Worker:
                 return
             # Fencing: only the lease holder may append (and the append itself is
             # conditional on the transcript being as we read it).
-            asked = time.monotonic()
-            new_rev = await self._leases.refresh(token, self._owner, lease[0])
-            if new_rev is None:
-                emitter.fenced = True
-                outcome = "fenced"
-                return
-            lease[0] = new_rev
-            emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
             try:
-                await self._transcripts.append(token, turn, last_seq)
+                if not await self._store_turn(token, turn, last_seq, lease=lease,
+                                              emitter=emitter, execution=execution):
+                    emitter.fenced = True
+                    outcome = "fenced"
+                    return
             except StaleTranscriptError:
                 await emitter.failed(errors.internal(
                     "session changed while the run was in progress; the turn was not saved"))
@@ -408,6 +428,34 @@ class Worker:
                     await self._leases.release(token, held)
             self.metrics.runs.labels(outcome).inc()
             log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
+
+    async def _store_turn(self, token: str, turn: Turn, last_seq: int, *,
+                          lease: list[int | None], emitter: Emitter,
+                          execution: Execution) -> bool:
+        """Refresh our lease (False: it was lost, we are fenced), then append the turn.
+        Both are retried while the bus is briefly unavailable and the lease cannot
+        have expired yet; a retried append is deduplicated by its run id."""
+        assert self._leases is not None and self._transcripts is not None
+        refreshed = False
+        while True:
+            try:
+                if not refreshed:
+                    async with execution.lease_lock:
+                        held = lease[0]
+                        assert held is not None
+                        asked = time.monotonic()
+                        new_rev = await self._leases.refresh(token, self._owner, held)
+                        if new_rev is None:
+                            return False
+                        lease[0] = new_rev
+                    emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
+                    refreshed = True
+                await self._transcripts.append(token, turn, last_seq)
+                return True
+            except BUS_UNAVAILABLE:
+                if time.monotonic() + BUS_RETRY_DELAY >= emitter.lease_deadline:
+                    raise
+                await asyncio.sleep(BUS_RETRY_DELAY)
 
     async def _generate(self, run: RunRequest, turns: list[Turn], emitter: Emitter,
                         execution: Execution) -> Reply | None:
@@ -472,13 +520,17 @@ class Worker:
             now = time.monotonic()
             if now >= next_refresh:
                 next_refresh = now + refresh_every
-                held = lease[0]
                 try:
                     await msg.in_progress()
-                    if held is None:
+                    if lease[0] is None:
                         continue
-                    asked = time.monotonic()
-                    new_rev = await self._leases.refresh(token, self._owner, held)
+                    async with execution.lease_lock:
+                        held = lease[0]
+                        assert held is not None
+                        asked = time.monotonic()
+                        new_rev = await self._leases.refresh(token, self._owner, held)
+                        if new_rev is not None:
+                            lease[0] = new_rev
                 except Exception as exc:  # the bus is unreachable: try again next round
                     log.warning("lease refresh for run %s failed: %s", execution.run_id, exc)
                     continue
@@ -487,7 +539,6 @@ class Worker:
                     emitter.fenced = True
                     execution.stop("fenced")
                     return
-                lease[0] = new_rev
                 emitter.renew_lease(asked + lease_ttl_seconds(bus))
             if now - emitter.last_probe >= beat_every:
                 try:

@@ -325,8 +325,7 @@
     state.reconnectDelay = RECONNECT_MIN_MS;
     setConn("online", "connected");
     showBanner("reconnected", "Reconnected.", 3000);
-    refreshSessions();
-    if (state.sessionKey) showSession(state.sessionKey, state.sessionAgent);
+    refreshSessions();   // the conversation on screen stays as it is
   }
 
   // -- sign in / out --------------------------------------------------------
@@ -377,9 +376,8 @@
     state.secret = null;
     const ws = state.ws;
     state.ws = null;
-    failPending({ code: "DISCONNECTED", message: "Signed out." });
+    failPending({ code: "DISCONNECTED", message: "Signed out." });  // ends live runs
     if (ws) ws.close(1000, "sign out");
-    for (const run of state.liveRuns.values()) run.finish("interrupted", "Signed out.");
     ui.chatView.hidden = true;
     ui.signOut.hidden = true;
     ui.signinView.hidden = false;
@@ -556,6 +554,7 @@
       this.firstToken = null;
       this.abortRequested = false;
       this.renderQueued = false;
+      this.finished = false;
       this.userNode = userMessage(text);
       this.node = messageNode("assistant");
       this.node.wrap.dataset.state = "waiting";
@@ -603,6 +602,8 @@
     }
 
     finish(outcome, detail, result) {
+      if (this.finished) return;
+      this.finished = true;
       if (state.liveRuns.get(this.sessionKey) === this) state.liveRuns.delete(this.sessionKey);
       if (this.runId) state.runsById.delete(this.runId);
       const { wrap, body, meta } = this.node;
@@ -653,8 +654,10 @@
     updateComposer();
     renderSessions();
     try {
+      // No client-side timer: queueing may legitimately take up to the gateway's
+      // queue timeout, and a run as long as the agent's; a dead socket ends it.
       const final = await request("agent", { message: text, agentId, sessionKey: key },
-        { onAccepted: (p) => run.onAccepted(p), timeout: REQUEST_TIMEOUT_MS });
+        { onAccepted: (p) => run.onAccepted(p), timeout: 0 });
       run.finish("done", null, final.result);
     } catch (error) {
       if (error && error.code === "ABORTED") {

@@ -36,11 +36,20 @@ from .base import (
     StreamItem,
     TextDelta,
 )
-from .openai_completions import _describe, _drain, _retry_after, _sse_data
+from .http_stream import (
+    MAX_DETAIL,
+    decode_event,
+    drain,
+    incomplete_stream,
+    sse_data,
+    status_error,
+    transport_error,
+)
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
-_MAX_DETAIL = 500
+# HTTP statuses reported as rate_limit; 529 is Anthropic's "overloaded".
+_RATE_LIMIT_STATUSES = frozenset({429, 529})
 # Stop reasons meaning "cut short", reported as finish reason "length".
 _LENGTH_STOP_REASONS = frozenset({"max_tokens", "model_context_window_exceeded"})
 
@@ -78,7 +87,8 @@ class AnthropicMessagesProvider:
                 responded = True
                 if response.status_code >= 400:
                     await response.aread()
-                    raise _status_error(response)
+                    raise status_error(response, _error_detail,
+                                       rate_limit_statuses=_RATE_LIMIT_STATUSES)
                 lines_iter = cast(AsyncGenerator[str, None], response.aiter_lines())
                 async with contextlib.aclosing(lines_iter) as lines:
                     event_name = ""
@@ -86,10 +96,10 @@ class AnthropicMessagesProvider:
                         if line.startswith("event:"):
                             event_name = line[6:].strip()
                             continue
-                        data = _sse_data(line)
+                        data = sse_data(line)
                         if data is None:
                             continue
-                        event = _decode_event(data)
+                        event = decode_event(data)
                         kind = event.get("type")
                         if not isinstance(kind, str):
                             kind = event_name
@@ -121,25 +131,11 @@ class AnthropicMessagesProvider:
                             raise _stream_error(event)
                         # ping, content_block_start/stop and unknown events: ignored
                     if done:
-                        await _drain(lines)
+                        await drain(lines)
                 if not done:
-                    content_type = response.headers.get("content-type", "")
-                    raise ProviderError(
-                        "bad_response",
-                        "upstream stream ended without message_stop"
-                        + ("" if "event-stream" in content_type
-                           else f" (content-type {content_type or 'missing'}, not SSE)"),
-                    )
-        except httpx.TimeoutException as exc:
-            raise ProviderError("timeout", f"upstream timed out: {_describe(exc)}") from exc
+                    raise incomplete_stream(response, "message_stop")
         except httpx.HTTPError as exc:
-            if responded:
-                raise ProviderError(
-                    "bad_response", f"upstream stream broke off: {_describe(exc)}"
-                ) from exc
-            raise ProviderError(
-                "unreachable", f"cannot reach {self._url}: {_describe(exc)}"
-            ) from exc
+            raise transport_error(exc, responded=responded, url=self._url) from exc
         yield Finish(reason=reason, usage=Usage(prompt_tokens=prompt_tokens,
                                                 completion_tokens=completion_tokens))
 
@@ -179,18 +175,6 @@ def _merge_roles(messages: tuple[ChatMessage, ...]) -> list[dict[str, str]]:
     return merged
 
 
-def _decode_event(data: str) -> dict[str, Any]:
-    try:
-        event = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise ProviderError(
-            "bad_response", f"upstream sent a non-JSON SSE event: {data[:_MAX_DETAIL]!r}"
-        ) from None
-    if not isinstance(event, dict):
-        raise ProviderError("bad_response", f"upstream sent a non-object event: {data[:100]!r}")
-    return event
-
-
 def _usage(raw: object, prompt: int, completion: int) -> tuple[int, int]:
     """(prompt, completion) tokens updated from an Anthropic ``usage`` object.
 
@@ -217,9 +201,9 @@ def _error_detail(envelope: object) -> str | None:
         kind = error.get("type")
         message = str(error["message"])
         return (f"{kind}: {message}" if isinstance(kind, str) and kind else message)[
-            :_MAX_DETAIL]
+            :MAX_DETAIL]
     if isinstance(envelope.get("message"), str):
-        return str(envelope["message"])[:_MAX_DETAIL]
+        return str(envelope["message"])[:MAX_DETAIL]
     return None
 
 
@@ -231,20 +215,3 @@ def _stream_error(event: dict[str, Any]) -> ProviderError:
     if kind in ("overloaded_error", "rate_limit_error"):
         return ProviderError("rate_limit", f"upstream reported an error mid-stream: {detail}")
     return ProviderError("bad_response", f"upstream reported an error mid-stream: {detail}")
-
-
-def _status_error(response: httpx.Response) -> ProviderError:
-    status = response.status_code
-    try:
-        detail = _error_detail(orjson.loads(response.content))
-    except orjson.JSONDecodeError:
-        detail = None
-    if detail is None:
-        detail = response.text.strip()[:_MAX_DETAIL] or response.reason_phrase
-    message = f"upstream returned HTTP {status}: {detail}"
-    if status in (401, 403):
-        return ProviderError("auth", message, status=status)
-    if status in (429, 529):  # 529: Anthropic's "overloaded"
-        return ProviderError("rate_limit", message, status=status,
-                             retry_after=_retry_after(response.headers))
-    return ProviderError("failed", message, status=status)

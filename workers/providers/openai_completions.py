@@ -12,11 +12,8 @@ upstream sees the disconnect and stops generating.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import email.utils
-import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal, cast
 
 import httpx
@@ -25,11 +22,15 @@ import orjson
 from bus.messages import Usage
 
 from .base import Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
-
-# After ``[DONE]``, how long to wait for the (normally already received) end of the
-# body so that the connection can go back to the pool instead of being dropped.
-_DRAIN_SECONDS = 0.5
-_MAX_DETAIL = 500
+from .http_stream import (
+    MAX_DETAIL,
+    decode_event,
+    drain,
+    incomplete_stream,
+    sse_data,
+    status_error,
+    transport_error,
+)
 
 
 class OpenAICompletionsProvider:
@@ -64,11 +65,11 @@ class OpenAICompletionsProvider:
                 responded = True
                 if response.status_code >= 400:
                     await response.aread()
-                    raise _status_error(response)
+                    raise status_error(response, _error_detail)
                 lines_iter = cast(AsyncGenerator[str, None], response.aiter_lines())
                 async with contextlib.aclosing(lines_iter) as lines:
                     async for line in lines:
-                        data = _sse_data(line)
+                        data = sse_data(line)
                         if data is None:
                             continue
                         if data == "[DONE]":
@@ -88,25 +89,11 @@ class OpenAICompletionsProvider:
                                 reason = "length" if finish_reason == "length" else "stop"
                         usage = _usage(chunk.get("usage")) or usage
                     if done:
-                        await _drain(lines)
+                        await drain(lines)
                 if not done and not finished:
-                    content_type = response.headers.get("content-type", "")
-                    raise ProviderError(
-                        "bad_response",
-                        "upstream stream ended without [DONE] or a finish_reason"
-                        + ("" if "event-stream" in content_type
-                           else f" (content-type {content_type or 'missing'}, not SSE)"),
-                    )
-        except httpx.TimeoutException as exc:
-            raise ProviderError("timeout", f"upstream timed out: {_describe(exc)}") from exc
+                    raise incomplete_stream(response, "[DONE] or a finish_reason")
         except httpx.HTTPError as exc:
-            if responded:
-                raise ProviderError(
-                    "bad_response", f"upstream stream broke off: {_describe(exc)}"
-                ) from exc
-            raise ProviderError(
-                "unreachable", f"cannot reach {self._url}: {_describe(exc)}"
-            ) from exc
+            raise transport_error(exc, responded=responded, url=self._url) from exc
         yield Finish(reason=reason, usage=usage)
 
 
@@ -128,22 +115,8 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     return body
 
 
-def _sse_data(line: str) -> str | None:
-    """The payload of a ``data:`` line; None for blank lines, comments and other fields."""
-    if not line.startswith("data:"):
-        return None
-    return line[5:].strip()
-
-
 def _decode_chunk(data: str) -> dict[str, Any]:
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise ProviderError(
-            "bad_response", f"upstream sent a non-JSON SSE event: {data[:_MAX_DETAIL]!r}"
-        ) from None
-    if not isinstance(chunk, dict):
-        raise ProviderError("bad_response", f"upstream sent a non-object event: {data[:100]!r}")
+    chunk = decode_event(data)
     if chunk.get("error"):
         raise ProviderError(
             "bad_response", f"upstream reported an error mid-stream: {_error_detail(chunk)}"
@@ -161,62 +134,15 @@ def _usage(raw: object) -> Usage | None:
     )
 
 
-async def _drain(lines: AsyncIterator[str]) -> None:
-    with contextlib.suppress(TimeoutError, httpx.HTTPError):
-        async with asyncio.timeout(_DRAIN_SECONDS):
-            async for _ in lines:
-                pass
-
-
 def _error_detail(envelope: object) -> str | None:
     """``error.message`` of an OpenAI error envelope (or the vLLM / Ollama variants)."""
     if not isinstance(envelope, dict):
         return None
     error = envelope.get("error")
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])[:_MAX_DETAIL]
+        return str(error["message"])[:MAX_DETAIL]
     if isinstance(error, str):
-        return error[:_MAX_DETAIL]
+        return error[:MAX_DETAIL]
     if isinstance(envelope.get("message"), str):
-        return str(envelope["message"])[:_MAX_DETAIL]
+        return str(envelope["message"])[:MAX_DETAIL]
     return None
-
-
-def _status_error(response: httpx.Response) -> ProviderError:
-    status = response.status_code
-    try:
-        detail = _error_detail(orjson.loads(response.content))
-    except orjson.JSONDecodeError:
-        detail = None
-    if detail is None:
-        detail = response.text.strip()[:_MAX_DETAIL] or response.reason_phrase
-    message = f"upstream returned HTTP {status}: {detail}"
-    if status in (401, 403):
-        return ProviderError("auth", message, status=status)
-    if status == 429:
-        return ProviderError("rate_limit", message, status=status,
-                             retry_after=_retry_after(response.headers))
-    return ProviderError("failed", message, status=status)
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``Retry-After`` (delta-seconds or an HTTP date)."""
-    with contextlib.suppress(ValueError):
-        if "retry-after-ms" in headers:
-            return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _describe(exc: Exception) -> str:
-    return str(exc) or type(exc).__name__

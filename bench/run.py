@@ -1,0 +1,538 @@
+"""One command for the issue #5 benchmark::
+
+    python -m bench.run [--quick] [--peer litellm] [--repeat N] [--out docs/BENCHMARKS.md]
+
+It starts the fake upstream (:mod:`bench.upstream`) on the harness CPU (1), then
+for ``--repeat`` rounds starts every system — the upstream alone (baseline),
+``clawbus up`` with one worker on CPU 0 and, with ``--peer litellm``, LiteLLM's
+proxy on CPU 0 — and runs each scenario against each system in turn (A, B, C, A,
+B, C, …), so slow drifts of a shared machine hit every system alike. Load
+generators (``wrk``, :mod:`bench.streamclient`) run on the harness CPU. Then a
+scaling run: ``clawbus up`` with 1, 2 and 4 workers on both CPUs.
+
+The report (Markdown: medians over rounds, added latency = system − upstream
+alone, ratios, the issue's targets) is printed, written with the raw results to
+``bench/results/`` and, with ``--out FILE``, put between the markers
+``<!-- bench:begin -->`` / ``<!-- bench:end -->`` of FILE. See docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import functools
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+
+from . import report
+from .procs import CLK_TCK, cpu_seconds, pss_bytes, rss_bytes, settle
+from .streamclient import DEFAULT_SLACK_MS, raise_nofile_limit
+from .systems import (
+    ROOT,
+    Clawbus,
+    LiteLLM,
+    System,
+    UpstreamAlone,
+    UpstreamProcess,
+    ensure_litellm,
+    litellm_version,
+)
+from .wrk import ensure_wrk, run_wrk, wrk_version
+
+RESULTS = ROOT / "bench" / "results"
+NONSTREAM = (32, 0.0)  # tokens, delay ms
+TTFT_SHAPE = (32, 20.0)
+HELD_SHAPE = (20, 500.0)
+
+
+@dataclass
+class Plan:
+    mode: str
+    repeat: int
+    duration: float  # seconds of each throughput / TTFT run
+    concurrency: list[int]
+    ttft_concurrency: list[int]
+    held: list[int]
+    held_rate: float
+    cpu_requests: int
+    scaling_workers: list[int]
+    slack_ms: float = DEFAULT_SLACK_MS
+    peer: str | None = None
+    warmup: float = 1.0
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    quick = bool(args.quick)
+    plan = Plan(
+        mode="quick" if quick else "full",
+        repeat=1 if quick else 3,
+        duration=3.0 if quick else 10.0,
+        concurrency=[1, 16, 64],
+        ttft_concurrency=[1, 64],
+        held=[50, 250] if quick else [50, 250, 2000],
+        held_rate=250.0,
+        cpu_requests=1000 if quick else 3000,
+        scaling_workers=[1, 2, 4],
+        peer=args.peer,
+    )
+    if args.repeat is not None:
+        plan.repeat = args.repeat
+    if args.duration is not None:
+        plan.duration = args.duration
+    if args.held is not None:
+        plan.held = [int(n) for n in args.held.split(",") if n.strip()]
+    if args.scaling is not None:
+        plan.scaling_workers = [int(n) for n in args.scaling.split(",") if n.strip()]
+    if args.slack_ms is not None:
+        plan.slack_ms = args.slack_ms
+    return plan
+
+
+@dataclass
+class Cpus:
+    system: str | None  # the system under test
+    harness: str | None  # upstream + load generators (+ this process)
+    both: str | None
+    note: str = ""
+
+
+def choose_cpus() -> Cpus:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return Cpus(None, None, None, f"only {len(available)} CPU available: nothing pinned")
+    first, second = available[0], available[1]
+    return Cpus(str(first), str(second), f"{first},{second}")
+
+
+@dataclass
+class Results:
+    plan: Plan
+    cpus: Cpus
+    machine: dict[str, Any]
+    started: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    problems: dict[str, list[str]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, round_: int, system: str, scenario: str, **values: Any) -> None:
+        self.records.append({"round": round_, "system": system, "scenario": scenario, **values})
+
+
+# -- machine -----------------------------------------------------------------
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "kernel": platform.release(),
+                            "python": platform.python_version()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["mem_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    info["loadavg_start"] = os.getloadavg()[0]
+    info["commit"] = _git("rev-parse", "--short", "HEAD")
+    info["dirty"] = bool(_git("status", "--porcelain"))
+    try:
+        from bus.embedded import find_nats_server
+
+        out = subprocess.run([str(find_nats_server()), "--version"], capture_output=True,
+                             text=True, check=False)
+        info["nats_server"] = out.stdout.strip()
+    except Exception as exc:
+        info["nats_server"] = f"unknown ({exc})"
+    return info
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+def cpu_busy() -> dict[str, tuple[int, int]]:
+    """Per-CPU (busy, total) jiffies from /proc/stat."""
+    out: dict[str, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *values = line.split()
+            numbers = [int(v) for v in values]
+            idle = numbers[3] + numbers[4]
+            out[name[3:]] = (sum(numbers[:8]) - idle, sum(numbers[:8]))
+    return out
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _no_pids() -> list[int]:
+    return []
+
+
+class Meter:
+    """CPU accounting of one run: the system, the harness (load generator + upstream),
+    and everything else on the machine (other users' load, which makes results noisy)."""
+
+    def __init__(self, system: System, upstream_pids: Callable[[], list[int]],
+                 cpus: Cpus) -> None:
+        self.system = system
+        # Against the upstream alone, the upstream is the system, not harness.
+        self.upstream_pids = upstream_pids if system.key != "upstream" else _no_pids
+        self.cpus = cpus
+        self.t0 = time.monotonic()
+        self.sys0 = cpu_seconds(system.pids())
+        self.up0 = cpu_seconds(self.upstream_pids())
+        self.kids0 = _children_cpu()  # finished load generators (wrk, streamclient)
+        self.busy0 = cpu_busy()
+
+    def done(self) -> dict[str, Any]:
+        elapsed = max(1e-9, time.monotonic() - self.t0)
+        system = cpu_seconds(self.system.pids()) - self.sys0
+        harness = (cpu_seconds(self.upstream_pids()) - self.up0
+                   + _children_cpu() - self.kids0)
+        busy1 = cpu_busy()
+        total_busy = sum(busy1[c][0] - self.busy0[c][0] for c in busy1 if c in self.busy0)
+        machine = total_busy / CLK_TCK
+        return {
+            "elapsed_s": elapsed,
+            "system_cpu_s": system,
+            "system_cpu_share": system / elapsed,
+            "harness_cpu_share": harness / elapsed,
+            "other_cpu_share": max(0.0, machine - system - harness) / elapsed,
+            "cpu_busy": {c: (busy1[c][0] - self.busy0[c][0])
+                         / max(1, busy1[c][1] - self.busy0[c][1])
+                         for c in busy1 if c in self.busy0},
+        }
+
+
+# -- the scenarios -----------------------------------------------------------
+
+class Runner:
+    def __init__(self, plan: Plan, cpus: Cpus, results: Results, wrk: str,
+                 upstream_pids: Callable[[], list[int]]) -> None:
+        self.plan = plan
+        self.cpus = cpus
+        self.results = results
+        self.wrk = wrk
+        self.upstream_pids = upstream_pids
+
+    def body(self, system: System, shape: tuple[int, float], *, stream: bool) -> bytes:
+        return orjson.dumps({"model": system.model(*shape), "stream": stream,
+                             "messages": [{"role": "user", "content": "hi"}]})
+
+    def quiet(self, system: System) -> None:
+        """Wait for the system (and the harness CPU) to go idle after the previous run."""
+        settle(system.pids, below=0.05, timeout=15.0)
+
+    def wrk_run(self, system: System, *, connections: int, duration: float,
+                stream: bool = False, max_requests: int | None = None) -> dict[str, Any]:
+        meter = Meter(system, self.upstream_pids, self.cpus)
+        result = run_wrk(self.wrk, system.chat_url, self.body(system, NONSTREAM, stream=stream),
+                         auth=system.auth, connections=connections, duration=duration,
+                         cpus=self.cpus.harness, max_requests=max_requests)
+        return {**result, **meter.done()}
+
+    def throughput(self, round_: int, system: System, connections: int) -> None:
+        result = self.wrk_run(system, connections=connections, duration=self.plan.duration)
+        self.results.add(round_, system.key, f"rps_c{connections}", **result)
+
+    def stream_ceiling(self, round_: int, system: System) -> None:
+        result = self.wrk_run(system, connections=64, duration=self.plan.duration, stream=True)
+        self.results.add(round_, system.key, "stream_rps_c64", **result)
+
+    def cpu_per_request(self, round_: int, system: System) -> None:
+        # The upstream alone needs ~0.01 ms a request: more requests, so that the
+        # 10 ms clock ticks of /proc/<pid>/stat still resolve it.
+        n = self.plan.cpu_requests * (20 if system.key == "upstream" else 1)
+        result = self.wrk_run(system, connections=16, duration=max(60.0, n / 20.0),
+                              max_requests=n)
+        done = max(1, int(result["requests"]))
+        result["cpu_ms_per_request"] = result["system_cpu_s"] * 1000.0 / done
+        self.results.add(round_, system.key, "cpu_per_request", **result)
+
+    def streamclient(self, system: System, shape: tuple[int, float],
+                     *extra: str) -> dict[str, Any]:
+        tokens, delay = shape
+        cmd = [sys.executable, "-m", "bench.streamclient", "--url", system.chat_url,
+               "--model", system.model(*shape), "--tokens", str(tokens),
+               "--delay-ms", f"{delay:g}", "--slack-ms", f"{self.plan.slack_ms:g}", *extra]
+        if system.auth:
+            cmd += ["--auth", system.auth]
+        if self.cpus.harness:
+            cmd = ["taskset", "-c", self.cpus.harness, *cmd]
+        meter = Meter(system, self.upstream_pids, self.cpus)
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                             timeout=600)
+        if out.returncode != 0 or not out.stdout.strip():
+            raise RuntimeError(f"streamclient failed ({out.returncode}): {out.stderr[-2000:]}")
+        result: dict[str, Any] = orjson.loads(out.stdout.strip().splitlines()[-1])
+        return {**result, **meter.done()}
+
+    def ttft(self, round_: int, system: System, concurrency: int) -> None:
+        result = self.streamclient(system, TTFT_SHAPE, "--concurrency", str(concurrency),
+                                   "--duration", f"{self.plan.duration:g}")
+        self.results.add(round_, system.key, f"ttft_c{concurrency}", **result)
+
+    def held(self, round_: int, system: System, streams: int) -> None:
+        tokens, delay = HELD_SHAPE
+        timeout = tokens * delay / 1000.0 + 30.0
+        result = self.streamclient(system, HELD_SHAPE, "--streams", str(streams),
+                                   "--rate", f"{self.plan.held_rate:g}",
+                                   "--timeout", f"{timeout:g}")
+        self.results.add(round_, system.key, f"held_{streams}", **result)
+
+    def memory(self, round_: int, system: System, scenario: str) -> None:
+        pids = system.pids()
+        self.results.add(round_, system.key, scenario, rss_bytes=rss_bytes(pids),
+                         pss_bytes=pss_bytes(pids), processes=len(pids))
+
+
+def scenarios(plan: Plan, runner: Runner) -> list[tuple[str, Callable[[int, System], None]]]:
+    """(name, run) in the order every round runs them."""
+    out: list[tuple[str, Callable[[int, System], None]]] = []
+    for c in plan.concurrency:
+        out.append((f"rps_c{c}", functools.partial(_call, runner.throughput, c)))
+    for c in plan.ttft_concurrency:
+        out.append((f"ttft_c{c}", functools.partial(_call, runner.ttft, c)))
+    for n in plan.held:
+        out.append((f"held_{n}", functools.partial(_call, runner.held, n)))
+    out.append(("cpu_per_request", runner.cpu_per_request))
+    return out
+
+
+def _call(method: Callable[[int, System, int], None], arg: int, round_: int,
+          system: System) -> None:
+    method(round_, system, arg)
+
+
+# -- the run -----------------------------------------------------------------
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C: every started process is still stopped."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def log(message: str) -> None:
+    stamp = dt.datetime.now().strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", flush=True)
+
+
+def attempt(results: Results, what: str, fn: Callable[..., None], *args: Any) -> bool:
+    """Run ``fn(*args)``; a failure is logged and recorded, and the run goes on."""
+    try:
+        fn(*args)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        message = f"{what}: {type(exc).__name__}: {exc}"
+        log(f"FAILED {message[:2000]}")
+        results.failures.append(message[:4000])
+        return False
+    return True
+
+
+def start_system(runner: Runner, round_: int, system: System) -> None:
+    """Start, record start-up time and idle memory, warm up."""
+    t0 = time.monotonic()
+    system.start()
+    runner.results.add(round_, system.key, "startup_s", seconds=time.monotonic() - t0)
+    settle(system.pids, below=0.02, timeout=10.0)
+    time.sleep(0.5)
+    runner.memory(round_, system, "idle_rss")
+    system.warm()
+    run_wrk(runner.wrk, system.chat_url, runner.body(system, NONSTREAM, stream=False),
+            auth=system.auth, connections=16, duration=runner.plan.warmup,
+            cpus=runner.cpus.harness)
+
+
+def run_rounds(plan: Plan, runner: Runner, upstream: UpstreamProcess, work: Path,
+               logs: Path) -> None:
+    results = runner.results
+    cpus = runner.cpus
+    for round_ in range(1, plan.repeat + 1):
+        log(f"round {round_}/{plan.repeat}")
+        systems: list[System] = [UpstreamAlone(upstream),
+                                 Clawbus(upstream.url, work, logs, workers=1, cpus=cpus.system)]
+        if plan.peer == "litellm":
+            systems.append(LiteLLM(upstream.url, work, logs, cpus=cpus.system))
+        live: list[System] = []
+        try:
+            for system in systems:
+                live.append(system)  # stopped in `finally` even if it failed to start
+                if attempt(results, f"round {round_}: start {system.label}", start_system,
+                           runner, round_, system):
+                    log(f"  {system.label} ready at {system.base_url}")
+                else:
+                    system.stop()
+                    live.remove(system)
+            for name, run in scenarios(plan, runner):
+                for system in live:
+                    runner.quiet(system)
+                    log(f"  {name} · {system.label}")
+                    attempt(results, f"round {round_}: {name} on {system.label}", run,
+                            round_, system)
+            baseline = next((s for s in live if s.key == "upstream"), None)
+            if baseline is not None:
+                runner.quiet(baseline)
+                log("  stream_rps_c64 · upstream alone (its streaming ceiling)")
+                attempt(results, f"round {round_}: stream ceiling", runner.stream_ceiling,
+                        round_, baseline)
+            for system in live:
+                runner.memory(round_, system, "rss_after")
+        finally:
+            for system in reversed(live):
+                problems = system.log_problems()
+                if problems:
+                    results.problems.setdefault(system.label, []).extend(problems[:50])
+                system.stop()
+
+
+def measure_scaling(runner: Runner, round_: int, system: Clawbus) -> None:
+    try:
+        system.start()
+        system.warm()
+        run_wrk(runner.wrk, system.chat_url, runner.body(system, NONSTREAM, stream=False),
+                auth=system.auth, connections=64, duration=runner.plan.warmup,
+                cpus=runner.cpus.harness)
+        runner.quiet(system)
+        result = runner.wrk_run(system, connections=64, duration=runner.plan.duration)
+        runner.results.add(round_, "clawbus", f"scaling_w{system.workers}",
+                           workers=system.workers, **result)
+    finally:
+        problems = system.log_problems()
+        if problems:
+            runner.results.problems.setdefault(system.label, []).extend(problems[:20])
+        system.stop()
+
+
+def run_scaling(plan: Plan, runner: Runner, upstream: UpstreamProcess, work: Path,
+                logs: Path) -> None:
+    for round_ in range(1, plan.repeat + 1):
+        for workers in plan.scaling_workers:
+            system = Clawbus(upstream.url, work, logs, workers=workers, cpus=runner.cpus.both,
+                             label=f"clawbus {workers}w")
+            log(f"scaling round {round_}: clawbus with {workers} worker(s), both CPUs")
+            attempt(runner.results, f"scaling round {round_}: {workers} workers",
+                    measure_scaling, runner, round_, system)
+
+
+def update_doc(path: Path, markdown: str) -> None:
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + "## Latest results\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run",
+                                     description="clawbus benchmark (issue #5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs, 1 round, held streams 50 and 250 (a few minutes)")
+    parser.add_argument("--peer", choices=["litellm"], default=None,
+                        help="also run LiteLLM's proxy (installed into bench/.venvs/litellm)")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds (default 3; quick 1)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per throughput/TTFT run (default 10; quick 3)")
+    parser.add_argument("--held", default=None,
+                        help="held-stream counts, comma-separated (default 50,250,2000)")
+    parser.add_argument("--scaling", default=None,
+                        help="worker counts of the scaling run (default 1,2,4; '' to skip)")
+    parser.add_argument("--slack-ms", type=float, default=None,
+                        help=f"on-time slack per token (default {DEFAULT_SLACK_MS:g} ms)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Markdown file whose bench:begin/end section gets the report")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep the systems' state directories (NATS data) after the run")
+    args = parser.parse_args(argv)
+    plan = make_plan(args)
+    cpus = choose_cpus()
+    if cpus.harness is not None:
+        os.sched_setaffinity(0, {int(cpus.harness)})  # children inherit the harness CPU
+    raise_nofile_limit()
+    wrk = ensure_wrk()
+    machine = machine_info()
+    machine["wrk"] = wrk_version(wrk)
+    if plan.peer == "litellm":
+        ensure_litellm()
+        machine["litellm"] = litellm_version()
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = RESULTS / f"{stamp}-{plan.mode}"
+    logs, work = run_dir / "logs", run_dir / "work"
+    logs.mkdir(parents=True, exist_ok=True)
+    results = Results(plan, cpus, machine, started=dt.datetime.now(dt.UTC).isoformat())
+    log(f"bench {plan.mode}: {plan.repeat} round(s); system CPU {cpus.system}, "
+        f"harness CPU {cpus.harness}; results in {run_dir}")
+    t0 = time.monotonic()
+    interrupted = False
+    with terminate_as_interrupt():
+        upstream = UpstreamProcess(logs, cpus.harness)
+        runner = Runner(plan, cpus, results, wrk, upstream.proc.pids)
+        try:
+            log(f"fake upstream at {upstream.url}")
+            run_rounds(plan, runner, upstream, work, logs)
+            if plan.scaling_workers:
+                run_scaling(plan, runner, upstream, work, logs)
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted: stopping everything and reporting what was measured")
+        finally:
+            upstream.stop()
+            if not args.keep_work:
+                shutil.rmtree(work, ignore_errors=True)
+    machine["loadavg_end"] = os.getloadavg()[0]
+    machine["elapsed_s"] = time.monotonic() - t0
+    raw = {"plan": asdict(plan), "cpus": asdict(cpus), "machine": machine,
+           "started": results.started, "records": results.records,
+           "problems": results.problems, "failures": results.failures,
+           "interrupted": interrupted}
+    json_path = RESULTS / f"{stamp}-{plan.mode}.json"
+    json_path.write_bytes(orjson.dumps(raw, option=orjson.OPT_INDENT_2))
+    markdown = report.render(raw, json_path.relative_to(ROOT).as_posix(), argv_text(argv))
+    (run_dir / "report.md").write_text(markdown)
+    print(markdown, flush=True)
+    if args.out is not None:
+        update_doc(args.out, markdown)
+        log(f"report written to {args.out}")
+    log(f"raw results: {json_path}")
+    return 130 if interrupted else 0
+
+
+def argv_text(argv: list[str] | None) -> str:
+    words = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", "bench.run", *words])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
