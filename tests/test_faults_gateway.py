@@ -134,6 +134,7 @@ def test_stalled_sse_client_is_cut_off(upstream: FaultyOpenAI, tmp_path: Path) -
         if sock is not None:
             sock.close()
         stack.stop()
+    print("TAIL", len(tail), tail[-300:])
     assert big.disconnected and not big.completed, big
     assert b"client too slow: event queue overflowed" in tail
     assert tail.rstrip().endswith(b"data: [DONE]")
