@@ -23,6 +23,21 @@ DRAIN_SECONDS = 0.5
 MAX_DETAIL = 500
 
 
+# No cap on connections: the worker's maxConcurrent already bounds how many runs
+# (hence upstream requests) are in flight, and httpx's default cap of 100 made the
+# 101st concurrent stream wait for another run to finish.
+POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                           keepalive_expiry=30.0)
+
+
+def make_client(headers: httpx.Headers, timeout_seconds: float,
+                connect_timeout_seconds: float) -> httpx.AsyncClient:
+    """The one pooled HTTP client a provider instance keeps for its upstream."""
+    return httpx.AsyncClient(
+        headers=headers, limits=POOL_LIMITS,
+        timeout=httpx.Timeout(timeout_seconds, connect=connect_timeout_seconds))
+
+
 def sse_data(line: str) -> str | None:
     """The payload of a ``data:`` line; None for blank lines, comments and other fields."""
     if not line.startswith("data:"):

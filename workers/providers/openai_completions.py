@@ -27,6 +27,7 @@ from .http_stream import (
     decode_event,
     drain,
     incomplete_stream,
+    make_client,
     sse_data,
     status_error,
     transport_error,
@@ -45,10 +46,7 @@ class OpenAICompletionsProvider:
         if api_key:
             default_headers["authorization"] = f"Bearer {api_key}"
         default_headers.update(headers)  # configured headers win (case-insensitively)
-        self._client = httpx.AsyncClient(
-            headers=default_headers,
-            timeout=httpx.Timeout(timeout_seconds, connect=connect_timeout_seconds),
-        )
+        self._client = make_client(default_headers, timeout_seconds, connect_timeout_seconds)
 
     async def aclose(self) -> None:
         await self._client.aclose()
