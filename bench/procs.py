@@ -69,6 +69,37 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / CLK_TCK
 
 
+def process_role(pid: int) -> str:
+    """A short name for what a process is (``gateway``, ``worker``, ``nats-server``, …)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    program = Path(words[0]).name if words else "?"
+    if program.startswith("nats-server"):
+        return "nats-server"
+    if "worker" in words:
+        return "worker"
+    if "up" in words or "gateway" in words:
+        return "gateway"
+    if "bench.upstream" in words:
+        return "upstream"
+    for word in words[:3]:
+        if Path(word).name == "litellm":
+            return "litellm"
+    return program
+
+
+def cpu_by_role(pids: Iterable[int]) -> dict[str, float]:
+    """CPU seconds of ``pids`` summed per :func:`process_role`."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        role = process_role(pid)
+        out[role] = out.get(role, 0.0) + cpu_seconds([pid])
+    return out
+
+
 def rss_bytes(pids: Iterable[int]) -> int:
     """Sum of resident set sizes (shared pages counted once per process)."""
     total = 0

@@ -199,6 +199,16 @@ def render(raw: dict[str, Any], json_path: str, command: str) -> str:
         _num(vals[0], 3), _num(vals[1], 2),
         _num(vals[2], 2) if peer else LITELLM_REF_TEXT["cpu_ms"],
         _ratio(vals[1], lite("cpu_ms", vals[2])))
+    for system, label in (("clawbus", "clawbus"), ("litellm", "LiteLLM")):
+        roles: dict[str, list[float]] = {}
+        for record in data.records:
+            if record["system"] == system and record["scenario"] == "cpu_per_request":
+                for role, ms in (record.get("cpu_ms_per_request_by_role") or {}).items():
+                    roles.setdefault(role, []).append(float(ms))
+        if len(roles) > 1:
+            parts = ", ".join(f"{role} {_num(median(v), 2)}" for role, v in sorted(roles.items()))
+            cb_cell, ll_cell = (parts, "") if system == "clawbus" else ("", parts)
+            row(f"… {label}'s CPU per request by process (ms)", "", cb_cell, ll_cell, "")
     share = _get("system_cpu_share")
     vals = [data.med(s, "rps_c64", share) for s in ("upstream", "clawbus", "litellm")]
     row("CPU used during c=64 run (cores)", _num(vals[0], 2), _num(vals[1], 2),

@@ -24,6 +24,7 @@ import datetime as dt
 import functools
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -40,7 +41,7 @@ from typing import Any
 import orjson
 
 from . import report
-from .procs import CLK_TCK, cpu_seconds, pss_bytes, rss_bytes, settle
+from .procs import CLK_TCK, cpu_by_role, cpu_seconds, pss_bytes, rss_bytes, settle
 from .streamclient import DEFAULT_SLACK_MS, raise_nofile_limit
 from .systems import (
     ROOT,
@@ -199,6 +200,7 @@ class Meter:
         self.cpus = cpus
         self.t0 = time.monotonic()
         self.sys0 = cpu_seconds(system.pids())
+        self.roles0 = cpu_by_role(system.pids())
         self.up0 = cpu_seconds(self.upstream_pids())
         self.kids0 = _children_cpu()  # finished load generators (wrk, streamclient)
         self.busy0 = cpu_busy()
@@ -206,6 +208,8 @@ class Meter:
     def done(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self.t0)
         system = cpu_seconds(self.system.pids()) - self.sys0
+        roles = {role: seconds - self.roles0.get(role, 0.0)
+                 for role, seconds in cpu_by_role(self.system.pids()).items()}
         harness = (cpu_seconds(self.upstream_pids()) - self.up0
                    + _children_cpu() - self.kids0)
         busy1 = cpu_busy()
@@ -215,6 +219,7 @@ class Meter:
             "elapsed_s": elapsed,
             "system_cpu_s": system,
             "system_cpu_share": system / elapsed,
+            "system_cpu_s_by_role": roles,
             "harness_cpu_share": harness / elapsed,
             "other_cpu_share": max(0.0, machine - system - harness) / elapsed,
             "cpu_busy": {c: (busy1[c][0] - self.busy0[c][0])
@@ -227,20 +232,25 @@ class Meter:
 
 class Runner:
     def __init__(self, plan: Plan, cpus: Cpus, results: Results, wrk: str,
-                 upstream_pids: Callable[[], list[int]]) -> None:
+                 upstream: UpstreamProcess) -> None:
         self.plan = plan
         self.cpus = cpus
         self.results = results
         self.wrk = wrk
-        self.upstream_pids = upstream_pids
+        self.upstream = upstream
+        self.upstream_pids = upstream.pids
 
     def body(self, system: System, shape: tuple[int, float], *, stream: bool) -> bytes:
         return orjson.dumps({"model": system.model(*shape), "stream": stream,
                              "messages": [{"role": "user", "content": "hi"}]})
 
     def quiet(self, system: System) -> None:
-        """Wait for the system (and the harness CPU) to go idle after the previous run."""
+        """Wait for the system to go idle after the previous run; check the upstream."""
         settle(system.pids, below=0.05, timeout=15.0)
+        restarted = self.upstream.ensure_alive()
+        if restarted:
+            log(f"WARNING {restarted}")
+            self.results.failures.append(restarted)
 
     def wrk_run(self, system: System, *, connections: int, duration: float,
                 stream: bool = False, max_requests: int | None = None) -> dict[str, Any]:
@@ -266,6 +276,9 @@ class Runner:
                               max_requests=n)
         done = max(1, int(result["requests"]))
         result["cpu_ms_per_request"] = result["system_cpu_s"] * 1000.0 / done
+        by_role: dict[str, float] = result["system_cpu_s_by_role"]
+        result["cpu_ms_per_request_by_role"] = {
+            role: seconds * 1000.0 / done for role, seconds in by_role.items()}
         self.results.add(round_, system.key, "cpu_per_request", **result)
 
     def streamclient(self, system: System, shape: tuple[int, float],
@@ -442,14 +455,19 @@ def run_scaling(plan: Plan, runner: Runner, upstream: UpstreamProcess, work: Pat
                     measure_scaling, runner, round_, system)
 
 
+BEGIN_MARK = "<!-- bench:begin -->"
+END_MARK = "<!-- bench:end -->"
+
+
 def update_doc(path: Path, markdown: str) -> None:
-    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    """Put ``markdown`` between the marker lines of ``path`` (each alone on its line),
+    or append a "Latest results" section with the markers when there are none."""
     text = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{markdown.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
+    block = f"{BEGIN_MARK}\n{markdown.rstrip()}\n{END_MARK}"
+    pattern = re.compile(rf"^{re.escape(BEGIN_MARK)}[ \t]*$.*?^{re.escape(END_MARK)}[ \t]*$",
+                         re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
     else:
         text = text.rstrip() + ("\n\n" if text else "") + "## Latest results\n\n" + block + "\n"
     path.write_text(text)
@@ -498,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     with terminate_as_interrupt():
         upstream = UpstreamProcess(logs, cpus.harness)
-        runner = Runner(plan, cpus, results, wrk, upstream.proc.pids)
+        runner = Runner(plan, cpus, results, wrk, upstream)
         try:
             log(f"fake upstream at {upstream.url}")
             run_rounds(plan, runner, upstream, work, logs)

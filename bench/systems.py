@@ -47,11 +47,33 @@ class UpstreamProcess:
     """The fake upstream (``python -m bench.upstream``) as a pinned child process."""
 
     def __init__(self, logs: Path, cpus: str | None) -> None:
-        self.proc = Process("upstream", pinned(
-            [sys.executable, "-m", "bench.upstream", "--port", "0"], cpus),
-            logs / "upstream.log", cwd=ROOT)
-        match = self.proc.wait_for(r"listening on (http://\S+)", 30.0)
-        self.url = match.group(1)  # http://127.0.0.1:PORT
+        self.logs = logs
+        self.cpus = cpus
+        self.restarts = 0
+        self.proc = self._start(0)
+        self.url = self.proc.wait_for(r"listening on (http://\S+)", 30.0).group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def _start(self, port: int) -> Process:
+        name = "upstream" if not self.restarts else f"upstream-restart{self.restarts}"
+        return Process("upstream", pinned(
+            [sys.executable, "-m", "bench.upstream", "--port", str(port)], self.cpus),
+            self.logs / f"{name}.log", cwd=ROOT)
+
+    def pids(self) -> list[int]:
+        return self.proc.pids()
+
+    def ensure_alive(self) -> str | None:
+        """Restart the upstream on its port if it has exited; then say what happened."""
+        if self.proc.alive():
+            return None
+        what = (f"the fake upstream had exited (code {self.proc.popen.returncode}); "
+                f"its log ends: {self.proc.tail(5)!r}; restarted on the same port")
+        self.proc.stop()
+        self.restarts += 1
+        self.proc = self._start(self.port)
+        self.proc.wait_for(r"listening on (http://\S+)", 30.0)
+        return what
 
     def stop(self) -> None:
         self.proc.stop()
@@ -116,7 +138,7 @@ class UpstreamAlone(System):
         return upstream_model(tokens, delay_ms)
 
     def pids(self) -> list[int]:
-        return self.upstream.proc.pids()
+        return self.upstream.pids()
 
 
 def _problem_lines(text: str, words: tuple[str, ...]) -> list[str]:

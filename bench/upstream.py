@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
+import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
+from types import FrameType
 from typing import cast
 
 import orjson
@@ -363,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-delay-ms", type=float, default=0.0,
                         help="pacing of streamed tokens unless the model name says -d<MS>")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash leaves a trace in the log
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     coro = serve(args.host, args.port, args.tokens, args.token_delay_ms)
     try:
         import uvloop
@@ -370,10 +377,14 @@ def main(argv: list[str] | None = None) -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    try:
-        runner(coro)
-    except KeyboardInterrupt:
-        sys.exit(0)
+    runner(coro)
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    # Say why we stop: a benchmark whose upstream vanished must be explainable.
+    print(f"upstream: stopping on {signal.Signals(signum).name} "
+          f"(from the harness or another process)", file=sys.stderr, flush=True)
+    os._exit(0)
 
 
 if __name__ == "__main__":

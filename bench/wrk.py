@@ -67,24 +67,23 @@ def run_wrk(wrk: str, url: str, body: bytes, *, auth: str | None, connections: i
         env["BENCH_MAX_REQUESTS"] = str(max_requests)
     cmd = pinned([wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
                   f"--timeout={max(1, round(timeout_s))}s", "-s", str(SCRIPT), url], cpus)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True)
-    assert proc.stdout is not None
     lines: list[str] = []
-    stopped = threading.Event()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                          text=True) as proc:
+        assert proc.stdout is not None
+        stopped = threading.Event()
 
-    def watchdog() -> None:
-        if not stopped.wait(duration + timeout_s + 30) and proc.poll() is None:
-            proc.kill()
+        def watchdog() -> None:
+            if not stopped.wait(duration + timeout_s + 30) and proc.poll() is None:
+                proc.kill()
 
-    guard = threading.Thread(target=watchdog, daemon=True)
-    guard.start()
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        if line.startswith("BENCH_STOPPED") and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # wrk's main thread otherwise sleeps -d seconds
-    proc.wait()
-    stopped.set()
+        threading.Thread(target=watchdog, daemon=True).start()
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("BENCH_STOPPED") and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # wrk's main thread otherwise sleeps -d s
+        proc.wait()
+        stopped.set()
     for line in lines:
         if line.startswith("BENCH_JSON "):
             result: dict[str, Any] = orjson.loads(line[len("BENCH_JSON "):])

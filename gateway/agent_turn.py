@@ -8,11 +8,9 @@ from typing import Any
 
 from bus.config import AGENT_ID_RE, Settings
 
-from .chat_request import RESERVED_SESSION_KEY, is_reserved_session_key
+from .chat_request import MAX_SESSION_KEY, RESERVED_SESSION_KEY, is_reserved_session_key
 from .errors import invalid_request
 from .runs import RunSpec
-
-MAX_SESSION_KEY = 512
 
 
 def main_session_key(agent_id: str) -> str:

@@ -31,6 +31,12 @@ RESERVED_SESSION_KEY = (
     "`x-openclaw-session-key` cannot use reserved internal session namespaces."
 )
 USER_NOT_STRING = "`user` must be a string."
+# Session keys become NATS subject tokens (4/3 of their UTF-8 size): bounded so that
+# every subject and API line stays far below NATS's 4 kB control-line limit (past
+# it the server drops the connection, which would take the gateway off the bus).
+MAX_SESSION_KEY = 512
+SESSION_KEY_TOO_LONG = f"`x-openclaw-session-key` is longer than {MAX_SESSION_KEY} characters."
+USER_TOO_LONG = f"`user` is longer than {MAX_SESSION_KEY} characters."
 STREAM_NOT_BOOL = "`stream` must be a boolean."
 STREAM_OPTIONS_NOT_OBJECT = "`stream_options` must be an object."
 INCLUDE_USAGE_NOT_BOOL = "`stream_options.include_usage` must be a boolean."
@@ -158,11 +164,15 @@ def _resolve_session_key(headers: Mapping[str, str], user: object,
         raise invalid_request(USER_NOT_STRING)
     explicit = headers.get(SESSION_KEY_HEADER, "").strip()
     if explicit:
+        if len(explicit) > MAX_SESSION_KEY:
+            raise invalid_request(SESSION_KEY_TOO_LONG)
         if is_reserved_session_key(explicit):
             raise invalid_request(RESERVED_SESSION_KEY)
         return explicit, False
     user_id = (user or "").strip()
     if user_id:
+        if len(user_id) > MAX_SESSION_KEY:
+            raise invalid_request(USER_TOO_LONG)
         return f"agent:{agent_id}:openai-user:{user_id.lower()}", False
     return f"agent:{agent_id}:openai:{uuid.uuid4()}", True
 

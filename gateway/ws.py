@@ -31,6 +31,7 @@ from . import errors
 from .agent_turn import agent_turn
 from .auth import Authenticator
 from .chat import failure_error
+from .chat_request import MAX_SESSION_KEY
 from .errors import ApiError
 from .runs import NoWorkerError, RunClient, RunHandle, RunRejected
 from .sessions import Sessions
@@ -161,15 +162,15 @@ class Connection:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 text = await self.ws.receive_text()
         except TimeoutError:
-            await self._close(POLICY_VIOLATION, "connect timeout")
+            await self._flush_and_close(POLICY_VIOLATION, "connect timeout")
             return False
         except (KeyError, RuntimeError):  # a binary frame
-            await self._close(POLICY_VIOLATION, "first frame must be a connect request")
+            await self._flush_and_close(POLICY_VIOLATION, "first frame must be a connect request")
             return False
         frame = _parse(text)
         if not (isinstance(frame, dict) and frame.get("type") == "req"
                 and frame.get("method") == "connect"):
-            await self._close(POLICY_VIOLATION, "first frame must be a connect request")
+            await self._flush_and_close(POLICY_VIOLATION, "first frame must be a connect request")
             return False
         params = frame.get("params")
         if not isinstance(params, dict):
@@ -342,6 +343,9 @@ class Connection:
         key = params.get("sessionKey") if isinstance(params, dict) else None
         if not isinstance(key, str) or not key.strip():
             raise errors.invalid_request("`sessionKey` must be a non-empty string.")
+        if len(key.strip()) > MAX_SESSION_KEY:
+            raise errors.invalid_request(
+                f"`sessionKey` is longer than {MAX_SESSION_KEY} characters.")
         return key.strip()
 
     async def _history(self, arg: Any) -> dict[str, Any]:

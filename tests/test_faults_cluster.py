@@ -151,11 +151,6 @@ def _run_cluster_scenario(upstream: FaultyOpenAI, tmp_path: Path, nodes: list[Na
         proc.wait_line(re.compile("nats reconnected"), timeout=10)
     turns = asyncio.run(_all_turns(all_urls, prefix, sessions))
     _check(prefix, results, turns=turns, upstream=upstream, marks=marks, rejoin=rejoin)
-    import os
-    if os.environ.get("FAULT_DEBUG"):
-        for proc in procs:
-            print(f"==== {proc.name}\n" + "\n".join(
-                ln for ln in proc.lines)[-15000:])
 
 
 async def _all_turns(urls: str, prefix: str, sessions: int) -> dict[int, list[Any]]:

@@ -33,6 +33,7 @@ from typing import Literal
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -271,6 +272,18 @@ class Worker:
         except Exception as exc:
             if isinstance(exc, BUS_UNAVAILABLE):
                 await self._bus_unavailable(msg, emitter, exc)
+                return
+            if isinstance(exc, MaxPayloadError):
+                # Input + reply do not fit one bus message: a limit, not a crash.
+                limit = self.nc.max_payload
+                log.warning("run failed: its turn exceeds the bus's %d-byte message limit",
+                            limit)
+                with contextlib.suppress(Exception):
+                    await emitter.failed(errors.internal(
+                        f"agent turn too large to store (the bus takes at most {limit} "
+                        "bytes per message)"))
+                with contextlib.suppress(Exception):
+                    await msg.term()
                 return
             log.exception("run failed inside the worker")
             with contextlib.suppress(Exception):

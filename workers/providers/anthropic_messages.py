@@ -12,18 +12,17 @@ The SSE reply is a sequence of typed events (``message_start``,
 ``message_stop``, ``ping``, ``error``); text deltas become :class:`TextDelta` items
 and the stream ends with one :class:`Finish` once ``message_stop`` arrives.
 
-As in ``openai-completions``, one ``httpx.AsyncClient`` is shared by all runs and
-the response lives inside ``async with client.stream(...)``, so cancelling or closing
-the generator closes the connection at once and the upstream stops generating.
+As in ``openai-completions``, one ``aiohttp.ClientSession`` is shared by all runs,
+and cancelling or closing the generator mid-stream closes the response's connection
+at once, so the upstream stops generating.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncGenerator
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-import httpx
+import aiohttp
 import orjson
 
 from bus.messages import Usage
@@ -38,11 +37,16 @@ from .base import (
 )
 from .http_stream import (
     MAX_DETAIL,
+    LazyClient,
+    SSELines,
     decode_event,
     drain,
+    env_proxy,
+    finish_response,
     incomplete_stream,
-    make_client,
+    request_headers,
     sse_data,
+    sse_field,
     status_error,
     transport_error,
 )
@@ -60,15 +64,17 @@ class AnthropicMessagesProvider:
                  timeout_seconds: float, connect_timeout_seconds: float) -> None:
         self.base_url = base_url.rstrip("/")
         self._url = f"{self.base_url}/messages"
-        default_headers = httpx.Headers({
+        defaults = {
             "accept": "text/event-stream",
             "content-type": "application/json",
             "anthropic-version": ANTHROPIC_VERSION,
-        })
+        }
         if api_key:
-            default_headers["x-api-key"] = api_key
-        default_headers.update(headers)  # configured headers win (case-insensitively)
-        self._client = make_client(default_headers, timeout_seconds, connect_timeout_seconds)
+            defaults["x-api-key"] = api_key
+        # configured headers win (case-insensitively)
+        self._client = LazyClient(request_headers(defaults, headers), timeout_seconds,
+                                  connect_timeout_seconds)
+        self._proxy = env_proxy(self._url)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -77,63 +83,63 @@ class AnthropicMessagesProvider:
         reason: Literal["stop", "length"] = "stop"
         prompt_tokens = completion_tokens = 0
         done = False
-        responded = False
+        body = orjson.dumps(_request_body(request))
+        response: aiohttp.ClientResponse | None = None
         try:
-            async with self._client.stream(
-                "POST", self._url, content=orjson.dumps(_request_body(request))
-            ) as response:
-                responded = True
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise status_error(response, _error_detail,
-                                       rate_limit_statuses=_RATE_LIMIT_STATUSES)
-                lines_iter = cast(AsyncGenerator[str, None], response.aiter_lines())
-                async with contextlib.aclosing(lines_iter) as lines:
+            response = await self._client.get().post(self._url, data=body, proxy=self._proxy)
+            if response.status >= 400:
+                raise status_error(response, await response.read(), _error_detail,
+                                   rate_limit_statuses=_RATE_LIMIT_STATUSES)
+            lines = SSELines(response.content)
+            event_name = ""
+            while not done and (batch := await lines.read()) is not None:
+                for line in batch:
+                    name = sse_field(line, b"event:")
+                    if name is not None:
+                        event_name = name
+                        continue
+                    data = sse_data(line)
+                    if data is None:
+                        continue
+                    event = decode_event(data)
+                    kind = event.get("type")
+                    if not isinstance(kind, str):
+                        kind = event_name
                     event_name = ""
-                    async for line in lines:
-                        if line.startswith("event:"):
-                            event_name = line[6:].strip()
-                            continue
-                        data = sse_data(line)
-                        if data is None:
-                            continue
-                        event = decode_event(data)
-                        kind = event.get("type")
-                        if not isinstance(kind, str):
-                            kind = event_name
-                        event_name = ""
-                        if kind == "content_block_delta":
-                            delta = event.get("delta")
-                            if isinstance(delta, dict) and delta.get("type") == "text_delta":
-                                text = delta.get("text")
-                                if isinstance(text, str) and text:
-                                    yield TextDelta(text)
-                        elif kind == "message_start":
-                            message = event.get("message")
-                            if isinstance(message, dict):
-                                prompt_tokens, completion_tokens = _usage(
-                                    message.get("usage"), prompt_tokens, completion_tokens)
-                        elif kind == "message_delta":
-                            delta = event.get("delta")
-                            stop_reason = delta.get("stop_reason") if isinstance(
-                                delta, dict) else None
-                            if isinstance(stop_reason, str):
-                                reason = ("length" if stop_reason in _LENGTH_STOP_REASONS
-                                          else "stop")
+                    if kind == "content_block_delta":
+                        delta = event.get("delta")
+                        if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                            text = delta.get("text")
+                            if isinstance(text, str) and text:
+                                yield TextDelta(text)
+                    elif kind == "message_start":
+                        message = event.get("message")
+                        if isinstance(message, dict):
                             prompt_tokens, completion_tokens = _usage(
-                                event.get("usage"), prompt_tokens, completion_tokens)
-                        elif kind == "message_stop":
-                            done = True
-                            break
-                        elif kind == "error":
-                            raise _stream_error(event)
-                        # ping, content_block_start/stop and unknown events: ignored
-                    if done:
-                        await drain(lines)
-                if not done:
-                    raise incomplete_stream(response, "message_stop")
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, responded=responded, url=self._url) from exc
+                                message.get("usage"), prompt_tokens, completion_tokens)
+                    elif kind == "message_delta":
+                        delta = event.get("delta")
+                        stop_reason = delta.get("stop_reason") if isinstance(
+                            delta, dict) else None
+                        if isinstance(stop_reason, str):
+                            reason = ("length" if stop_reason in _LENGTH_STOP_REASONS
+                                      else "stop")
+                        prompt_tokens, completion_tokens = _usage(
+                            event.get("usage"), prompt_tokens, completion_tokens)
+                    elif kind == "message_stop":
+                        done = True
+                        break
+                    elif kind == "error":
+                        raise _stream_error(event)
+                    # ping, content_block_start/stop and unknown events: ignored
+            if not done:
+                raise incomplete_stream(response, "message_stop")
+            await drain(lines)
+        except aiohttp.ClientError as exc:
+            raise transport_error(exc, responded=response is not None, url=self._url) from exc
+        finally:
+            if response is not None:
+                finish_response(response)
         yield Finish(reason=reason, usage=Usage(prompt_tokens=prompt_tokens,
                                                 completion_tokens=completion_tokens))
 

@@ -1,6 +1,11 @@
 """Shared helpers for the HTTP streaming providers (``openai-completions``,
-``anthropic-messages``): SSE line parsing, draining, ``Retry-After`` parsing and the
-translation of HTTP failures into :class:`ProviderError`."""
+``anthropic-messages``): the pooled aiohttp session, SSE line splitting, draining,
+``Retry-After`` parsing and the translation of HTTP failures into :class:`ProviderError`.
+
+aiohttp rather than httpx: its C HTTP parser and plain asyncio transports cost far less
+CPU per streamed request than httpx/httpcore/anyio (which also polls every pooled
+socket on each request).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ import asyncio
 import contextlib
 import email.utils
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
+from multidict import CIMultiDict
 
 from .base import ProviderError
 
@@ -21,28 +29,126 @@ from .base import ProviderError
 DRAIN_SECONDS = 0.5
 # Longest upstream error text quoted in a ProviderError message.
 MAX_DETAIL = 500
+# Idle pooled connections are closed after this many seconds.
+KEEPALIVE_SECONDS = 30.0
 
 
-# No cap on connections: the worker's maxConcurrent already bounds how many runs
-# (hence upstream requests) are in flight, and httpx's default cap of 100 made the
-# 101st concurrent stream wait for another run to finish.
-POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                           keepalive_expiry=30.0)
+def request_headers(defaults: Mapping[str, str],
+                    configured: Mapping[str, str]) -> CIMultiDict[str]:
+    """``defaults`` overridden by the configured headers (case-insensitively)."""
+    headers = CIMultiDict(defaults)
+    headers.update(configured)
+    return headers
 
 
-def make_client(headers: httpx.Headers, timeout_seconds: float,
-                connect_timeout_seconds: float) -> httpx.AsyncClient:
-    """The one pooled HTTP client a provider instance keeps for its upstream."""
-    return httpx.AsyncClient(
-        headers=headers, limits=POOL_LIMITS,
-        timeout=httpx.Timeout(timeout_seconds, connect=connect_timeout_seconds))
-
-
-def sse_data(line: str) -> str | None:
-    """The payload of a ``data:`` line; None for blank lines, comments and other fields."""
-    if not line.startswith("data:"):
+def env_proxy(url: str) -> str | None:
+    """The proxy for ``url`` from ``HTTP(S)_PROXY`` / ``ALL_PROXY`` minus ``NO_PROXY``
+    (httpx honoured them too), read once rather than per request."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or (parts.hostname and urllib.request.proxy_bypass(parts.hostname)):
         return None
-    return line[5:].strip()
+    return proxy
+
+
+def make_client(headers: Mapping[str, str], timeout_seconds: float,
+                connect_timeout_seconds: float) -> aiohttp.ClientSession:
+    """The one pooled HTTP session a provider instance keeps for its upstream; must be
+    called inside the running event loop. ``timeout_seconds`` is the longest silence
+    allowed between bytes of the response (head included).
+
+    No cap on connections (``limit=0``): the worker's maxConcurrent already bounds how
+    many runs (hence upstream requests) are in flight, and a cap of 100 made the 101st
+    concurrent stream wait for another run to finish."""
+    return aiohttp.ClientSession(
+        headers=headers,
+        connector=aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout_seconds,
+            sock_connect=connect_timeout_seconds, sock_read=timeout_seconds),
+    )
+
+
+class LazyClient:
+    """A provider's session, opened on first use inside the running loop (providers
+    may be built outside one) and closed by :meth:`aclose`."""
+
+    __slots__ = ("_closed", "_connect_timeout", "_headers", "_session", "_timeout")
+
+    def __init__(self, headers: Mapping[str, str], timeout_seconds: float,
+                 connect_timeout_seconds: float) -> None:
+        self._headers = headers
+        self._timeout = timeout_seconds
+        self._connect_timeout = connect_timeout_seconds
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def get(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None:
+            if self._closed:
+                raise RuntimeError("the provider has been closed")
+            session = self._session = make_client(
+                self._headers, self._timeout, self._connect_timeout)
+        return session
+
+    async def aclose(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+class SSELines:
+    """The lines of a response body (CRLF, LF or CR endings), as raw bytes, one network
+    read at a time; lines are split before decoding, so multi-byte UTF-8 characters cut
+    by a read boundary stay whole."""
+
+    __slots__ = ("_content", "_partial")
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+        self._partial: list[bytes] = []  # the unfinished last line, in pieces
+
+    async def read(self) -> list[bytes] | None:
+        """The lines completed by the next read (at least one); None at the end of the
+        body. A CRLF cut between two reads yields an extra blank line (harmless in SSE)."""
+        content, partial = self._content, self._partial
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                if partial:
+                    last = b"".join(partial)
+                    partial.clear()
+                    return [last]
+                return None
+            if b"\n" not in chunk and b"\r" not in chunk:
+                partial.append(chunk)
+                continue
+            if partial:
+                partial.append(chunk)
+                chunk = b"".join(partial)
+                partial.clear()
+            lines = chunk.splitlines()
+            if chunk[-1] not in b"\r\n":
+                partial.append(lines.pop())
+            if lines:
+                return lines
+
+
+def sse_field(line: bytes, name: bytes) -> str | None:
+    """The value of an SSE ``name:`` line (e.g. ``b"data:"``), stripped; None for
+    blank lines, comments and other fields."""
+    if not line.startswith(name):
+        return None
+    return line[len(name):].decode("utf-8", "replace").strip()
+
+
+def sse_data(line: bytes) -> str | None:
+    """The payload of a ``data:`` line; None for blank lines, comments and other fields."""
+    return sse_field(line, b"data:")
 
 
 def decode_event(data: str) -> dict[str, Any]:
@@ -58,16 +164,26 @@ def decode_event(data: str) -> dict[str, Any]:
     return event
 
 
-async def drain(lines: AsyncIterator[str]) -> None:
+async def drain(lines: SSELines) -> None:
     """Read what is left of the body for up to :data:`DRAIN_SECONDS`, ignoring errors."""
-    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
         async with asyncio.timeout(DRAIN_SECONDS):
-            async for _ in lines:
+            while await lines.read() is not None:
                 pass
 
 
-def retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``Retry-After`` (delta-seconds or an HTTP date)."""
+def finish_response(response: aiohttp.ClientResponse) -> None:
+    """Return the connection to the pool if the body was read to its end; otherwise
+    close it at once (the upstream sees the disconnect and stops generating)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``Retry-After`` (delta-seconds or an HTTP date);
+    ``headers`` must be case-insensitive."""
     with contextlib.suppress(ValueError):
         if "retry-after-ms" in headers:
             return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
@@ -85,20 +201,20 @@ def retry_after(headers: httpx.Headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def describe(exc: Exception) -> str:
+def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def transport_error(exc: httpx.HTTPError, *, responded: bool, url: str) -> ProviderError:
+def transport_error(exc: aiohttp.ClientError, *, responded: bool, url: str) -> ProviderError:
     """A timeout, a stream that broke off after the response began, or no connection."""
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):  # aiohttp.ServerTimeoutError and subclasses
         return ProviderError("timeout", f"upstream timed out: {describe(exc)}")
     if responded:
         return ProviderError("bad_response", f"upstream stream broke off: {describe(exc)}")
     return ProviderError("unreachable", f"cannot reach {url}: {describe(exc)}")
 
 
-def incomplete_stream(response: httpx.Response, what: str) -> ProviderError:
+def incomplete_stream(response: aiohttp.ClientResponse, what: str) -> ProviderError:
     """The body ended without ``what``; notes a content type that is not SSE."""
     content_type = response.headers.get("content-type", "")
     return ProviderError(
@@ -109,17 +225,20 @@ def incomplete_stream(response: httpx.Response, what: str) -> ProviderError:
     )
 
 
-def status_error(response: httpx.Response, error_detail: Callable[[object], str | None],
+def status_error(response: aiohttp.ClientResponse, body: bytes,
+                 error_detail: Callable[[object], str | None],
                  *, rate_limit_statuses: Collection[int] = (429,)) -> ProviderError:
-    """An HTTP error status (body already read); ``error_detail`` extracts the message
-    from the decoded JSON body, else the raw body (or the reason phrase) is quoted."""
-    status = response.status_code
+    """An HTTP error status with its (fully read) ``body``: ``error_detail`` extracts the
+    message from the decoded JSON body, else the raw body (or the reason phrase) is
+    quoted."""
+    status = response.status
     try:
-        detail = error_detail(orjson.loads(response.content))
+        detail = error_detail(orjson.loads(body))
     except orjson.JSONDecodeError:
         detail = None
     if detail is None:
-        detail = response.text.strip()[:MAX_DETAIL] or response.reason_phrase
+        detail = (_body_text(body, response.charset).strip()[:MAX_DETAIL]
+                  or response.reason or "")
     message = f"upstream returned HTTP {status}: {detail}"
     if status in (401, 403):
         return ProviderError("auth", message, status=status)
@@ -127,3 +246,10 @@ def status_error(response: httpx.Response, error_detail: Callable[[object], str 
         return ProviderError("rate_limit", message, status=status,
                              retry_after=retry_after(response.headers))
     return ProviderError("failed", message, status=status)
+
+
+def _body_text(body: bytes, charset: str | None) -> str:
+    try:
+        return body.decode(charset or "utf-8", "replace")
+    except LookupError:  # an unknown charset
+        return body.decode("utf-8", "replace")

@@ -3,20 +3,20 @@
 Works against OpenAI, vLLM, Ollama, llama.cpp, LM Studio and the like. The request
 always streams (``stream: true`` with ``stream_options.include_usage``); the SSE
 reply is parsed line by line into :class:`TextDelta` items and one :class:`Finish`.
-One ``httpx.AsyncClient`` (and so one connection pool) is shared by all runs.
+One ``aiohttp.ClientSession`` (and so one connection pool) is shared by all runs;
+it is opened on first use, inside the running event loop.
 
-The HTTP response lives inside ``async with client.stream(...)``: when the consumer
-is cancelled or closes the generator, the connection is closed at once, so the
-upstream sees the disconnect and stops generating.
+When the consumer is cancelled or closes the generator mid-stream, the response's
+connection is closed at once (never returned to the pool half-read), so the upstream
+sees the disconnect and stops generating.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncGenerator
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-import httpx
+import aiohttp
 import orjson
 
 from bus.messages import Usage
@@ -24,10 +24,14 @@ from bus.messages import Usage
 from .base import Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
 from .http_stream import (
     MAX_DETAIL,
+    LazyClient,
+    SSELines,
     decode_event,
     drain,
+    env_proxy,
+    finish_response,
     incomplete_stream,
-    make_client,
+    request_headers,
     sse_data,
     status_error,
     transport_error,
@@ -39,14 +43,13 @@ class OpenAICompletionsProvider:
                  timeout_seconds: float, connect_timeout_seconds: float) -> None:
         self.base_url = base_url.rstrip("/")
         self._url = f"{self.base_url}/chat/completions"
-        default_headers = httpx.Headers({
-            "accept": "text/event-stream",
-            "content-type": "application/json",
-        })
+        defaults = {"accept": "text/event-stream", "content-type": "application/json"}
         if api_key:
-            default_headers["authorization"] = f"Bearer {api_key}"
-        default_headers.update(headers)  # configured headers win (case-insensitively)
-        self._client = make_client(default_headers, timeout_seconds, connect_timeout_seconds)
+            defaults["authorization"] = f"Bearer {api_key}"
+        # configured headers win (case-insensitively)
+        self._client = LazyClient(request_headers(defaults, headers), timeout_seconds,
+                                  connect_timeout_seconds)
+        self._proxy = env_proxy(self._url)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -55,43 +58,43 @@ class OpenAICompletionsProvider:
         reason: Literal["stop", "length"] = "stop"
         usage = Usage()
         finished = done = False
-        responded = False
+        body = orjson.dumps(_request_body(request))
+        response: aiohttp.ClientResponse | None = None
         try:
-            async with self._client.stream(
-                "POST", self._url, content=orjson.dumps(_request_body(request))
-            ) as response:
-                responded = True
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise status_error(response, _error_detail)
-                lines_iter = cast(AsyncGenerator[str, None], response.aiter_lines())
-                async with contextlib.aclosing(lines_iter) as lines:
-                    async for line in lines:
-                        data = sse_data(line)
-                        if data is None:
-                            continue
-                        if data == "[DONE]":
-                            done = True
-                            break
-                        chunk = _decode_chunk(data)
-                        choices = chunk.get("choices")
-                        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-                            choice = choices[0]
-                            delta = choice.get("delta")
-                            text = delta.get("content") if isinstance(delta, dict) else None
-                            if isinstance(text, str) and text:
-                                yield TextDelta(text)
-                            finish_reason = choice.get("finish_reason")
-                            if isinstance(finish_reason, str) and finish_reason:
-                                finished = True
-                                reason = "length" if finish_reason == "length" else "stop"
-                        usage = _usage(chunk.get("usage")) or usage
-                    if done:
-                        await drain(lines)
-                if not done and not finished:
-                    raise incomplete_stream(response, "[DONE] or a finish_reason")
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, responded=responded, url=self._url) from exc
+            response = await self._client.get().post(self._url, data=body, proxy=self._proxy)
+            if response.status >= 400:
+                raise status_error(response, await response.read(), _error_detail)
+            lines = SSELines(response.content)
+            while not done and (batch := await lines.read()) is not None:
+                for line in batch:
+                    data = sse_data(line)
+                    if data is None:
+                        continue
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = _decode_chunk(data)
+                    choices = chunk.get("choices")
+                    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+                        choice = choices[0]
+                        delta = choice.get("delta")
+                        text = delta.get("content") if isinstance(delta, dict) else None
+                        if isinstance(text, str) and text:
+                            yield TextDelta(text)
+                        finish_reason = choice.get("finish_reason")
+                        if isinstance(finish_reason, str) and finish_reason:
+                            finished = True
+                            reason = "length" if finish_reason == "length" else "stop"
+                    usage = _usage(chunk.get("usage")) or usage
+            if done:
+                await drain(lines)
+            elif not finished:
+                raise incomplete_stream(response, "[DONE] or a finish_reason")
+        except aiohttp.ClientError as exc:
+            raise transport_error(exc, responded=response is not None, url=self._url) from exc
+        finally:
+            if response is not None:
+                finish_response(response)
         yield Finish(reason=reason, usage=usage)
 
 

@@ -1,0 +1,185 @@
+"""Smoke tests of the benchmark harness (bench/): the fake upstream answers with
+OpenAI's shapes, the stream client parses its SSE, wrk's Lua script reports JSON,
+and the report renders. No timing assertions: the benchmark itself is the judge."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bench import report, run, streamclient, upstream, wrk
+from tests.schemas import validate
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[int]:
+    """The fake upstream on a free port in this test's loop; yields the port."""
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(upstream.serve("127.0.0.1", 0, 32, 0.0, ready))
+    port = await asyncio.wait_for(ready, 5)
+    try:
+        yield port
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def _exchange(port: int, body: dict[str, Any]) -> bytes:
+    """One raw HTTP/1.1 request (Connection: close); the whole response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = orjson.dumps(body)
+    writer.write(streamclient.build_request("127.0.0.1", port, "/v1/chat/completions",
+                                            payload, None, keep_alive=False))
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while True:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out += rest[:size]
+        body = rest[size + 2:]
+
+
+async def test_upstream_non_streaming_shape(fake: int) -> None:
+    raw = await _exchange(fake, {"model": "fake-t5", "messages": [{"role": "user",
+                                                                  "content": "hi"}]})
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    completion = orjson.loads(body)
+    validate("chat_completion", completion)
+    assert completion["choices"][0]["message"]["content"].split() == [
+        f"w{k}" for k in range(5)]
+    assert completion["usage"]["completion_tokens"] == 5
+
+
+async def test_upstream_streaming_shape(fake: int) -> None:
+    raw = await _exchange(fake, {"model": "fake-t4-d1", "stream": True, "messages": []})
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"text/event-stream" in head and b"chunked" in head.lower()
+    events = [line[len(b"data: "):] for line in _dechunk(body).split(b"\n\n") if line]
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        validate("chat_completion_chunk", chunk)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text.split() == ["w0", "w1", "w2", "w3"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+async def test_upstream_keep_alive_and_errors(fake: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", fake)
+    try:
+        request = streamclient.build_request("127.0.0.1", fake, "/v1/chat/completions",
+                                             b'{"model": "fake-t2"}', None)
+        writer.write(request + request + b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        seen = b""
+        while seen.count(b"HTTP/1.1 ") < 3:
+            seen += await asyncio.wait_for(reader.read(65536), 5)
+        assert seen.count(b"HTTP/1.1 200 OK") == 2 and b"HTTP/1.1 404" in seen
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_streamclient_closed_loop_parses_sse(fake: int) -> None:
+    request = streamclient.build_request(
+        "127.0.0.1", fake, "/v1/chat/completions",
+        b'{"model": "fake-t6-d2", "stream": true, "messages": []}', None)
+    records = await streamclient.closed_loop("127.0.0.1", fake, request, concurrency=2,
+                                             duration=0.1, stream_timeout=5)
+    result = streamclient.summarize(records, tokens=6, delay_ms=2, slack_ms=10_000)
+    assert result["streams"] >= 2
+    assert result["ok"] == result["streams"] == result["on_time"]
+    assert result["errors"] == {}
+    assert result["ttft_ms"]["p50"] is not None
+
+
+async def test_streamclient_open_rate(fake: int) -> None:
+    request = streamclient.build_request(
+        "127.0.0.1", fake, "/v1/chat/completions",
+        b'{"model": "fake-t3-d1", "stream": true, "messages": []}', None, keep_alive=False)
+    records = await streamclient.open_rate("127.0.0.1", fake, request, streams=5, rate=200,
+                                           stream_timeout=5)
+    result = streamclient.summarize(records, tokens=3, delay_ms=1, slack_ms=10_000)
+    assert result["streams"] == result["ok"] == 5
+
+
+async def test_streamclient_reports_http_errors(fake: int) -> None:
+    request = streamclient.build_request("127.0.0.1", fake, "/v1/nope", b"{}", None)
+    records = await streamclient.closed_loop("127.0.0.1", fake, request, concurrency=1,
+                                             duration=0.01, stream_timeout=5)
+    result = streamclient.summarize(records, tokens=1, delay_ms=0)
+    assert result["ok"] == 0 and result["error_count"] == result["streams"] >= 1
+    assert any("HTTP 404" in message for message in result["errors"])
+
+
+def test_on_time_definition() -> None:
+    """Token k is due at open + k × delay; later than the slack makes the stream late."""
+    def record(*offsets: float) -> streamclient.StreamRecord:
+        rec = streamclient.StreamRecord(intended=0.0, started=0.0, status=200, done=True,
+                                        complete=True)
+        rec.token_times = list(offsets)
+        return rec
+
+    on_time = record(0.01, 0.51, 1.02)
+    late_start = record(0.2, 0.5, 1.0)
+    fell_behind = record(0.0, 0.5, 1.15)
+    short = record(0.0, 0.5)
+    result = streamclient.summarize([on_time, late_start, fell_behind, short], tokens=3,
+                                    delay_ms=500, slack_ms=100)
+    assert result["on_time"] == 1 and result["ok"] == 3
+    assert "incomplete: 2/3 tokens, done=True" in result["errors"]
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+async def test_wrk_script_reports_json(fake: int) -> None:
+    result = await asyncio.to_thread(
+        wrk.run_wrk, shutil.which("wrk") or "wrk", f"http://127.0.0.1:{fake}/v1/chat/completions",
+        b'{"model": "fake-t4"}', auth="x", connections=2, duration=1, cpus=None,
+        max_requests=50)
+    assert result["requests"] >= 50 and result["error_count"] == 0
+    assert result["latency_us"]["p50"] > 0
+
+
+def test_report_renders_and_updates_doc(tmp_path: Path) -> None:
+    def rec(system: str, scenario: str, **values: Any) -> dict[str, Any]:
+        return {"round": 1, "system": system, "scenario": scenario, **values}
+
+    records = [rec(s, "rps_c16", rps=r, latency_us={"p50": 100.0}, error_count=0)
+               for s, r in (("upstream", 40000.0), ("clawbus", 1500.0))]
+    records.append(rec("clawbus", "idle_rss", rss_bytes=100 * 2**20, pss_bytes=None))
+    raw = {"plan": {"duration": 1, "concurrency": [16], "ttft_concurrency": [], "held": [],
+                    "held_rate": 250, "cpu_requests": 10, "scaling_workers": [],
+                    "slack_ms": 100},
+           "machine": {"cpu": "test"}, "cpus": {"system": "0", "harness": "1"},
+           "started": "2025-01-01T00:00:00", "records": records}
+    text = report.render(raw, "bench/results/x.json", "python -m bench.run")
+    assert "| non-streaming req/s, c=16 | 40,000 | 1,500 | 115 | 13.0× |" in text
+    doc = tmp_path / "BENCH.md"
+    mention = "Use `<!-- bench:begin -->` … `<!-- bench:end -->` lines.\n"
+    doc.write_text(f"# title\n{mention}\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\ntail\n")
+    run.update_doc(doc, text)
+    updated = doc.read_text()
+    assert "old" not in updated and updated.startswith(f"# title\n{mention}")
+    assert updated.endswith("<!-- bench:end -->\n\ntail\n") and "40,000" in updated
+    bare = tmp_path / "NEW.md"
+    run.update_doc(bare, text)
+    assert bare.read_text().startswith("## Latest results\n\n<!-- bench:begin -->\n")
