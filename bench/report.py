@@ -333,7 +333,8 @@ def _health(raw: dict[str, Any], data: Data, add: Callable[[str], None]) -> None
              if isinstance(r.get("other_cpu_share"), float)]
     for system in sorted(set(failed) | set(streams_failed)):
         add(f"- {system}: {failed.get(system, 0)} failed non-streaming requests (wrk socket "
-            f"errors + non-2xx), {streams_failed.get(system, 0)} failed or incomplete streams.")
+            f"errors + non-2xx), {streams_failed.get(system, 0)} failed or incomplete streams "
+            "(all rounds; late but complete streams are not failures).")
     if harness:
         add(f"- Load generator + fake upstream used at most {max(harness):.2f} of a core "
             "during a run against a system (near 1.0 would mean the harness limited a result).")

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Coroutine, MutableMapping
+from collections.abc import Coroutine, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -175,7 +175,7 @@ class InProcess:
 
     # -- WebSocket -------------------------------------------------------------
 
-    def websocket(self, frames: list[str | bytes], headers: Headers | None = None,
+    def websocket(self, frames: Sequence[str | bytes], headers: Headers | None = None,
                   client: tuple[str, int] | None = None, settle: float = 10.0) -> WsResult:
         """Open a socket, send ``frames``, read until every request was answered (or
         the server closed), then disconnect; raises if the app crashed."""
@@ -183,7 +183,7 @@ class InProcess:
         return self.call(self._websocket(frames, headers or [], client or self.client, settle),
                          timeout=settle + 30)
 
-    async def _websocket(self, frames: list[str | bytes], headers: Headers,
+    async def _websocket(self, frames: Sequence[str | bytes], headers: Headers,
                          client: tuple[str, int], settle: float) -> WsResult:
         scope = {"type": "websocket", "asgi": {"version": "3.0"}, "http_version": "1.1",
                  "scheme": "ws", "path": "/", "raw_path": b"/", "query_string": b"",
@@ -238,7 +238,7 @@ class InProcess:
         return result
 
 
-def _answered(result: WsResult, frames: list[str | bytes]) -> bool:
+def _answered(result: WsResult, frames: Sequence[str | bytes]) -> bool:
     """Every frame after the handshake answered, and every accepted run finished."""
     res = [f for f in result.frames if f.get("type") == "res"]
     if not res:

@@ -514,6 +514,15 @@ def test_session_key_length_is_bounded(gw: InProcess) -> None:
                       ) == "200 json"
     four_byte = "😀" * 512  # 2 kB of UTF-8: the longest key allowed
     assert check_http(post(gw, chat("wide", user=four_byte))) == "200 json"
+    # The WebSocket door: history, reset and agent refuse over-long keys too.
+    frames = [CONNECT, *(orjson.dumps({"type": "req", "id": method, "method": method, "params": {
+        "sessionKey": "k" * 5000, "message": "hi"}}).decode()
+        for method in ("chat.history", "sessions.reset", "agent"))]
+    res = [f for f in gw.websocket(frames).frames if f["type"] == "res"][1:]
+    assert [(f["id"], f["ok"], f["error"]["message"]) for f in res] == [
+        (m, False, "`sessionKey` is longer than 512 characters.")
+        for m in ("chat.history", "sessions.reset", "agent")]
+    assert check_http(post(gw, chat("still up"))) == "200 json"
 
 
 def _turns(gw: InProcess, key: str) -> list[Any]:
