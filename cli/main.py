@@ -61,8 +61,22 @@ def _bus(settings: Settings, explicit_url: str | None, *, reuse_running: bool) -
         server.stop()
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket other processes can bind too (SO_REUSEPORT): the kernel
+    spreads connections over every gateway process on the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
 def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
-                   on_listening: list[str] | None = None) -> None:
+                   on_listening: list[str] | None = None,
+                   sock: socket.socket | None = None) -> None:
     import uvicorn
 
     from gateway.app import create_app
@@ -102,12 +116,20 @@ def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
                 # Tests and scripts wait for this line to learn the (maybe random) port.
                 print(f"clawbus gateway listening on {url}", flush=True)
 
-    Server(config).run()
+    Server(config).run(sockets=[sock] if sock is not None else None)
 
 
 def _worker_command(args: argparse.Namespace, bus_url: str) -> list[str]:
     cmd = [sys.executable, "-m", "cli", "worker", "--bus-url", bus_url,
            "--log-level", args.log_level, "--log-format", args.log_format]
+    if args.config:
+        cmd += ["--config", str(args.config)]
+    return cmd
+
+
+def _gateway_command(args: argparse.Namespace, bus_url: str, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "cli", "gateway", "--bus-url", bus_url, "--port", str(port),
+           "--reuse-port", "--log-level", args.log_level, "--log-format", args.log_format]
     if args.config:
         cmd += ["--config", str(args.config)]
     return cmd
@@ -134,10 +156,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     with _bus(settings, args.bus_url, reuse_running=False) as bus_url:
         workers = [subprocess.Popen(_worker_command(args, bus_url), preexec_fn=_die_with_parent)  # noqa: PLW1509
                    for _ in range(args.workers)]
+        sock = None
+        port = settings.gateway.port if args.port is None else args.port
+        if args.gateways > 1:
+            # Extra gateway processes share this port (SO_REUSEPORT); with port 0
+            # they all use the one the first socket was given.
+            sock = reuse_port_socket(settings.gateway.host, port)
+            port = sock.getsockname()[1]
+            workers += [subprocess.Popen(
+                _gateway_command(args, bus_url, port),
+                preexec_fn=_die_with_parent)  # noqa: PLW1509
+                for _ in range(args.gateways - 1)]
         listening: list[str] = []
         try:
             write_running(settings.state_dir, {"bus_url": bus_url, "pid": os.getpid()})
-            _serve_gateway(settings, bus_url, args.port, listening)
+            _serve_gateway(settings, bus_url, port, listening, sock)
         finally:
             clear_running(settings.state_dir)
             for proc in workers:
@@ -156,7 +189,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     settings = _load(args)
     check_gateway_startable(settings)
     with _bus(settings, args.bus_url, reuse_running=True) as bus_url:
-        _serve_gateway(settings, bus_url, args.port)
+        sock = None
+        if args.reuse_port:
+            port = settings.gateway.port if args.port is None else args.port
+            sock = reuse_port_socket(settings.gateway.host, port)
+        _serve_gateway(settings, bus_url, args.port, sock=sock)
     return 0
 
 
@@ -220,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="embedded NATS + gateway + workers on this machine")
     common(up)
     up.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    up.add_argument("--gateways", type=int, default=1,
+                    help="gateway processes sharing the port via SO_REUSEPORT (default 1)")
     up.add_argument("--port", type=int, default=None, help="override gateway.port (0: any)")
     up.add_argument("--bus-url", default=None, help="use this NATS instead of bus.url")
     up.add_argument("--grace", type=float, default=30.0, help="worker drain seconds on stop")
@@ -229,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(gw)
     gw.add_argument("--port", type=int, default=None, help="override gateway.port (0: any)")
     gw.add_argument("--bus-url", default=None, help="use this NATS instead of bus.url")
+    gw.add_argument("--reuse-port", action="store_true",
+                    help="bind with SO_REUSEPORT so several gateways can share the port")
     gw.set_defaults(func=cmd_gateway)
 
     wk = sub.add_parser("worker", help="run one agent worker")

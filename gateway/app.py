@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -110,7 +111,8 @@ class Gateway:
         ready = connected and workers > 0
         return {"ok": ready, "status": "ready" if ready else "not ready",
                 "bus": "connected" if connected else "disconnected", "workers": workers,
-                "gatewayId": self.runs.gateway_id, "activeRuns": self.runs.active_runs}
+                "gatewayId": self.runs.gateway_id, "pid": os.getpid(),
+                "activeRuns": self.runs.active_runs}
 
 
 def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway") -> FastAPI:
