@@ -69,8 +69,22 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / CLK_TCK
 
 
+def clawbus_subcommand(words: Sequence[str]) -> str | None:
+    """The subcommand of a clawbus command line (``up``, ``gateway``, ``worker``, …):
+    the word after the ``clawbus`` script or after ``-m cli``; None for anything else."""
+    for i, word in enumerate(words[:-1]):
+        if Path(word).name == "clawbus" or (word == "cli" and i > 0 and words[i - 1] == "-m"):
+            return words[i + 1]
+    return None
+
+
 def process_role(pid: int) -> str:
-    """A short name for what a process is (``gateway``, ``worker``, ``nats-server``, …)."""
+    """A short name for what a process is (``gateway``, ``worker``, ``nats-server``, …).
+
+    ``clawbus up`` serves one gateway itself and, with ``--gateways N``, starts
+    N − 1 more as ``python -m cli gateway …`` children: all of them are
+    ``gateway``; its ``python -m cli worker …`` children are ``worker``.
+    """
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -79,9 +93,10 @@ def process_role(pid: int) -> str:
     program = Path(words[0]).name if words else "?"
     if program.startswith("nats-server"):
         return "nats-server"
-    if "worker" in words:
+    subcommand = clawbus_subcommand(words)
+    if subcommand == "worker":
         return "worker"
-    if "up" in words or "gateway" in words:
+    if subcommand in ("up", "gateway"):
         return "gateway"
     if "bench.upstream" in words:
         return "upstream"

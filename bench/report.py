@@ -116,13 +116,26 @@ def render(raw: dict[str, Any], json_path: str, command: str) -> str:
         + (f", LiteLLM {machine['litellm']}" if machine.get("litellm") else "")
         + f". Load average {machine.get('loadavg_start', 0):.2f} at the start, "
         f"{machine.get('loadavg_end', 0):.2f} at the end.")
-    if cpus.get("system") is not None:
+    if plan.get("only") == "scaling":
+        add(f"Only the scaling runs (`--only scaling`). Each run lasted {plan['duration']:g} s.")
+    elif cpus.get("system") is not None:
         add(f"System under test on CPU {cpus['system']}; fake upstream and load generators "
             f"on CPU {cpus['harness']}. Each run lasted {plan['duration']:g} s.")
     else:
         add(f"No pinning: {cpus.get('note')}.")
     add("")
 
+    if plan.get("only") != "scaling":
+        _side_by_side(data, plan, peer, add)
+        _targets(data, plan, peer, add)
+    _scaling(data, plan, add)
+    _health(raw, data, add)
+    return "\n".join(lines) + "\n"
+
+
+def _side_by_side(data: Data, plan: dict[str, Any], peer: bool,
+                  add: Callable[[str], None]) -> None:
+    """The main table: every scenario of the rounds, system next to system."""
     ref_note = "" if peer else " (issue #5, another run)"
     add(f"| scenario | upstream alone | clawbus | LiteLLM{ref_note} | clawbus ÷ LiteLLM |")
     add("|---|---:|---:|---:|---:|")
@@ -248,11 +261,6 @@ def render(raw: dict[str, Any], json_path: str, command: str) -> str:
                if best else "."))
     add("")
 
-    _targets(data, plan, peer, add)
-    _scaling(data, plan, add)
-    _health(raw, data, add)
-    return "\n".join(lines) + "\n"
-
 
 def _targets(data: Data, plan: dict[str, Any], peer: bool, add: Callable[[str], None]) -> None:
     add("**Targets (issue #5)**" + ("" if peer else
@@ -298,21 +306,38 @@ def _targets(data: Data, plan: dict[str, Any], peer: bool, add: Callable[[str], 
     add("")
 
 
+def scaling_plan(plan: dict[str, Any]) -> list[tuple[int, int]]:
+    """(gateways, workers) of each scaling run; older results listed only worker counts."""
+    if "scaling" in plan:
+        return [(int(g), int(w)) for g, w in plan["scaling"]]
+    return [(1, int(w)) for w in plan.get("scaling_workers", [])]
+
+
 def _scaling(data: Data, plan: dict[str, Any], add: Callable[[str], None]) -> None:
-    scenarios = [f"scaling_w{w}" for w in plan["scaling_workers"]]
-    if not any(s in data.scenarios() for s in scenarios):
+    def scenario(gateways: int, workers: int) -> str:
+        if "scaling" not in plan:  # older results: one gateway, named by workers only
+            return f"scaling_w{workers}"
+        return f"scaling_g{gateways}_w{workers}"
+
+    pairs = [pair for pair in scaling_plan(plan) if scenario(*pair) in data.scenarios()]
+    if not pairs:
         return
-    add("**Scaling** — `clawbus up --workers N`, unpinned (both CPUs, shared with the "
-        "upstream and `wrk`), non-streaming, c=64")
+    rps = _get("rps")
+    base_pair = (1, 1) if (1, 1) in pairs else pairs[0]
+    base = data.med("clawbus", scenario(*base_pair), rps)
+    add("**Scaling** — `clawbus up --gateways G --workers N` (G gateway processes sharing the "
+        "port via SO_REUSEPORT), unpinned (both CPUs, shared with the upstream and `wrk`), "
+        "non-streaming, c=64")
     add("")
-    add("| workers | req/s | vs 1 worker | latency p50 (ms) | CPU used (cores) |")
-    add("|---:|---:|---:|---:|---:|")
-    base = data.med("clawbus", scenarios[0], _get("rps"))
-    for workers, scenario in zip(plan["scaling_workers"], scenarios, strict=True):
-        value = data.med("clawbus", scenario, _get("rps"))
-        p50 = data.med("clawbus", scenario, _get("latency_us.p50"))
-        cores = data.med("clawbus", scenario, _get("system_cpu_share"))
-        add(f"| {workers} | {_num(value, 0)} | {_ratio(value, base)} | "
+    add(f"| gateways | workers | req/s | vs {base_pair[0]}×{base_pair[1]} | latency p50 (ms) "
+        "| CPU used (cores) |")
+    add("|---:|---:|---:|---:|---:|---:|")
+    for gateways, workers in pairs:
+        name = scenario(gateways, workers)
+        value = data.med("clawbus", name, rps)
+        p50 = data.med("clawbus", name, _get("latency_us.p50"))
+        cores = data.med("clawbus", name, _get("system_cpu_share"))
+        add(f"| {gateways} | {workers} | {_num(value, 0)} | {_ratio(value, base)} | "
             f"{_num(None if p50 is None else p50 / 1000.0, 1)} | {_num(cores, 2)} |")
     add("")
 

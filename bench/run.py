@@ -1,6 +1,7 @@
 """One command for the issue #5 benchmark::
 
-    python -m bench.run [--quick] [--peer litellm] [--repeat N] [--out docs/BENCHMARKS.md]
+    python -m bench.run [--quick] [--peer litellm] [--repeat N] [--scaling 1x1,2x2]
+                        [--only rounds|scaling] [--out docs/BENCHMARKS.md]
 
 It starts the fake upstream (:mod:`bench.upstream`) on the harness CPU (1), then
 for ``--repeat`` rounds starts every system — the upstream alone (baseline),
@@ -8,7 +9,8 @@ for ``--repeat`` rounds starts every system — the upstream alone (baseline),
 proxy on CPU 0 — and runs each scenario against each system in turn (A, B, C, A,
 B, C, …), so slow drifts of a shared machine hit every system alike. Load
 generators (``wrk``, :mod:`bench.streamclient`) run on the harness CPU. Then a
-scaling run: ``clawbus up`` with 1, 2 and 4 workers on both CPUs.
+scaling run: ``clawbus up --gateways G --workers N`` on both CPUs for each
+(G, N) of the plan (default 1×1, 1×2, 1×4, 2×2, 2×4).
 
 The report (Markdown: medians over rounds, added latency = system − upstream
 alone, ratios, the issue's targets) is printed, written with the raw results to
@@ -71,10 +73,34 @@ class Plan:
     held: list[int]
     held_rate: float
     cpu_requests: int
-    scaling_workers: list[int]
+    scaling: list[tuple[int, int]]  # (gateways, workers) of each scaling run
     slack_ms: float = DEFAULT_SLACK_MS
     peer: str | None = None
     warmup: float = 1.0
+    only: str | None = None  # "rounds" or "scaling": the other part is skipped
+
+
+DEFAULT_SCALING: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4))
+
+
+def parse_scaling(text: str) -> list[tuple[int, int]]:
+    """``--scaling``: comma-separated ``GxN`` (gateways x workers) or plain ``N``
+    (1 gateway); ``''`` is no scaling run."""
+    out: list[tuple[int, int]] = []
+    for raw in text.split(","):
+        item = raw.strip().lower().replace("×", "x")
+        if not item:
+            continue
+        gateways, _, workers = item.rpartition("x")
+        try:
+            pair = (int(gateways) if gateways else 1, int(workers))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is neither GxN (gateways x workers) nor N (workers)") from None
+        if min(pair) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: counts must be at least 1")
+        out.append(pair)
+    return out
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -88,7 +114,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         held=[50, 250] if quick else [50, 250, 2000],
         held_rate=250.0,
         cpu_requests=1000 if quick else 3000,
-        scaling_workers=[1, 2, 4],
+        scaling=list(DEFAULT_SCALING),
         peer=args.peer,
     )
     if args.repeat is not None:
@@ -98,7 +124,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.held is not None:
         plan.held = [int(n) for n in args.held.split(",") if n.strip()]
     if args.scaling is not None:
-        plan.scaling_workers = [int(n) for n in args.scaling.split(",") if n.strip()]
+        plan.scaling = args.scaling
+    if args.only == "rounds":
+        plan.scaling = []
+    plan.only = args.only
     if args.slack_ms is not None:
         plan.slack_ms = args.slack_ms
     return plan
@@ -426,6 +455,10 @@ def run_rounds(plan: Plan, runner: Runner, upstream: UpstreamProcess, work: Path
                 system.stop()
 
 
+def scaling_scenario(gateways: int, workers: int) -> str:
+    return f"scaling_g{gateways}_w{workers}"
+
+
 def measure_scaling(runner: Runner, round_: int, system: Clawbus) -> None:
     try:
         system.start()
@@ -435,8 +468,9 @@ def measure_scaling(runner: Runner, round_: int, system: Clawbus) -> None:
                 cpus=runner.cpus.harness)
         runner.quiet(system)
         result = runner.wrk_run(system, connections=64, duration=runner.plan.duration)
-        runner.results.add(round_, "clawbus", f"scaling_w{system.workers}",
-                           workers=system.workers, **result)
+        runner.results.add(round_, "clawbus", scaling_scenario(system.gateways, system.workers),
+                           gateways=system.gateways, workers=system.workers,
+                           gateway_pids=sorted(system.gateway_pids), **result)
     finally:
         problems = system.log_problems()
         if problems:
@@ -447,11 +481,13 @@ def measure_scaling(runner: Runner, round_: int, system: Clawbus) -> None:
 def run_scaling(plan: Plan, runner: Runner, upstream: UpstreamProcess, work: Path,
                 logs: Path) -> None:
     for round_ in range(1, plan.repeat + 1):
-        for workers in plan.scaling_workers:
-            system = Clawbus(upstream.url, work, logs, workers=workers, cpus=runner.cpus.both,
-                             label=f"clawbus {workers}w")
-            log(f"scaling round {round_}: clawbus with {workers} worker(s), both CPUs")
-            attempt(runner.results, f"scaling round {round_}: {workers} workers",
+        for gateways, workers in plan.scaling:
+            system = Clawbus(upstream.url, work, logs, workers=workers, gateways=gateways,
+                             cpus=runner.cpus.both, label=f"clawbus {gateways}g{workers}w")
+            log(f"scaling round {round_}: clawbus with {gateways} gateway(s) and "
+                f"{workers} worker(s), both CPUs")
+            attempt(runner.results,
+                    f"scaling round {round_}: {gateways} gateways, {workers} workers",
                     measure_scaling, runner, round_, system)
 
 
@@ -485,8 +521,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per throughput/TTFT run (default 10; quick 3)")
     parser.add_argument("--held", default=None,
                         help="held-stream counts, comma-separated (default 50,250,2000)")
-    parser.add_argument("--scaling", default=None,
-                        help="worker counts of the scaling run (default 1,2,4; '' to skip)")
+    parser.add_argument("--scaling", type=parse_scaling, default=None,
+                        help="gateways x workers of the scaling runs, e.g. 1x1,1x2,2x2 "
+                             "(a plain N means 1xN; default 1x1,1x2,1x4,2x2,2x4; '' to skip)")
+    parser.add_argument("--only", choices=["rounds", "scaling"], default=None,
+                        help="run only the rounds (systems side by side) or only the "
+                             "scaling run")
     parser.add_argument("--slack-ms", type=float, default=None,
                         help=f"on-time slack per token (default {DEFAULT_SLACK_MS:g} ms)")
     parser.add_argument("--out", type=Path, default=None,
@@ -519,8 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         runner = Runner(plan, cpus, results, wrk, upstream)
         try:
             log(f"fake upstream at {upstream.url}")
-            run_rounds(plan, runner, upstream, work, logs)
-            if plan.scaling_workers:
+            if args.only != "scaling":
+                run_rounds(plan, runner, upstream, work, logs)
+            if plan.scaling:
                 run_scaling(plan, runner, upstream, work, logs)
         except KeyboardInterrupt:
             interrupted = True

@@ -2,8 +2,9 @@
 
 * :class:`UpstreamAlone` — the fake upstream itself (the baseline: what the load
   generators and the upstream cost without anything in between);
-* :class:`Clawbus` — ``clawbus up`` (embedded nats-server, gateway, N workers),
-  every process on the given CPUs (``taskset`` on ``up``; children inherit it);
+* :class:`Clawbus` — ``clawbus up`` (embedded nats-server, G gateway processes
+  sharing the port via SO_REUSEPORT, N workers), every process on the given CPUs
+  (``taskset`` on ``up``; children inherit it);
 * :class:`LiteLLM` — LiteLLM's proxy from its own venv (``bench/.venvs/litellm``,
   installed by the harness, never a project dependency), on the given CPUs.
 
@@ -150,12 +151,14 @@ class Clawbus(System):
     auth = CLAWBUS_TOKEN
 
     def __init__(self, upstream_url: str, workdir: Path, logs: Path, *, workers: int,
-                 cpus: str | None, label: str | None = None,
+                 cpus: str | None, gateways: int = 1, label: str | None = None,
                  max_concurrent: int = 4096) -> None:
         self.upstream_url = upstream_url
         self.workdir = workdir
         self.logs = logs
         self.workers = workers
+        self.gateways = gateways
+        self.gateway_pids: set[int] = set()  # seen in /readyz answers
         self.cpus = cpus
         self.max_concurrent = max_concurrent
         self.label = label or "clawbus"
@@ -195,19 +198,31 @@ class Clawbus(System):
         exe = Path(sys.executable).with_name("clawbus")
         base = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli"]
         cmd = pinned([*base, "up", "--config", str(config), "--workers", str(self.workers),
-                      "--port", "0", "--log-level", "warning", "--grace", "5"], self.cpus)
+                      "--gateways", str(self.gateways), "--port", "0",
+                      "--log-level", "warning", "--grace", "5"], self.cpus)
         self.proc = Process(self.label, cmd, self.logs / f"{run_dir.name}.log",
                             env={"CLAWBUS_STATE_DIR": str(state)}, cwd=run_dir)
         self._url = self.proc.wait_for(r"clawbus gateway listening on (http://\S+)",
                                        START_TIMEOUT).group(1)
 
+        self.gateway_pids = set()
+
         def ready() -> bool:
+            # Every /readyz is a new connection, which the kernel hands to any of the
+            # gateway processes sharing the port: ready once every gateway has
+            # answered and one of them counts all the workers.
             status, body = http_get(f"{self._url}/readyz")
             if status != 200:
                 return False
-            return int(orjson.loads(body).get("workers", 0)) >= self.workers
+            health = orjson.loads(body)
+            if "pid" in health:
+                self.gateway_pids.add(int(health["pid"]))
+            return (int(health.get("workers", 0)) >= self.workers
+                    and len(self.gateway_pids) >= self.gateways)
 
-        self.proc.wait_until(ready, f"ready with {self.workers} workers", START_TIMEOUT)
+        self.proc.wait_until(
+            ready, f"ready with {self.gateways} gateway(s) and {self.workers} workers",
+            START_TIMEOUT)
 
     def pids(self) -> list[int]:
         return self.proc.pids() if self.proc is not None else []

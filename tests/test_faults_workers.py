@@ -393,6 +393,26 @@ def test_sigterm_drains_in_flight_runs_and_takes_no_new_ones(upstream: FaultyOpe
 
 
 @pytest.mark.slow
+def test_sigterm_idle_workers_exit_promptly(upstream: FaultyOpenAI, tmp_path: Path) -> None:
+    """Regression: SIGTERM arriving while the worker's registry heartbeat was awaiting
+    its reply had its cancel swallowed (Python 3.11's asyncio.wait_for), and the
+    worker never exited. The heartbeat period equals the fetch timeout here (1 s), as
+    in the default test config, which made the race likely: 3 of 3 runs hung."""
+    stack = Stack.start(tmp_path, upstream, base_config(upstream, heartbeatSeconds=1),
+                        workers=0)
+    try:
+        for _ in range(4):
+            stack.add_worker()
+        time.sleep(1.0)
+        for worker in stack.workers:
+            worker.signal(signal.SIGTERM)
+        codes = [w.popen.wait(timeout=10) for w in stack.workers]
+    finally:
+        stack.stop()
+    assert codes == [0, 0, 0, 0]
+
+
+@pytest.mark.slow
 def test_sigterm_grace_expiry_fails_streamed_and_requeues_unstarted(
         upstream: FaultyOpenAI, tmp_path: Path) -> None:
     """Runs still going when the grace period ends: one that streamed text ends

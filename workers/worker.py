@@ -34,7 +34,6 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
@@ -45,6 +44,7 @@ from bus.connection import BUS_UNAVAILABLE, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases
 from bus.logs import run_context
 from bus.messages import RunRequest, Turn
+from bus.pull import PullConsumer
 from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
 
 from . import errors
@@ -56,7 +56,6 @@ from .run import Reply, build_request, generate
 
 log = logging.getLogger("clawbus.worker")
 
-FETCH_TIMEOUT = 1.0
 BUS_RETRY_DELAY = 0.5
 NAK_DELAY = 0.25
 CANCELLED_MEMORY = 10_000
@@ -72,6 +71,7 @@ class Execution:
     task: asyncio.Task[Reply] | None = None
     reason: StopReason | None = None
     timeout: float = 0.0
+    ended: bool = False  # the attempt is over: its keep-alive must stop
     # Serialises the lease CAS writes of the keep-alive and the final refresh: two
     # concurrent refreshes at one revision would fence one of them for nothing.
     lease_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -100,13 +100,13 @@ class Worker:
         self._owner = orjson.dumps({"worker": self.worker_id})
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
         self._holds = 0
         self._active: dict[str, Execution] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._session_done: dict[str, asyncio.Event] = {}
         self._providers: dict[str, Provider] = {}
         self._js: JetStreamContext | None = None
+        self._puller: PullConsumer | None = None
         self._leases: Leases | None = None
         self._transcripts: Transcripts | None = None
         self.ready = asyncio.Event()
@@ -128,52 +128,45 @@ class Worker:
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
         done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
                                            pending_msgs_limit=-1, pending_bytes_limit=-1)
-        psub = await js.pull_subscribe_bind(durable=subjects.RUNS_CONSUMER,
-                                            stream=subjects.RUNS_STREAM)
+        puller = PullConsumer(self.nc, subjects.RUNS_STREAM, subjects.RUNS_CONSUMER,
+                              self._take, lambda: self.max_concurrent - len(self._tasks))
+        self._puller = puller
+        await puller.start()
         registry = asyncio.create_task(self._registry_loop(js), name="worker-registry")
         log.info("worker %s ready (maxConcurrent=%d)", self.worker_id, self.max_concurrent)
         self.ready.set()
         try:
-            await self._fetch_loop(psub)
+            await self._stopping.wait()
         finally:
+            await puller.stop()
             await self._drain()
+            # The registry ends by itself once stopping is set. Never wait on a
+            # cancel alone: Python 3.11's asyncio.wait_for (inside every nats-py
+            # request) swallows a cancel that arrives as its reply does, and the
+            # worker then never exited on SIGTERM.
             registry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await registry
+            await asyncio.wait({registry}, timeout=10.0)
             await self._deregister(js)
-            for sub in (psub, cancel_sub, done_sub):
+            for sub in (cancel_sub, done_sub):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             for provider in self._providers.values():
                 await provider.aclose()
             log.info("worker %s stopped", self.worker_id)
 
-    async def _fetch_loop(self, psub: JetStreamContext.PullSubscription) -> None:
-        while not self._stopping.is_set():
-            free = self.max_concurrent - len(self._tasks)
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._wait_either(self._slot_freed, FETCH_TIMEOUT)
-                continue
-            try:
-                msgs = await psub.fetch(batch=free, timeout=FETCH_TIMEOUT)
-            except (NatsTimeoutError, TimeoutError):
-                continue
-            except Exception as exc:  # a reconnect in progress, a cluster election
-                log.warning("fetch failed: %s", exc)
-                await self._wait_either(self._stopping, FETCH_TIMEOUT)
-                continue
-            for msg in msgs:
-                if self._stopping.is_set():
-                    await msg.nak()
-                    continue
-                task = asyncio.create_task(self._serve(msg), name="serve-run")
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
+    async def _take(self, msg: Msg) -> None:
+        """A run delivered by the pull consumer: one task per run, owned here."""
+        if self._stopping.is_set():
+            await msg.nak()  # stopping: hand it straight back for another worker
+            return
+        task = asyncio.create_task(self._serve(msg), name="serve-run")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slot_freed.set()
+        if self._puller is not None:
+            self._puller.room_changed()
         if not task.cancelled() and task.exception() is not None:
             log.error("run task crashed", exc_info=task.exception())
 
@@ -204,7 +197,7 @@ class Worker:
     async def _registry_loop(self, js: JetStreamContext) -> None:
         kv = await js.key_value(subjects.WORKERS_BUCKET)
         period = self.settings.bus.heartbeat_seconds
-        while True:
+        while not self._stopping.is_set():  # a draining worker no longer advertises itself
             info = {"id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
                     "running": len(self._active), "maxConcurrent": self.max_concurrent,
                     "ts": time.time()}
@@ -212,7 +205,7 @@ class Worker:
                 await kv.put(subjects.session_token(self.worker_id), orjson.dumps(info))
             except Exception as exc:
                 log.warning("worker heartbeat failed: %s", exc)
-            await asyncio.sleep(period)
+            await self._wait_either(self._stopping, period)
 
     async def _deregister(self, js: JetStreamContext) -> None:
         with contextlib.suppress(Exception):
@@ -432,6 +425,7 @@ class Worker:
             await msg.term()
         finally:
             self._active.pop(run.run_id, None)
+            execution.ended = True  # (in case the cancel below is swallowed: see run())
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -526,7 +520,7 @@ class Worker:
         refresh_every = bus.ack_wait_seconds / 3
         beat_every = bus.heartbeat_seconds
         next_refresh = time.monotonic() + refresh_every
-        while True:
+        while not execution.ended:
             now = time.monotonic()
             wake = min(next_refresh, emitter.last_probe + beat_every)
             await asyncio.sleep(max(0.05, wake - now))
