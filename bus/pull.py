@@ -41,7 +41,8 @@ _PENDING = "Nats-Pending-Messages"
 
 class PullConsumer:
     def __init__(self, nc: Client, stream: str, consumer: str,
-                 on_message: Callable[[Msg], Awaitable[None]], room: Callable[[], int]) -> None:
+                 on_message: Callable[[Msg], Awaitable[None]], room: Callable[[], int], *,
+                 expires: float = EXPIRES_SECONDS, heartbeat: float = HEARTBEAT_SECONDS) -> None:
         """``on_message`` must not block (it should start a task); ``room()`` says how
         many more messages the caller can take now."""
         self._nc = nc
@@ -56,6 +57,8 @@ class PullConsumer:
         self._task: asyncio.Task[None] | None = None
         self._last_seen = time.monotonic()
         self._stopping = False
+        self._expires = expires
+        self._heartbeat = heartbeat
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
@@ -108,7 +111,7 @@ class PullConsumer:
     async def _top_up_loop(self) -> None:
         while not self._stopping:
             if (self._outstanding and
-                    time.monotonic() - self._last_seen > 2 * HEARTBEAT_SECONDS + 1):
+                    time.monotonic() - self._last_seen > 2 * self._heartbeat + 1):
                 log.warning("pull requests went silent (reconnected?): asking again")
                 self._credits.clear()
                 self._outstanding = 0
@@ -120,12 +123,12 @@ class PullConsumer:
                     log.warning("pull request failed: %s", exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HEARTBEAT_SECONDS):
+                async with asyncio.timeout(self._heartbeat):
                     await self._wake.wait()
 
     async def _request(self, batch: int) -> None:
-        body = orjson.dumps({"batch": batch, "expires": int(EXPIRES_SECONDS * 1e9),
-                             "idle_heartbeat": int(HEARTBEAT_SECONDS * 1e9)})
+        body = orjson.dumps({"batch": batch, "expires": int(self._expires * 1e9),
+                             "idle_heartbeat": int(self._heartbeat * 1e9)})
         if not self._outstanding:
             self._last_seen = time.monotonic()
         self._credits.append(batch)

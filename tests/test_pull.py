@@ -1,0 +1,88 @@
+"""The continuous pull consumer against a real nats-server: messages arrive one
+by one as published, never more in flight than the caller has room for, and the
+credit survives pull requests expiring."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from bus.embedded import NatsServer
+from bus.pull import PullConsumer
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
+    conn = await nats.connect(nats_server.url)
+    js = conn.jetstream()
+    await js.add_stream(api.StreamConfig(name="Q", subjects=["q.>"],
+                                         retention=api.RetentionPolicy.WORK_QUEUE))
+    await js.add_consumer("Q", api.ConsumerConfig(durable_name="c",
+                                                  ack_policy=api.AckPolicy.EXPLICIT))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def test_delivers_each_message_at_once_within_room(nc: Client) -> None:
+    js = nc.jetstream()
+    room = 3
+    in_flight: set[str] = set()
+    peak = 0
+    done: list[str] = []
+    all_done = asyncio.Event()
+    handled: dict[str, asyncio.Event] = {s: asyncio.Event() for s in ("q.first", "q.late")}
+    tasks: set[asyncio.Task[None]] = set()
+    consumer: PullConsumer
+
+    async def handle(msg: Msg) -> None:
+        nonlocal peak
+        in_flight.add(msg.subject)
+        peak = max(peak, len(in_flight))
+        await asyncio.sleep(0.01)
+        await msg.ack()
+        in_flight.discard(msg.subject)
+        done.append(msg.subject)
+        if msg.subject in handled:
+            handled[msg.subject].set()
+        if len(done) == 30:
+            all_done.set()
+
+    async def on_message(msg: Msg) -> None:
+        task = asyncio.create_task(handle(msg))
+        tasks.add(task)
+        task.add_done_callback(finished)
+
+    def finished(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        consumer.room_changed()
+
+    consumer = PullConsumer(nc, "Q", "c", on_message, lambda: room - len(tasks),
+                            expires=0.5, heartbeat=0.2)
+    await consumer.start()
+    try:
+        # A lone message is handed over at once (no batch to fill first).
+        await js.publish("q.first", b"")
+        async with asyncio.timeout(0.5):
+            await handled["q.first"].wait()
+        for i in range(29):
+            await js.publish(f"q.{i}", b"")
+        async with asyncio.timeout(10):
+            await all_done.wait()
+        # Pull requests expire and are renewed while idle: a late message still arrives.
+        await asyncio.sleep(1.2)
+        await js.publish("q.late", b"")
+        async with asyncio.timeout(3):
+            await handled["q.late"].wait()
+    finally:
+        await consumer.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert peak <= room
+    assert len(done) == 31 and len(set(done)) == 31
