@@ -282,8 +282,12 @@ def test_sigstop_past_lease_ttl_is_fenced(upstream: FaultyOpenAI, tmp_path: Path
     first, second = f"{tag()} first", f"{tag()} second"
     upstream.token_delay = 0.15
     words = " ".join(f"w{i}" for i in range(40))
-    stack = Stack.start(tmp_path, upstream, base_config(upstream, queueTimeoutSeconds=10,
-                                                        **FAST_BUS), workers=2)
+    config = base_config(upstream, queueTimeoutSeconds=10, **FAST_BUS)
+    # A's upstream goes silent after 3 tokens; its 3 s read timeout is overdue when the
+    # worker thaws and fires at once, racing the lease refresh: that failure must
+    # not be sent either.
+    config["models"]["providers"]["fake"]["timeoutSeconds"] = 3
+    stack = Stack.start(tmp_path, upstream, config, workers=2)
     headers = {"x-openclaw-session-key": key}
 
     async def scenario() -> dict[str, Any]:
@@ -291,9 +295,11 @@ def test_sigstop_past_lease_ttl_is_fenced(upstream: FaultyOpenAI, tmp_path: Path
         nc = await nats.connect(stack.nats.url)
         try:
             async with httpx.AsyncClient(timeout=60) as http:
+                upstream.stall_after = 3
                 a = SseRun(http, stack.url, f"{first} {words}", headers)
                 await a.open()
                 await a.read_until_text()
+                upstream.stall_after = None  # (read when A's request began)
                 frozen = _worker_of(stack, tap, a.result.run_id or "")
                 frozen.signal(signal.SIGSTOP)
                 t_stop = time.monotonic()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
@@ -50,6 +51,9 @@ class Emitter:
         # Monotonic time until which our session lease is certainly still ours
         # (renewed on every successful acquire/refresh; inf: no lease).
         self.lease_deadline = math.inf
+        # Set by the worker for a leased run: refreshes the lease now and says
+        # whether it is still ours (asked before a failure once the lease lapsed).
+        self.confirm_lease: Callable[[], Awaitable[bool]] | None = None
         self.last_probe = time.monotonic()
 
     def _next_seq(self) -> int:
@@ -151,6 +155,13 @@ class Emitter:
         await self._publish(event.model_dump_json().encode())
 
     async def failed(self, event_fields: dict[str, object]) -> None:
+        # A failure noticed after a stall (e.g. the provider's timeout firing as a
+        # thawed worker resumes) must not end a run another worker now owns.
+        if time.monotonic() >= self.lease_deadline and self.confirm_lease is not None \
+                and not await self.confirm_lease():
+            log.warning("run lost its session lease; its failure is not reported")
+            self.fenced = True
+            return
         await self.drain()
         event = Failed.model_validate(
             {"seq": self._next_seq(), "attempt": self._attempt, **event_fields})

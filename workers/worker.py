@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -370,6 +371,9 @@ class Worker:
         lease: list[int | None] = [revision]
         keeper = asyncio.create_task(self._keep_alive(msg, token, lease, emitter, execution),
                                      name="run-keepalive")
+        if revision is not None:
+            emitter.confirm_lease = functools.partial(
+                self._confirm_lease, token, lease, emitter, execution)
         outcome = "failed"
         try:
             log.debug("run attempt %d started", emitter.attempt)
@@ -435,6 +439,25 @@ class Worker:
                     await self._leases.release(token, held)
             self.metrics.runs.labels(outcome).inc()
             log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
+
+    async def _confirm_lease(self, token: str, lease: list[int | None], emitter: Emitter,
+                             execution: Execution) -> bool:
+        """Refresh the lease now: is it still ours? (False also when the bus cannot say.)"""
+        assert self._leases is not None
+        try:
+            async with execution.lease_lock:
+                held = lease[0]
+                if held is None:
+                    return False
+                asked = time.monotonic()
+                new_rev = await self._leases.refresh(token, self._owner, held)
+                if new_rev is None:
+                    return False
+                lease[0] = new_rev
+        except Exception:
+            return False
+        emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
+        return True
 
     async def _store_turn(self, token: str, turn: Turn, last_seq: int, *,
                           lease: list[int | None], emitter: Emitter,
