@@ -47,7 +47,7 @@ MAX_RUNS_PER_SOCKET = 64
 SERVER_NAME = "clawbus"
 METHODS = ("health", "agents.list", "agent", "chat.abort", "sessions.list", "chat.history",
            "sessions.reset")
-EVENTS = ("connect.challenge", "agent", "tick")
+EVENTS = ("connect.challenge", "agent")  # only what this server actually sends
 
 Handler = Callable[[Any], Awaitable[dict[str, Any]]]
 
