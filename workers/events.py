@@ -116,6 +116,10 @@ class Emitter:
                     while self._buffered < COALESCE_MAX_CHARS:
                         await self._wake.wait()
                         self._wake.clear()
+            # The window is over: what it collected goes out now, not with the
+            # next token (which used to double the gap at steady token rates).
+            if self._buffer:
+                self._wake.set()
 
     def renew_lease(self, deadline: float) -> None:
         """The lease was (re)written at a time ≥ ``deadline`` - TTL: text may flow until then."""
