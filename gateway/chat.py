@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import orjson
@@ -164,49 +163,31 @@ async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
                       metrics: GatewayMetrics) -> AsyncIterator[bytes]:
     """The SSE body. Starlette cancels this generator when the client disconnects;
     ``finally`` then cancels the run."""
-    events = handle.events()
-    pending: asyncio.Task[RunEvent] | None = None
+    events = handle.events(keepalive)
     metrics.active_streams.inc()
     try:
         yield encoder.role()
-        last_frame = time.monotonic()
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait(
-                {pending}, timeout=max(0.0, last_frame + keepalive - time.monotonic()))
-            if not done:
-                yield openai_format.KEEPALIVE_FRAME
-                last_frame = time.monotonic()
-                continue
-            task, pending = pending, None
-            try:
-                event = task.result()
-            except StopAsyncIteration:
-                break
-            except NoWorkerError:
-                yield encoder.error(errors.no_worker().envelope())
-                break
-            last_frame = time.monotonic()
-            if event.type == "delta":
-                yield encoder.content(event.text)
-            elif event.type == "done":
-                if not handle.streamed and event.text:
+        try:
+            async for event in events:
+                if event.type == "heartbeat":
+                    yield openai_format.KEEPALIVE_FRAME
+                elif event.type == "delta":
                     yield encoder.content(event.text)
-                yield encoder.finish(event.finish_reason)
-                if include_usage:
-                    yield encoder.usage(event.usage)
-                break
-            elif event.type == "error":
-                yield encoder.error(failure_error(event).envelope())
-                break
+                elif event.type == "done":
+                    if not handle.streamed and event.text:
+                        yield encoder.content(event.text)
+                    yield encoder.finish(event.finish_reason)
+                    if include_usage:
+                        yield encoder.usage(event.usage)
+                    break
+                elif event.type == "error":
+                    yield encoder.error(failure_error(event).envelope())
+                    break
+        except NoWorkerError:
+            yield encoder.error(errors.no_worker().envelope())
         yield openai_format.DONE_FRAME
     finally:
         metrics.active_streams.dec()
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
         await handle.cancel()
         with contextlib.suppress(BaseException):
             await events.aclose()

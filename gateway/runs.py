@@ -81,7 +81,10 @@ class RunSpec:
     stream: bool = True
 
 
-RunEvent = Accepted | Delta | Done | Failed
+RunEvent = Accepted | Delta | Done | Failed | Heartbeat
+# What :meth:`RunHandle.events` yields, when asked to, after ``keepalive`` seconds
+# without yielding anything else (the SSE door turns it into ``: keep-alive``).
+KEEPALIVE = Heartbeat(seq=0, attempt=0)
 
 
 def _failed(status: int, error_type: str, message: str, code: str) -> Failed:
@@ -132,8 +135,12 @@ class RunHandle:
             if self._cutoff is None and not self.ended:
                 self._cutoff = asyncio.ensure_future(self.cancel("slow_consumer"))
 
-    async def events(self) -> AsyncGenerator[RunEvent, None]:
-        """Accepted, then Deltas, then exactly one Done or Failed (the last item)."""
+    async def events(self, keepalive: float | None = None) -> AsyncGenerator[RunEvent, None]:
+        """Accepted, then Deltas, then exactly one Done or Failed (the last item).
+
+        With ``keepalive``, :data:`KEEPALIVE` is also yielded whenever that long
+        passed without anything else yielded (no extra task per event needed by
+        the caller to time its keep-alives)."""
         bus = self._client.bus
         idle_timeout = 3 * bus.heartbeat_seconds + 1.0
         # Before any text reached the client, a silent worker may be a dead one
@@ -142,6 +149,7 @@ class RunHandle:
         redelivery_timeout = max(idle_timeout, bus.ack_wait_seconds + 2 * bus.heartbeat_seconds)
         resync = False  # an event was lost: relay no more deltas, finish from the final text
         sent = 0  # characters of reply text relayed so far
+        last_event = last_yield = time.monotonic()
         try:
             while True:
                 if not self.accepted:
@@ -150,10 +158,19 @@ class RunHandle:
                     timeout = idle_timeout
                 else:
                     timeout = redelivery_timeout
+                # Any message (heartbeats and queued notices too) restarts the
+                # phase's timer; keep-alives count from the last thing yielded.
+                phase_deadline = last_event + timeout
+                tick_deadline = last_yield + keepalive if keepalive else phase_deadline
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(
+                            max(0.0, min(phase_deadline, tick_deadline) - time.monotonic())):
                         data = await self.queue.get()
                 except TimeoutError:
+                    if time.monotonic() < phase_deadline:
+                        last_yield = time.monotonic()
+                        yield KEEPALIVE
+                        continue
                     if not self.accepted:
                         await self.cancel("no_worker")
                         raise NoWorkerError() from None
@@ -168,6 +185,7 @@ class RunHandle:
                     yield _failed(503, "api_error", "client too slow: event queue overflowed",
                                   "slow_consumer")
                     return
+                last_event = time.monotonic()
                 event = decode_event(data)
                 if event.attempt < self._attempt:
                     continue  # a stale attempt (its worker died or was fenced)
@@ -198,6 +216,7 @@ class RunHandle:
                         self.accepted = True
                         self.queue_wait = time.time() - self.created
                         self._client.observe("queue_wait", self.queue_wait)
+                    last_yield = time.monotonic()
                     yield event
                     continue
                 if isinstance(event, Delta):
@@ -207,6 +226,7 @@ class RunHandle:
                     if not self.streamed:
                         self.streamed = True
                         self._client.observe("ttft", time.time() - self.created)
+                    last_yield = time.monotonic()
                     yield event
                     continue
                 self.ended = True

@@ -288,6 +288,8 @@ class Connection:
 
         try:
             async for event in handle.events():
+                if event.type == "heartbeat":
+                    continue
                 if event.type == "accepted":
                     agent_event("lifecycle", {"phase": "start"})
                 elif event.type == "delta":
