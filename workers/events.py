@@ -37,7 +37,6 @@ class Emitter:
                  coalesce_seconds: float = COALESCE_SECONDS, *, streaming: bool = True) -> None:
         self._nc = nc
         self._subject = subject
-        self._attempt = attempt
         self.attempt = attempt
         self._seq = 0
         self._coalesce = coalesce_seconds
@@ -81,16 +80,16 @@ class Emitter:
             raise RunAbandoned("client gone")
 
     async def queued(self) -> None:
-        await self._probe(Queued(seq=0, attempt=self._attempt).model_dump_json().encode())
+        await self._probe(Queued(seq=0, attempt=self.attempt).model_dump_json().encode())
 
     async def accepted(self, worker_id: str) -> None:
-        event = Accepted(seq=self._next_seq(), attempt=self._attempt, worker_id=worker_id)
+        event = Accepted(seq=self._next_seq(), attempt=self.attempt, worker_id=worker_id)
         await self._probe(event.model_dump_json().encode())
 
     async def heartbeat(self) -> None:
         # seq 0: a heartbeat may overtake a delta on the wire, so it is not
         # part of the numbered sequence the gateway checks for gaps.
-        event = Heartbeat(seq=0, attempt=self._attempt)
+        event = Heartbeat(seq=0, attempt=self.attempt)
         await self._probe(event.model_dump_json().encode())
 
     def delta(self, text: str) -> None:
@@ -137,7 +136,7 @@ class Emitter:
         self._buffer.clear()
         self._buffered = 0
         self.sent_text = True
-        event = Delta(seq=self._next_seq(), attempt=self._attempt, text=text)
+        event = Delta(seq=self._next_seq(), attempt=self.attempt, text=text)
         await self._publish(event.model_dump_json().encode())
 
     async def _stop_flusher(self) -> None:
@@ -154,7 +153,7 @@ class Emitter:
 
     async def done(self, text: str, usage: Usage, finish_reason: str) -> None:
         await self.drain()
-        event = Done(seq=self._next_seq(), attempt=self._attempt, text=text, usage=usage,
+        event = Done(seq=self._next_seq(), attempt=self.attempt, text=text, usage=usage,
                      finish_reason="length" if finish_reason == "length" else "stop")
         await self._publish(event.model_dump_json().encode())
 
@@ -168,7 +167,7 @@ class Emitter:
             return
         await self.drain()
         event = Failed.model_validate(
-            {"seq": self._next_seq(), "attempt": self._attempt, **event_fields})
+            {"seq": self._next_seq(), "attempt": self.attempt, **event_fields})
         await self._publish(event.model_dump_json().encode())
 
     async def aclose(self) -> None:
