@@ -16,8 +16,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -110,7 +111,7 @@ class RunHandle:
         self.stream_seq: int | None = None
         self.queue_wait: float | None = None
         self._client = client
-        self._cutoff: asyncio.Task[None] | None = None
+        self._cutting_off = False
         self._attempt = 0
         self._next_seq = 1
 
@@ -132,8 +133,9 @@ class RunHandle:
             # The client stopped reading: its response may be stuck in a blocked
             # send and never look at this queue again, so stop the run now rather
             # than let the worker generate (and store) a reply nobody reads.
-            if self._cutoff is None and not self.ended:
-                self._cutoff = asyncio.ensure_future(self.cancel("slow_consumer"))
+            if not self._cutting_off and not self.ended:
+                self._cutting_off = True
+                self._client.in_background(self.cancel("slow_consumer"))
 
     async def events(self, keepalive: float | None = None) -> AsyncGenerator[RunEvent, None]:
         """Accepted, then Deltas, then exactly one Done or Failed (the last item).
@@ -265,6 +267,7 @@ class RunClient:
         self.gateway_id = gateway_id or f"gw{uuid.uuid4().hex[:12]}"
         self.metrics = metrics
         self._runs: dict[str, RunHandle] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -272,10 +275,19 @@ class RunClient:
             subjects.events_all(self.gateway_id), cb=self._on_event,
             pending_msgs_limit=-1, pending_bytes_limit=-1)
 
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` without blocking the caller (a subscription callback); the
+        client owns the task and :meth:`close` waits for it."""
+        task = asyncio.create_task(work, name="run-client-background")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self) -> None:
         for handle in list(self._runs.values()):
             with contextlib.suppress(Exception):
                 await handle.cancel()
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5.0)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
