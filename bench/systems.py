@@ -146,9 +146,30 @@ def _problem_lines(text: str, words: tuple[str, ...]) -> list[str]:
     return [line for line in text.splitlines() if any(w in line for w in words)]
 
 
-class Clawbus(System):
+class ProcessSystem(System):
+    """A system run as one process tree started by the harness (``self.proc``)."""
+
+    proc: Process | None = None
+    # Log-line markers worth reporting.
+    problem_markers: tuple[str, ...] = ("ERROR", "Traceback")
+
+    def pids(self) -> list[int]:
+        return self.proc.pids() if self.proc is not None else []
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def log_problems(self) -> list[str]:
+        if self.proc is None:
+            return []
+        return _problem_lines(self.proc.log_text(), self.problem_markers)
+
+
+class Clawbus(ProcessSystem):
     key = "clawbus"
     auth = CLAWBUS_TOKEN
+    problem_markers = ("WARNING", "ERROR", "Traceback", "warning", "error")
 
     def __init__(self, upstream_url: str, workdir: Path, logs: Path, *, workers: int,
                  cpus: str | None, gateways: int = 1, label: str | None = None,
@@ -224,18 +245,6 @@ class Clawbus(System):
             ready, f"ready with {self.gateways} gateway(s) and {self.workers} workers",
             START_TIMEOUT)
 
-    def pids(self) -> list[int]:
-        return self.proc.pids() if self.proc is not None else []
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-
-    def log_problems(self) -> list[str]:
-        if self.proc is None:
-            return []
-        return _problem_lines(self.proc.log_text(),
-                              ("WARNING", "ERROR", "Traceback", "warning", "error"))
 
 
 def litellm_venv() -> Path:
@@ -268,10 +277,11 @@ def litellm_version() -> str:
     return out.stdout.strip()
 
 
-class LiteLLM(System):
+class LiteLLM(ProcessSystem):
     key = "litellm"
     label = "LiteLLM"
     auth = LITELLM_KEY
+    problem_markers = ("ERROR", "Traceback", "Exception")
 
     def __init__(self, upstream_url: str, workdir: Path, logs: Path, *,
                  cpus: str | None) -> None:
@@ -321,14 +331,3 @@ class LiteLLM(System):
             "listening", START_TIMEOUT)
         time.sleep(0.5)
 
-    def pids(self) -> list[int]:
-        return self.proc.pids() if self.proc is not None else []
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-
-    def log_problems(self) -> list[str]:
-        if self.proc is None:
-            return []
-        return _problem_lines(self.proc.log_text(), ("ERROR", "Traceback", "Exception"))

@@ -171,11 +171,7 @@ class FakeAnthropic(FakeUpstream):
         if self.stall:
             await forever()
         if self.raw_sse is not None:
-            for i, raw in enumerate(self.raw_sse):
-                if i and self.token_delay:
-                    await asyncio.sleep(self.token_delay)
-                await send_chunk(writer, raw.encode())
-            await send_chunk(writer, b"")
+            await self._replay_sse(writer, self.raw_sse, self.token_delay)
             return
 
         async def event(name: str, data: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import itertools
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar, Self, TypeVar
@@ -269,6 +269,16 @@ class FakeUpstream:
                                                   **(headers or {})})
         writer.write(data)
         await writer.drain()
+
+    @staticmethod
+    async def _replay_sse(writer: asyncio.StreamWriter, raw_sse: Sequence[str],
+                          delay: float) -> None:
+        """Send ``raw_sse`` verbatim as the SSE body (``delay`` between pieces), then end it."""
+        for i, raw in enumerate(raw_sse):
+            if i and delay:
+                await asyncio.sleep(delay)
+            await send_chunk(writer, raw.encode())
+        await send_chunk(writer, b"")
 
     async def _start_sse(self, record: RequestRecord, writer: asyncio.StreamWriter) -> None:
         """Send a 200 ``text/event-stream`` head; then :func:`send_chunk` the body."""

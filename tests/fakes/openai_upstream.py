@@ -156,11 +156,7 @@ class FakeOpenAI(FakeUpstream):
         if self.stall:
             await forever()
         if self.raw_sse is not None:
-            for i, raw in enumerate(self.raw_sse):
-                if i and self.token_delay:
-                    await asyncio.sleep(self.token_delay)
-                await send_chunk(writer, raw.encode())
-            await send_chunk(writer, b"")
+            await self._replay_sse(writer, self.raw_sse, self.token_delay)
             return
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
