@@ -106,6 +106,7 @@ class Worker:
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._session_done: dict[str, asyncio.Event] = {}
         self._providers: dict[str, Provider] = {}
+        self._system_prompts: dict[str, str] = {}
         self._js: JetStreamContext | None = None
         self._puller: PullConsumer | None = None
         self._leases: Leases | None = None
@@ -497,7 +498,10 @@ class Worker:
         provider_name, _, model = settings.agent_model(agent)
         provider = self._provider(provider_name)
         history = within_budget(turns, settings.session.history_budget_chars)
-        request = build_request(model, settings.agent_system_prompt(agent), run, history)
+        prompt = self._system_prompts.get(agent.id)
+        if prompt is None:  # read once per process (systemPromptFile is a file read)
+            prompt = self._system_prompts[agent.id] = settings.agent_system_prompt(agent)
+        request = build_request(model, prompt, run, history)
         timeout = execution.timeout = settings.agent_timeout(agent)
         execution.task = asyncio.create_task(generate(provider, request, emitter), name="generate")
         if execution.reason is not None:  # cancelled while we were getting ready
