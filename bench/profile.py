@@ -32,7 +32,7 @@ import orjson
 
 from .procs import process_role
 from .run import HELD_SHAPE, NONSTREAM, TTFT_SHAPE, Meter, choose_cpus
-from .systems import ROOT, SHAPES, Clawbus, UpstreamProcess
+from .systems import ROOT, Clawbus, UpstreamProcess
 from .wrk import ensure_wrk, run_wrk
 
 RESULTS = ROOT / "bench" / "results"
