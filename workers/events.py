@@ -4,6 +4,10 @@ The emitter numbers events (``seq``) within an attempt, coalesces text deltas
 (the first one goes out at once; later ones at most every ``coalesce_seconds``)
 and stops sending anything once the run is *fenced* (its lease was lost) or
 abandoned (the gateway said it no longer wants the run).
+
+The ``accepted`` event is a probe whose answer the worker awaits only before
+anything durable (see :mod:`workers.probes`); heartbeats and ``queued`` notices
+are probes awaited at once.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from bus.messages import REPLY_GONE, Accepted, Delta, Done, Failed, Heartbeat, Queued, Usage
+
+from .probes import NO_RESPONDERS, Probe, Probes
 
 log = logging.getLogger("clawbus.worker")
 
@@ -32,10 +36,20 @@ class RunAbandoned(Exception):
     """The gateway no longer wants this run (client gone, or gateway gone)."""
 
 
+def _abandoned(reply: bytes | None) -> str | None:
+    """Why a probe's answer means the gateway let go of the run (None: it did not)."""
+    if reply == NO_RESPONDERS:
+        return "gateway gone"
+    if reply == REPLY_GONE:
+        return "client gone"
+    return None  # ok, or no answer in time: a busy gateway is not a dead one
+
+
 class Emitter:
-    def __init__(self, nc: Client, subject: str, attempt: int,
+    def __init__(self, nc: Client, probes: Probes, subject: str, attempt: int,
                  coalesce_seconds: float = COALESCE_SECONDS, *, streaming: bool = True) -> None:
         self._nc = nc
+        self._probes = probes
         self._subject = subject
         self.attempt = attempt
         self._seq = 0
@@ -64,27 +78,39 @@ class Emitter:
             return
         await self._nc.publish(self._subject, data)
 
-    async def _probe(self, data: bytes) -> None:
-        """Send an event as a request: raises RunAbandoned if the gateway let go."""
+    async def _send_probe(self, data: bytes) -> Probe:
         if self.fenced:
             raise RunAbandoned("fenced")
         self.last_probe = time.monotonic()
-        try:
-            reply = await self._nc.request(self._subject, data, timeout=PROBE_TIMEOUT)
-        except NoRespondersError:
-            raise RunAbandoned("gateway gone") from None
-        except NatsTimeoutError:
-            # A busy gateway is not a dead one: "no responders" is what says gone.
-            return
-        if reply.data == REPLY_GONE:
-            raise RunAbandoned("client gone")
+        return await self._probes.send(self._subject, data, PROBE_TIMEOUT)
+
+    async def _probe(self, data: bytes) -> None:
+        """Send an event as a request: raises RunAbandoned if the gateway let go."""
+        await self.confirm(await self._send_probe(data))
+
+    @staticmethod
+    async def confirm(probe: Probe) -> None:
+        """Wait for a probe's answer: raises RunAbandoned if the gateway let go."""
+        why = _abandoned(await probe.reply())
+        if why is not None:
+            raise RunAbandoned(why)
 
     async def queued(self) -> None:
         await self._probe(Queued(seq=0, attempt=self.attempt).model_dump_json().encode())
 
-    async def accepted(self, worker_id: str) -> None:
+    async def accepted(self, worker_id: str, on_abandoned: Callable[[], None]) -> Probe:
+        """Tell the gateway the run started, without waiting for its answer: the
+        caller works meanwhile and awaits :meth:`confirm` before anything durable.
+        ``on_abandoned`` is called as soon as an answer says the run is unwanted."""
         event = Accepted(seq=self._next_seq(), attempt=self.attempt, worker_id=worker_id)
-        await self._probe(event.model_dump_json().encode())
+        probe = await self._send_probe(event.model_dump_json().encode())
+
+        def answered(future: asyncio.Future[bytes]) -> None:
+            if not future.cancelled() and _abandoned(future.result()) is not None:
+                on_abandoned()
+
+        probe.future.add_done_callback(answered)
+        return probe
 
     async def heartbeat(self) -> None:
         # seq 0: a heartbeat may overtake a delta on the wire, so it is not

@@ -51,6 +51,7 @@ from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
 from . import errors
 from .events import Emitter, RunAbandoned
 from .metrics import WorkerMetrics
+from .probes import Probes
 from .providers import make_provider
 from .providers.base import Provider, ProviderError
 from .run import Reply, build_request, generate
@@ -109,6 +110,7 @@ class Worker:
         self._system_prompts: dict[str, str] = {}
         self._js: JetStreamContext | None = None
         self._puller: PullConsumer | None = None
+        self._probes = Probes(nc)
         self._leases: Leases | None = None
         self._transcripts: Transcripts | None = None
         self.ready = asyncio.Event()
@@ -126,6 +128,7 @@ class Worker:
         self._js = js
         self._leases = Leases(js, lease_ttl_seconds(bus))
         self._transcripts = Transcripts(js, self.nc)
+        await self._probes.start()
         cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
         done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
@@ -152,6 +155,8 @@ class Worker:
             for sub in (cancel_sub, done_sub):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self._probes.stop()
             for provider in self._providers.values():
                 await provider.aclose()
             log.info("worker %s stopped", self.worker_id)
@@ -246,7 +251,7 @@ class Worker:
     async def _serve_run(self, msg: Msg, run: RunRequest) -> None:
         token = subjects.last_token(msg.subject)
         meta = msg.metadata
-        emitter = Emitter(self.nc, run.events_subject, attempt=meta.num_delivered,
+        emitter = Emitter(self.nc, self._probes, run.events_subject, attempt=meta.num_delivered,
                           streaming=run.stream)
         try:
             if run.ephemeral:
@@ -378,15 +383,15 @@ class Worker:
         outcome = "failed"
         try:
             log.debug("run attempt %d started", emitter.attempt)
-            try:
-                await emitter.accepted(self.worker_id)
-            except RunAbandoned:
-                outcome = "abandoned"
-                await msg.term()
-                return
+            # The gateway's answer to "accepted" travels while the run goes on
+            # (off the critical path); it is awaited before anything durable, and
+            # an answer that the run is unwanted stops the provider call at once.
+            acceptance = await emitter.accepted(
+                self.worker_id, on_abandoned=lambda: execution.stop("abandoned"))
             turns, last_seq = ([], 0) if run.ephemeral else await self._transcripts.load(token)
             if turns and turns[-1].run_id == run.run_id:
                 # Completed before (the ack was lost): report, never run twice.
+                await emitter.confirm(acceptance)
                 done = turns[-1]
                 await emitter.done(done.assistant, done.usage, "stop")
                 await msg.ack()
@@ -398,6 +403,7 @@ class Worker:
             if reply is None:
                 outcome = await self._stopped(msg, emitter, execution)
                 return
+            await emitter.confirm(acceptance)  # nothing is stored for an unwanted run
             turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
                         assistant=reply.text, ts=time.time(), usage=reply.usage)
             if lease[0] is None:
@@ -424,6 +430,9 @@ class Worker:
             await emitter.done(reply.text, reply.usage, reply.finish_reason)
             await msg.ack()
             outcome = "completed"
+        except RunAbandoned:
+            outcome = "abandoned"
+            await msg.term()
         except ProviderError as exc:
             self.metrics.errors.labels(self._provider_name(run), exc.kind).inc()
             await emitter.failed(errors.provider_failure(exc))
@@ -533,6 +542,9 @@ class Worker:
         if reason == "fenced":
             emitter.fenced = True
             return "fenced"
+        if reason == "abandoned":
+            await msg.term()
+            return "abandoned"
         # cancelled by the client, or the gateway is gone
         await msg.term()
         return "cancelled"
