@@ -14,6 +14,12 @@ collapsed stacks under ``bench/results/profile-<stamp>/`` (feed them to
 ``flamegraph.pl`` or speedscope). Needs ``py-spy`` (``pip install -e '.[bench]'``)
 and ptrace rights over the system's processes (root, or
 ``kernel.yama.ptrace_scope=0``).
+
+A/B mode judges a change against a baseline checkout in the same run, on the
+same noisy machine: ``--ab ../baseline --rounds 5`` (make the baseline with
+``git worktree add ../baseline <commit>``) alternates the two (A B, B A, …), each
+a fresh system, no profiler, and prints each round and the medians: CPU per
+request by process and the load's figures.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,43 +76,20 @@ def _load_command(args: argparse.Namespace, system: Clawbus) -> list[str]:
     return cmd
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("load", choices=["nonstream", "ttft", "held"])
-    parser.add_argument("--concurrency", type=int, default=None,
-                        help="connections (nonstream: 16, ttft: 1)")
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds of load")
-    parser.add_argument("--streams", type=int, default=2000, help="held: streams")
-    parser.add_argument("--rate", type=float, default=250.0, help="held: opened per second")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--top", type=int, default=25, help="frames listed per process")
-    parser.add_argument("--rate-hz", type=int, default=200, help="py-spy sampling rate")
-    parser.add_argument("--no-spy", action="store_true",
-                        help="no profiler: just the load and the CPU it cost (quick A/B runs)")
-    args = parser.parse_args(argv)
-    if args.concurrency is None:
-        args.concurrency = 16 if args.load == "nonstream" else 1
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(py_spy).exists():
-        sys.exit("bench.profile: py-spy is missing: pip install -e '.[bench]'")
-    cpus = choose_cpus()
-    out_dir = RESULTS / f"profile-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{args.load}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="clawbus-profile-"))
-    upstream = UpstreamProcess(out_dir, cpus.harness)
-    system = Clawbus(upstream.url, work, out_dir, workers=args.workers, cpus=cpus.system)
+def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProcess,
+             cpus: Any, out_dir: Path, *, py_spy: str | None) -> dict[str, Any]:
+    """Start ``system``, run the load (profiling it when ``py_spy``), stop it; the
+    figures, and each profiled process's raw-stack file."""
     try:
         system.start()
         system.warm()
-        targets = {pid: process_role(pid) for pid in system.pids()}
-        targets = {pid: role for pid, role in targets.items()
-                   if role in ("gateway", "worker") and not args.no_spy}
+        targets = {pid: process_role(pid) for pid in system.pids()} if py_spy else {}
+        targets = {pid: role for pid, role in targets.items() if role in ("gateway", "worker")}
         # Held streams last tokens x delay after the last one opened.
         seconds = (args.duration if args.load != "held"
                    else args.streams / args.rate + HELD_SHAPE[0] * HELD_SHAPE[1] / 1000)
         spies = {pid: subprocess.Popen(
-            [py_spy, "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
+            [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
              "--rate", str(args.rate_hz), "--duration", str(max(1, round(seconds))),
              "--output", str(out_dir / f"{role}-{pid}.txt")],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -128,31 +112,118 @@ def main(argv: list[str] | None = None) -> None:
             _, err = spy.communicate(timeout=seconds + 60)
             if spy.returncode != 0:
                 print(f"py-spy on {pid} failed: {err[-500:]}", file=sys.stderr)
-        for pid, role in targets.items():
-            path = out_dir / f"{role}-{pid}.txt"
-            if not path.exists():
-                continue
-            total, own, inclusive = top_frames(path.read_text(), args.top)
-            print(f"\n== {role} (pid {pid}): {total} samples ==")
-            print("-- self --")
-            for frame, count in own:
-                print(f"{100 * count / max(1, total):5.1f}%  {frame}")
-            print("-- inclusive --")
-            for frame, count in inclusive:
-                print(f"{100 * count / max(1, total):5.1f}%  {frame}")
-        keys = ("rps", "requests", "latency", "streams", "on_time_fraction", "ttft_ms",
-                "gap_ms", "errors", "error_count")
-        print("\nload:", {k: v for k, v in load.items() if k in keys})
-        roles = usage["system_cpu_s_by_role"]
-        print("cpu during load (s):", {k: round(v, 2) for k, v in roles.items()},
-              f"total {usage['system_cpu_s']:.2f}")
-        if args.load == "nonstream" and load.get("requests"):
-            n = int(load["requests"])
-            print("cpu per request (ms):", {k: round(1000 * v / n, 3) for k, v in roles.items()},
-                  f"total {1000 * usage['system_cpu_s'] / n:.3f}")
-        print(f"raw stacks: {out_dir}")
     finally:
         system.stop()
+    figures = _figures(args, load, usage)
+    figures["stacks"] = {f"{role} (pid {pid})": out_dir / f"{role}-{pid}.txt"
+                         for pid, role in targets.items()}
+    return figures
+
+
+def _figures(args: argparse.Namespace, load: dict[str, Any],
+             usage: dict[str, Any]) -> dict[str, Any]:
+    """The numbers worth comparing: flat name → value."""
+    out: dict[str, Any] = {"cpu_s": usage["system_cpu_s"]}
+    roles: dict[str, float] = usage["system_cpu_s_by_role"]
+    if args.load == "nonstream":
+        n = max(1, int(load.get("requests") or 0))
+        out["rps"] = load.get("rps")
+        out["p50_ms"] = (load.get("latency_us") or {}).get("p50", 0) / 1000
+        out["errors"] = load.get("error_count")
+        out["cpu_ms/req"] = 1000 * usage["system_cpu_s"] / n
+        for role, seconds in roles.items():
+            out[f"{role} ms/req"] = 1000 * seconds / n
+    else:
+        ttft = load.get("ttft_ms") or {}
+        out["ttft_p50_ms"] = ttft.get("p50")
+        out["ttft_p99_ms"] = ttft.get("p99")
+        out["gap_p99_ms"] = (load.get("gap_ms") or {}).get("p99")
+        out["on_time"] = load.get("on_time_fraction")
+        out["errors"] = load.get("error_count")
+        for role, seconds in roles.items():
+            out[f"{role} cpu_s"] = seconds
+    return out
+
+
+def _print_stacks(stacks: dict[str, Path], top: int) -> None:
+    for name, path in stacks.items():
+        if not path.exists():
+            continue
+        total, own, inclusive = top_frames(path.read_text(), top)
+        print(f"\n== {name}: {total} samples ==")
+        print("-- self --")
+        for frame, count in own:
+            print(f"{100 * count / max(1, total):5.1f}%  {frame}")
+        print("-- inclusive --")
+        for frame, count in inclusive:
+            print(f"{100 * count / max(1, total):5.1f}%  {frame}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("load", choices=["nonstream", "ttft", "held"])
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="connections (nonstream: 16, ttft: 1)")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds of load")
+    parser.add_argument("--streams", type=int, default=2000, help="held: streams")
+    parser.add_argument("--rate", type=float, default=250.0, help="held: opened per second")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--top", type=int, default=25, help="frames listed per process")
+    parser.add_argument("--rate-hz", type=int, default=200, help="py-spy sampling rate")
+    parser.add_argument("--no-spy", action="store_true",
+                        help="no profiler: just the load and the CPU it cost")
+    parser.add_argument("--ab", type=Path, default=None, metavar="BASELINE_DIR",
+                        help="A/B: alternate this checkout of clawbus (A) with the current one")
+    parser.add_argument("--rounds", type=int, default=4, help="A/B rounds")
+    args = parser.parse_args(argv)
+    if args.concurrency is None:
+        args.concurrency = 16 if args.load == "nonstream" else 1
+    py_spy: str | None = None
+    if not args.no_spy and args.ab is None:
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(py_spy).exists():
+            sys.exit("bench.profile: py-spy is missing: pip install -e '.[bench]'")
+    cpus = choose_cpus()
+    out_dir = RESULTS / f"profile-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{args.load}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="clawbus-profile-"))
+    upstream = UpstreamProcess(out_dir, cpus.harness)
+    try:
+        if args.ab is None:
+            system = Clawbus(upstream.url, work, out_dir, workers=args.workers, cpus=cpus.system)
+            figures = _measure(args, system, upstream, cpus, out_dir, py_spy=py_spy)
+            _print_stacks(figures.pop("stacks"), args.top)
+            print("\n" + "  ".join(f"{k} {_fmt(v)}" for k, v in figures.items()))
+            print(f"raw stacks and logs: {out_dir}")
+            return
+        sources = {"A": args.ab.resolve(), "B": ROOT}
+        results: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+        for round_ in range(args.rounds):
+            for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
+                system = Clawbus(upstream.url, work, out_dir, workers=args.workers,
+                                 cpus=cpus.system, source=sources[name], label=f"clawbus-{name}")
+                figures = _measure(args, system, upstream, cpus, out_dir, py_spy=None)
+                figures.pop("stacks")
+                results[name].append(figures)
+                print(f"round {round_ + 1} {name}: "
+                      + "  ".join(f"{k} {_fmt(v)}" for k, v in figures.items()), flush=True)
+        print(f"\nmedians over {args.rounds} rounds (A = {sources['A']}, B = {sources['B']}):")
+        for key in results["B"][0]:
+            values = {name: [r.get(key) for r in rows] for name, rows in results.items()}
+            numbers = {name: [float(v) for v in vs if isinstance(v, int | float)]
+                       for name, vs in values.items()}
+            if all(len(numbers[n]) == len(values[n]) > 0 for n in numbers):
+                a, b = (statistics.median(numbers[n]) for n in ("A", "B"))
+                ratio = f"  B/A {b / a:.3f}" if a else ""
+                print(f"  {key:>22}: A {_fmt(a)}  B {_fmt(b)}{ratio}")
+    finally:
         upstream.stop()
         shutil.rmtree(work, ignore_errors=True)
 

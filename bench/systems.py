@@ -173,7 +173,7 @@ class Clawbus(ProcessSystem):
 
     def __init__(self, upstream_url: str, workdir: Path, logs: Path, *, workers: int,
                  cpus: str | None, gateways: int = 1, label: str | None = None,
-                 max_concurrent: int = 4096) -> None:
+                 max_concurrent: int = 4096, source: Path | None = None) -> None:
         self.upstream_url = upstream_url
         self.workdir = workdir
         self.logs = logs
@@ -182,6 +182,8 @@ class Clawbus(ProcessSystem):
         self.gateway_pids: set[int] = set()  # seen in /readyz answers
         self.cpus = cpus
         self.max_concurrent = max_concurrent
+        # Another checkout of clawbus to run instead of the installed one (A/B runs).
+        self.source = source
         self.label = label or "clawbus"
         self.proc: Process | None = None
         self._url = ""
@@ -217,12 +219,15 @@ class Clawbus(ProcessSystem):
         config = run_dir / "clawbus.json5"
         config.write_bytes(orjson.dumps(self.config(), option=orjson.OPT_INDENT_2))
         exe = Path(sys.executable).with_name("clawbus")
-        base = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli"]
+        base = [str(exe)] if exe.exists() and not self.source else [sys.executable, "-m", "cli"]
+        env = {"CLAWBUS_STATE_DIR": str(state)}
+        if self.source:  # children (`python -m cli worker`) inherit it
+            env["PYTHONPATH"] = str(self.source)
         cmd = pinned([*base, "up", "--config", str(config), "--workers", str(self.workers),
                       "--gateways", str(self.gateways), "--port", "0",
                       "--log-level", "warning", "--grace", "5"], self.cpus)
         self.proc = Process(self.label, cmd, self.logs / f"{run_dir.name}.log",
-                            env={"CLAWBUS_STATE_DIR": str(state)}, cwd=run_dir)
+                            env=env, cwd=run_dir)
         self._url = self.proc.wait_for(r"clawbus gateway listening on (http://\S+)",
                                        START_TIMEOUT).group(1)
 

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from nats.aio.client import Client
@@ -46,7 +47,8 @@ SECURITY_HEADERS = [
 READY_TIMEOUT = 2.0
 
 
-KNOWN_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/models", "/healthz", "/readyz",
+CHAT_PATH = "/v1/chat/completions"
+KNOWN_ENDPOINTS = frozenset({CHAT_PATH, "/v1/models", "/healthz", "/readyz",
                              "/metrics", "/"})
 
 
@@ -61,9 +63,21 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
+def secured(send: Send, endpoint: str, metrics: GatewayMetrics) -> Send:
+    """``send`` that adds the SPEC's security headers to the response and counts it
+    by endpoint/status (never buffering a streamed body)."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            metrics.requests.labels(endpoint, str(message["status"])).inc()
+        await send(message)
+
+    return send_with_headers
+
+
 class SecurityHeaders:
-    """Pure ASGI middleware (it must not buffer streamed bodies): adds the SPEC's
-    security headers to every response and counts responses by endpoint/status."""
+    """Pure ASGI middleware: :func:`secured` for every HTTP response."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -73,15 +87,45 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = endpoint_label(scope["path"])
+        await self.app(scope, receive, secured(send, endpoint_label(scope["path"]), self.metrics))
 
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
-                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+
+class GatewayApp(FastAPI):
+    """FastAPI, except that ``/v1/chat/completions`` — the hot path — goes straight
+    to its handler instead of through the framework's stack of middleware and
+    routing (about ten nested ASGI layers and a send wrapper each; issue #5). It
+    keeps what those layers gave it: the security headers and request metrics
+    (:func:`secured`) and a 500 envelope, never a traceback, on a bug."""
+
+    def __init__(self, *, metrics: GatewayMetrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics = metrics
+        self.chat_handler: Callable[[Request], Awaitable[Response]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH and self.chat_handler:
+            await self._chat(scope, receive, secured(send, CHAT_PATH, self.metrics))
+            return
+        await super().__call__(scope, receive, send)
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.chat_handler is not None
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = True
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            response = await self.chat_handler(Request(scope, receive))
+            await response(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("unhandled error on %s %s", scope["method"], CHAT_PATH, exc_info=exc)
+            if started:
+                raise  # the server closes the connection mid-response
+            await error_response(errors.ApiError(500, "internal error", errors.API_ERROR))(
+                scope, receive, send)
 
 
 @dataclass
@@ -115,7 +159,7 @@ class Gateway:
                 "activeRuns": self.runs.active_runs}
 
 
-def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway") -> FastAPI:
+def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway") -> GatewayApp:
     """The gateway app; connects to NATS at ``bus_url`` when it starts."""
     holder: dict[str, Gateway] = {}
     metrics = GatewayMetrics()
@@ -142,8 +186,8 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    app = FastAPI(title="clawbus", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = GatewayApp(metrics=metrics, title="clawbus", lifespan=lifespan, docs_url=None,
+                     redoc_url=None, openapi_url=None)
 
     def gw() -> Gateway:
         return holder["gw"]
@@ -151,8 +195,10 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
     async def chat_completions(request: Request) -> Response:
         return await gw().chat(request)
 
-    # A plain Starlette route (no FastAPI dependency solving on the hot path); the
-    # handler answers every method itself (405 with the OpenAI envelope).
+    # Served by GatewayApp ahead of the middleware stack; the route stays for
+    # anything that dispatches through the router. The handler answers every
+    # method itself (405 with the OpenAI envelope).
+    app.chat_handler = chat_completions
     app.router.add_route("/v1/chat/completions", chat_completions,
                          methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                          include_in_schema=False)

@@ -71,6 +71,23 @@ async def test_disabled_endpoint_is_plain_404(shared_nats: NatsServer,
     assert resp.headers["content-type"].startswith("text/plain")
 
 
+async def test_a_bug_in_the_handler_is_a_500_envelope(shared_nats: NatsServer,
+                                                      cfg: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chat endpoint skips the framework's middleware (gateway.app.GatewayApp):
+    an unexpected exception still gives the documented 500 shape, never a traceback."""
+    import gateway.chat
+
+    def broken(*_: object, **__: object) -> object:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway.chat, "parse_chat_request", broken)
+    async with in_process(cfg, shared_nats.url) as http:
+        resp = await http.post(URL, json=USER_MSG, headers=AUTH)
+    assert_error(resp, 500, "internal error", "api_error")
+    assert "Traceback" not in resp.text and "a bug" not in resp.text
+
+
 async def test_method_not_allowed(shared_nats: NatsServer, cfg: dict[str, Any]) -> None:
     async with in_process(cfg, shared_nats.url) as http:
         resp = await http.get(URL, headers=AUTH)
