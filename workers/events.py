@@ -1,8 +1,9 @@
 """Sending one run attempt's events back to its gateway.
 
 The emitter numbers events (``seq``) within an attempt, coalesces text deltas
-(the first one goes out at once; later ones at most every ``coalesce_seconds``)
-and stops sending anything once the run is *fenced* (its lease was lost) or
+(text goes out at once unless the last delta left less than ``coalesce_seconds``
+ago; then it waits for that window to end, joined with whatever else arrives
+meanwhile) and stops sending anything once the run is *fenced* (its lease was lost) or
 abandoned (the gateway said it no longer wants the run).
 
 The ``accepted`` event is a probe whose answer the worker awaits only before
@@ -13,7 +14,6 @@ are probes awaited at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -57,8 +57,11 @@ class Emitter:
         self._streaming = streaming
         self._buffer: list[str] = []
         self._buffered = 0
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
+        # Coalescing without a task or timer per token (issue #5): text published
+        # inline while no window is open; a timer only when text waits for one.
+        self._window_end = 0.0  # monotonic: text before this waits (coalesced)
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_task: asyncio.Task[None] | None = None
         self.fenced = False
         self.sent_text = False
         # Monotonic time until which our session lease is certainly still ours
@@ -118,39 +121,33 @@ class Emitter:
         event = Heartbeat(seq=0, attempt=self.attempt)
         await self._probe(event.model_dump_json().encode())
 
-    def delta(self, text: str) -> None:
-        """Queue text; the flusher sends it (the first piece without delay).
+    async def delta(self, text: str) -> None:
+        """Send text now, or when the current coalescing window ends.
         Without a streaming client, text only travels in the final event."""
         if not text or not self._streaming:
             return
         self._buffer.append(text)
         self._buffered += len(text)
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop(), name="emitter-flush")
-        self._wake.set()
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
+        delay = self._window_end - time.monotonic()
+        if delay <= 0 or self._buffered >= COALESCE_MAX_CHARS:
             await self._flush()
-            # Coalesce what arrives in the next interval into one event, unless a
-            # lot is waiting already.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._coalesce):
-                    while self._buffered < COALESCE_MAX_CHARS:
-                        await self._wake.wait()
-                        self._wake.clear()
-            # The window is over: what it collected goes out now, not with the
-            # next token (which used to double the gap at steady token rates).
-            if self._buffer:
-                self._wake.set()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._window_over)
+
+    def _window_over(self) -> None:
+        self._timer = None
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Flush from a callback (no await there): one short task, if text waits."""
+        if self._buffer and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.create_task(self._flush(), name="emitter-flush")
 
     def renew_lease(self, deadline: float) -> None:
         """The lease was (re)written at a time ≥ ``deadline`` - TTL: text may flow until then."""
         self.lease_deadline = deadline
-        if self._buffer:
-            self._wake.set()
+        if self._timer is None:
+            self._flush_soon()  # text held while the lease could have lapsed
 
     async def _flush(self) -> None:
         # Fencing by the clock: past the lease deadline (the worker stalled, e.g.
@@ -158,23 +155,33 @@ class Emitter:
         # is held until a refresh proves the lease is still ours (or it is fenced).
         if not self._buffer or time.monotonic() >= self.lease_deadline:
             return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         text = "".join(self._buffer)
         self._buffer.clear()
         self._buffered = 0
         self.sent_text = True
+        self._window_end = time.monotonic() + self._coalesce
         event = Delta(seq=self._next_seq(), attempt=self.attempt, text=text)
         await self._publish(event.model_dump_json().encode())
+        if self._buffer and self._timer is None:  # text came while the publish waited
+            self._timer = asyncio.get_running_loop().call_later(self._coalesce,
+                                                                self._window_over)
 
-    async def _stop_flusher(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+    def _stop_flushing(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flush_task is not None:
+            # Not run yet (it never awaits before publishing): whoever flushes
+            # next takes its text, in order.
+            self._flush_task.cancel()
+            self._flush_task = None
 
     async def drain(self) -> None:
         """Send any buffered text now (before a final event)."""
-        await self._stop_flusher()
+        self._stop_flushing()
         await self._flush()
 
     async def done(self, text: str, usage: Usage, finish_reason: str) -> None:
@@ -197,4 +204,4 @@ class Emitter:
         await self._publish(event.model_dump_json().encode())
 
     async def aclose(self) -> None:
-        await self._stop_flusher()
+        self._stop_flushing()

@@ -52,7 +52,7 @@ async def generate(provider: Provider, request: ProviderRequest, emitter: Emitte
                 if first is None:
                     first = time.monotonic() - started
                 parts.append(item.text)
-                emitter.delta(item.text)
+                await emitter.delta(item.text)
             else:
                 finish = item
     return Reply(text="".join(parts), usage=finish.usage, finish_reason=finish.reason,
