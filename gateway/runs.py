@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,16 @@ class RunHandle:
         self.door = door
         self.session_key = session_key
         self.created = time.time()
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(client.bus.event_queue_size)
+        # The run's bounded event queue, read by events(): a deque and one waiter
+        # future, with one timer per run re-armed only when it fires — not an
+        # asyncio.Queue and an asyncio.timeout per event (issue #5: 2,000 held
+        # streams are ~4,000 events/s through this loop on one core).
+        self._pending: deque[bytes] = deque()
+        self._limit = client.bus.event_queue_size
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0  # monotonic: when the current wait gives up
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.overflowed = False
         self.finished = False  # nobody reads the events any more
         self.ended = False  # the run's last event (Done/Failed) arrived
@@ -121,21 +131,55 @@ class RunHandle:
 
     def offer(self, data: bytes) -> None:
         """Called from the subscription callback: enqueue without blocking."""
-        if self.finished:
+        if self.finished or self.overflowed:
             return
-        try:
-            self.queue.put_nowait(data)
-        except asyncio.QueueFull:
+        if len(self._pending) >= self._limit:
             self.overflowed = True
-            # Wake the consumer so it sees the overflow even if it is waiting.
-            self.queue.get_nowait()
-            self.queue.put_nowait(b"")
+            self._pending.clear()
             # The client stopped reading: its response may be stuck in a blocked
             # send and never look at this queue again, so stop the run now rather
             # than let the worker generate (and store) a reply nobody reads.
             if not self._cutting_off and not self.ended:
                 self._cutting_off = True
                 self._client.in_background(self.cancel("slow_consumer"))
+        else:
+            self._pending.append(data)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _next(self, deadline: float) -> bytes | None:
+        """The next event's data, or None once ``deadline`` (monotonic) passed or
+        the queue overflowed."""
+        while not self._pending and not self.overflowed:
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            self._deadline = deadline
+            if self._timer is None or self._timer_at > deadline:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer_at = deadline
+                self._timer = asyncio.get_running_loop().call_later(deadline - now,
+                                                                    self._on_timer)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._pending.popleft() if self._pending else None
+
+    def _on_timer(self) -> None:
+        """Wake the waiter if its deadline passed; else wait on to the (later) deadline."""
+        self._timer = None
+        if self._waiter is None or self._waiter.done():
+            return  # nobody waits: the next wait arms a timer if it needs one
+        now = time.monotonic()
+        if now >= self._deadline:
+            self._waiter.set_result(None)
+        else:
+            self._timer_at = self._deadline
+            self._timer = asyncio.get_running_loop().call_later(self._deadline - now,
+                                                                self._on_timer)
 
     async def events(self, keepalive: float | None = None) -> AsyncGenerator[RunEvent, None]:
         """Accepted, then Deltas, then exactly one Done or Failed (the last item).
@@ -164,11 +208,8 @@ class RunHandle:
                 # phase's timer; keep-alives count from the last thing yielded.
                 phase_deadline = last_event + timeout
                 tick_deadline = last_yield + keepalive if keepalive else phase_deadline
-                try:
-                    async with asyncio.timeout(
-                            max(0.0, min(phase_deadline, tick_deadline) - time.monotonic())):
-                        data = await self.queue.get()
-                except TimeoutError:
+                data = await self._next(min(phase_deadline, tick_deadline))
+                if data is None and not self.overflowed:
                     if time.monotonic() < phase_deadline:
                         last_yield = time.monotonic()
                         yield KEEPALIVE
@@ -187,6 +228,7 @@ class RunHandle:
                     yield _failed(503, "api_error", "client too slow: event queue overflowed",
                                   "slow_consumer")
                     return
+                assert data is not None
                 last_event = time.monotonic()
                 event = decode_event(data)
                 if event.attempt < self._attempt:
@@ -244,6 +286,9 @@ class RunHandle:
                 return
         finally:
             self.finished = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._client.forget(self)
 
     async def cancel(self, outcome: str = "cancelled") -> None:
