@@ -45,8 +45,8 @@ from .http_stream import (
     finish_response,
     incomplete_stream,
     request_headers,
-    sse_data,
     sse_field,
+    sse_payload,
     status_error,
     transport_error,
 )
@@ -93,15 +93,22 @@ class AnthropicMessagesProvider:
             lines = SSELines(response.content)
             event_name = ""
             while not done and (batch := await lines.read()) is not None:
+                # One TextDelta per network read (see openai_completions).
+                pieces: list[str] = []
+                failure: ProviderError | None = None
                 for line in batch:
                     name = sse_field(line, b"event:")
                     if name is not None:
                         event_name = name
                         continue
-                    data = sse_data(line)
+                    data = sse_payload(line)
                     if data is None:
                         continue
-                    event = decode_event(data)
+                    try:
+                        event = decode_event(data)
+                    except ProviderError as exc:
+                        failure = exc
+                        break
                     kind = event.get("type")
                     if not isinstance(kind, str):
                         kind = event_name
@@ -111,7 +118,7 @@ class AnthropicMessagesProvider:
                         if isinstance(delta, dict) and delta.get("type") == "text_delta":
                             text = delta.get("text")
                             if isinstance(text, str) and text:
-                                yield TextDelta(text)
+                                pieces.append(text)
                     elif kind == "message_start":
                         message = event.get("message")
                         if isinstance(message, dict):
@@ -130,8 +137,13 @@ class AnthropicMessagesProvider:
                         done = True
                         break
                     elif kind == "error":
-                        raise _stream_error(event)
+                        failure = _stream_error(event)
+                        break
                     # ping, content_block_start/stop and unknown events: ignored
+                if pieces:
+                    yield TextDelta("".join(pieces))
+                if failure is not None:
+                    raise failure
             if not done:
                 raise incomplete_stream(response, "message_stop")
             await drain(lines)

@@ -146,16 +146,21 @@ def sse_field(line: bytes, name: bytes) -> str | None:
     return line[len(name):].decode("utf-8", "replace").strip()
 
 
-def sse_data(line: bytes) -> str | None:
-    """The payload of a ``data:`` line; None for blank lines, comments and other fields."""
-    return sse_field(line, b"data:")
+def sse_payload(line: bytes) -> bytes | None:
+    """The raw payload of a ``data:`` line, stripped (None for blank lines, comments
+    and other fields); its UTF-8 is left to the JSON parser."""
+    if not line.startswith(b"data:"):
+        return None
+    return line[5:].strip()
 
 
-def decode_event(data: str) -> dict[str, Any]:
+def decode_event(data: str | bytes) -> dict[str, Any]:
     """An SSE ``data:`` payload decoded as a JSON object."""
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
+        if isinstance(data, bytes):  # e.g. invalid UTF-8: replaced, as a text decode does
+            return decode_event(data.decode("utf-8", "replace"))
         raise ProviderError(
             "bad_response", f"upstream sent a non-JSON SSE event: {data[:MAX_DETAIL]!r}"
         ) from None

@@ -2,7 +2,8 @@
 
 Works against OpenAI, vLLM, Ollama, llama.cpp, LM Studio and the like. The request
 always streams (``stream: true`` with ``stream_options.include_usage``); the SSE
-reply is parsed line by line into :class:`TextDelta` items and one :class:`Finish`.
+reply is parsed into one :class:`TextDelta` per network read (the text of every
+event that arrived together) and one :class:`Finish`.
 One ``aiohttp.ClientSession`` (and so one connection pool) is shared by all runs;
 it is opened on first use, inside the running event loop.
 
@@ -32,7 +33,7 @@ from .http_stream import (
     finish_response,
     incomplete_stream,
     request_headers,
-    sse_data,
+    sse_payload,
     status_error,
     transport_error,
 )
@@ -66,26 +67,41 @@ class OpenAICompletionsProvider:
                 raise status_error(response, await response.read(), _error_detail)
             lines = SSELines(response.content)
             while not done and (batch := await lines.read()) is not None:
+                # One TextDelta per network read, not per SSE event: what arrived
+                # together travels together (issue #5: the per-event generator
+                # round trip was most of a worker's CPU on a 32-token reply).
+                pieces: list[str] = []
+                failure: ProviderError | None = None
                 for line in batch:
-                    data = sse_data(line)
+                    data = sse_payload(line)
                     if data is None:
                         continue
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         done = True
                         break
-                    chunk = _decode_chunk(data)
+                    try:
+                        chunk = _decode_chunk(data)
+                    except ProviderError as exc:
+                        failure = exc  # after the text that came before it
+                        break
                     choices = chunk.get("choices")
                     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
                         choice = choices[0]
                         delta = choice.get("delta")
                         text = delta.get("content") if isinstance(delta, dict) else None
                         if isinstance(text, str) and text:
-                            yield TextDelta(text)
+                            pieces.append(text)
                         finish_reason = choice.get("finish_reason")
                         if isinstance(finish_reason, str) and finish_reason:
                             finished = True
                             reason = "length" if finish_reason == "length" else "stop"
-                    usage = _usage(chunk.get("usage")) or usage
+                    raw_usage = chunk.get("usage")
+                    if raw_usage is not None:
+                        usage = _usage(raw_usage) or usage
+                if pieces:
+                    yield TextDelta("".join(pieces))
+                if failure is not None:
+                    raise failure
             if done:
                 await drain(lines)
             elif not finished:
@@ -116,7 +132,7 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     return body
 
 
-def _decode_chunk(data: str) -> dict[str, Any]:
+def _decode_chunk(data: bytes) -> dict[str, Any]:
     chunk = decode_event(data)
     if chunk.get("error"):
         raise ProviderError(
