@@ -108,24 +108,36 @@ class ChatCompletions:
         return await self._complete(request.receive, chat, handle)
 
     async def _complete(self, receive: Receive, chat: ChatRequest, handle: RunHandle) -> Response:
-        """Wait for the run's end, cancelling it if the client disconnects first."""
+        """Wait for the run's end, cancelling it if the client disconnects first.
+
+        The run is awaited in this task; one watcher task cancels it if the client
+        leaves (not a task each plus ``asyncio.wait``: issue #5's hot path)."""
         created = int(handle.created)
-        disconnected = asyncio.create_task(_wait_disconnect(receive), name="watch-disconnect")
-        result = asyncio.create_task(_last_event(handle), name="await-run")
+        me = asyncio.current_task()
+        assert me is not None
+        state = {"finished": False, "disconnected": False}
+
+        async def watch() -> None:
+            await _wait_disconnect(receive)
+            if not state["finished"]:
+                state["disconnected"] = True
+                me.cancel()
+
+        watcher = asyncio.create_task(watch(), name="watch-disconnect")
         try:
-            await asyncio.wait({disconnected, result}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not result.done():
-                await handle.cancel()
-                result.cancel()
-            disconnected.cancel()
-            await asyncio.gather(disconnected, result, return_exceptions=True)
-        if result.cancelled():
+            event = await _last_event(handle)
+        except asyncio.CancelledError:
+            if not state["disconnected"]:  # the server is shutting down
+                self.runs.in_background(handle.cancel())
+                raise
+            me.uncancel()
+            await handle.cancel()
             return Response(status_code=499)
-        try:
-            event = result.result()
         except NoWorkerError:
             return error_response(errors.no_worker())
+        finally:
+            state["finished"] = True  # (no await since the run ended: no late cancel)
+            watcher.cancel()
         if event.type == "error":
             return error_response(failure_error(event))
         assert event.type == "done"

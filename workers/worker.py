@@ -375,8 +375,22 @@ class Worker:
         execution = Execution(run.run_id)
         self._active[run.run_id] = execution
         lease: list[int | None] = [revision]
-        keeper = asyncio.create_task(self._keep_alive(msg, token, lease, emitter, execution),
-                                     name="run-keepalive")
+        keeper: list[asyncio.Task[None]] = []  # started only if the run lasts (see below)
+        started = time.monotonic()
+
+        def start_keeper() -> None:
+            if not execution.ended:
+                keeper.append(asyncio.create_task(
+                    self._keep_alive(msg, token, lease, emitter, execution, started=started),
+                    name="run-keepalive"))
+
+        # The keep-alive's first duty (a lease refresh, an in_progress ack or a
+        # liveness probe) is due after min(ackWait/3, heartbeat) at the earliest:
+        # a run that ends sooner — most non-streaming calls — never needs its
+        # task (issue #5: one task created and cancelled per run, for nothing).
+        bus = self.settings.bus
+        keeper_timer = asyncio.get_running_loop().call_later(
+            min(bus.ack_wait_seconds / 3, bus.heartbeat_seconds) / 2, start_keeper)
         if revision is not None:
             emitter.confirm_lease = functools.partial(
                 self._confirm_lease, token, lease, emitter, execution)
@@ -440,9 +454,11 @@ class Worker:
         finally:
             self._active.pop(run.run_id, None)
             execution.ended = True  # (in case the cancel below is swallowed: see run())
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            keeper_timer.cancel()
+            for task in keeper:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             held = lease[0]
             if outcome != "fenced" and held is not None:
                 with contextlib.suppress(Exception):
@@ -550,7 +566,7 @@ class Worker:
         return "cancelled"
 
     async def _keep_alive(self, msg: Msg, token: str, lease: list[int | None],
-                          emitter: Emitter, execution: Execution) -> None:
+                          emitter: Emitter, execution: Execution, *, started: float) -> None:
         """in_progress acks + fenced lease refresh every ackWait/3, and a liveness
         probe to the gateway every heartbeat interval (also while text flows, so a
         dead gateway is noticed mid-stream)."""
@@ -558,7 +574,7 @@ class Worker:
         bus = self.settings.bus
         refresh_every = bus.ack_wait_seconds / 3
         beat_every = bus.heartbeat_seconds
-        next_refresh = time.monotonic() + refresh_every
+        next_refresh = started + refresh_every
         while not execution.ended:
             now = time.monotonic()
             wake = min(next_refresh, emitter.last_probe + beat_every)
