@@ -255,14 +255,17 @@ class RunHandle:
                     self._client.bus_error("event_gap")
                     resync = True
                 self._next_seq = event.seq + 1
-                if isinstance(event, Accepted):
-                    if not self.accepted:
-                        self.accepted = True
-                        self.queue_wait = time.time() - self.created
-                        self._client.observe("queue_wait", self.queue_wait)
+                if not self.accepted:
+                    # A stateless run may skip its "accepted" notice: its first
+                    # text or its end says a worker took it (workers/acceptance.py).
+                    self.accepted = True
+                    self.queue_wait = time.time() - self.created
+                    self._client.observe("queue_wait", self.queue_wait)
                     last_yield = time.monotonic()
-                    yield event
-                    continue
+                    yield event if isinstance(event, Accepted) else Accepted(
+                        seq=event.seq, attempt=event.attempt, worker_id="")
+                if isinstance(event, Accepted):
+                    continue  # (also a notice that came after the text)
                 if isinstance(event, Delta):
                     if resync:
                         continue

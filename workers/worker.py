@@ -49,6 +49,7 @@ from bus.pull import PullConsumer
 from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
 
 from . import errors
+from .acceptance import ANNOUNCE_DELAY, Acceptance
 from .events import Emitter, RunAbandoned
 from .metrics import WorkerMetrics
 from .probes import Probes
@@ -395,17 +396,27 @@ class Worker:
             emitter.confirm_lease = functools.partial(
                 self._confirm_lease, token, lease, emitter, execution)
         outcome = "failed"
+        # The gateway's answer to "accepted" travels while the run goes on (off
+        # the critical path); it is awaited before anything durable, and an answer
+        # that the run is unwanted stops the provider call at once. A stateless
+        # run defers the notice (see workers/acceptance.py).
+        acceptance = Acceptance(emitter, self.worker_id,
+                                on_abandoned=lambda: execution.stop("abandoned"))
+
+        def cancelled() -> bool:
+            return run.run_id in self._cancelled
+
         try:
             log.debug("run attempt %d started", emitter.attempt)
-            # The gateway's answer to "accepted" travels while the run goes on
-            # (off the critical path); it is awaited before anything durable, and
-            # an answer that the run is unwanted stops the provider call at once.
-            acceptance = await emitter.accepted(
-                self.worker_id, on_abandoned=lambda: execution.stop("abandoned"))
+            if run.ephemeral:
+                budget = run.created + bus.queue_timeout_seconds - time.time()
+                acceptance.announce_later(max(0.0, min(ANNOUNCE_DELAY, budget / 2)))
+            else:
+                await acceptance.announce_now()
             turns, last_seq = ([], 0) if run.ephemeral else await self._transcripts.load(token)
             if turns and turns[-1].run_id == run.run_id:
                 # Completed before (the ack was lost): report, never run twice.
-                await emitter.confirm(acceptance)
+                await acceptance.confirm(cancelled)
                 done = turns[-1]
                 await emitter.done(done.assistant, done.usage, "stop")
                 await msg.ack()
@@ -417,7 +428,7 @@ class Worker:
             if reply is None:
                 outcome = await self._stopped(msg, emitter, execution)
                 return
-            await emitter.confirm(acceptance)  # nothing is stored for an unwanted run
+            await acceptance.confirm(cancelled)  # nothing is stored for an unwanted run
             turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
                         assistant=reply.text, ts=time.time(), usage=reply.usage)
             if lease[0] is None:
@@ -455,6 +466,7 @@ class Worker:
             self._active.pop(run.run_id, None)
             execution.ended = True  # (in case the cancel below is swallowed: see run())
             keeper_timer.cancel()
+            await acceptance.aclose()
             for task in keeper:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

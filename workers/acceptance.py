@@ -1,0 +1,78 @@
+"""Telling the gateway that a worker took its run, and learning whether it still
+wants it.
+
+The ``accepted`` notice is a probe (see :mod:`workers.probes`): the gateway
+answers ``ok``, ``gone`` (its client left), or nobody answers (it died). Its
+answer is awaited only before anything durable happens (:meth:`confirm`); an
+answer that the run is unwanted stops it at once (``on_abandoned``).
+
+For a leased run (a session that continues) the notice goes out as the run starts
+(:meth:`announce_now`): its answer guards the transcript. For a stateless run
+(a session nobody can continue) it is deferred (:meth:`announce_later`): the
+run's first text or its final event tells the gateway the run was taken just as
+well, so a run that ends sooner — most stateless non-streaming calls — costs no
+probe round trip at all (issue #5: ~4 of ~11 bus hops of such a call, all on
+one core). A longer run still sends it then, so a dead gateway is noticed within
+the deferral plus a round trip. Such a run may go on for up to the deferral
+after its client left; the gateway's ``cancel`` still stops it, and a run
+cancelled before its end stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from .events import Emitter, RunAbandoned
+from .probes import Probe
+
+# How long a stateless run may run before it tells the gateway it was taken.
+ANNOUNCE_DELAY = 0.05
+
+
+class Acceptance:
+    def __init__(self, emitter: Emitter, worker_id: str,
+                 on_abandoned: Callable[[], None]) -> None:
+        self._emitter = emitter
+        self._worker_id = worker_id
+        self._on_abandoned = on_abandoned
+        self._probe: Probe | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def announce_now(self) -> None:
+        self._probe = await self._emitter.accepted(self._worker_id, self._on_abandoned)
+
+    def announce_later(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if not self._closed:
+            self._task = asyncio.create_task(self.announce_now(), name="run-accepted")
+
+    def _stop_waiting(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def confirm(self, cancelled: Callable[[], bool]) -> None:
+        """Before anything durable: raises RunAbandoned if the gateway let go of the
+        run (or, when no notice went out, if its client cancelled it)."""
+        self._stop_waiting()
+        if self._task is not None:
+            await self._task  # it only publishes: it never waits for the answer
+        if self._probe is not None:
+            await self._emitter.confirm(self._probe)
+        elif cancelled():
+            raise RunAbandoned("cancelled")
+
+    async def aclose(self) -> None:
+        self._stop_waiting()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RunAbandoned):
+                await self._task
