@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive
 
 from bus.config import Settings
@@ -20,6 +20,7 @@ from .chat_request import ChatRequest, parse_chat_request
 from .errors import ApiError
 from .metrics import GatewayMetrics
 from .runs import NoWorkerError, RunClient, RunEvent, RunHandle, RunRejected, RunSpec
+from .sse import SSEResponse
 
 
 def error_response(exc: ApiError) -> Response:
@@ -148,9 +149,8 @@ class ChatCompletions:
     def _stream(self, request: Request, chat: ChatRequest, handle: RunHandle) -> Response:
         encoder = openai_format.ChunkEncoder(handle.run_id, int(handle.created), chat.model)
         keepalive = self.settings.gateway.keepalive_seconds
-        return StreamingResponse(
+        return SSEResponse(
             _sse_frames(handle, encoder, chat.include_usage, keepalive, self.metrics),
-            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -172,7 +172,7 @@ async def _last_event(handle: RunHandle) -> RunEvent:
 
 async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
                       include_usage: bool, keepalive: float,
-                      metrics: GatewayMetrics) -> AsyncIterator[bytes]:
+                      metrics: GatewayMetrics) -> AsyncGenerator[bytes, None]:
     """The SSE body. Starlette cancels this generator when the client disconnects;
     ``finally`` then cancels the run."""
     events = handle.events(keepalive)
