@@ -183,3 +183,13 @@ def test_report_renders_and_updates_doc(tmp_path: Path) -> None:
     bare = tmp_path / "NEW.md"
     run.update_doc(bare, text)
     assert bare.read_text().startswith("## Latest results\n\n<!-- bench:begin -->\n")
+
+
+def test_profile_top_frames_counts_self_and_inclusive_samples() -> None:
+    from bench.profile import top_frames
+
+    raw = "main;serve;parse 3\nmain;serve;write 5\nmain;idle 2\nnot a stack line\n"
+    total, own, inclusive = top_frames(raw, 10)
+    assert total == 10
+    assert own[0] == ("write", 5) and ("parse", 3) in own and ("idle", 2) in own
+    assert dict(inclusive)["main"] == 10 and dict(inclusive)["serve"] == 8
