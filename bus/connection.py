@@ -7,6 +7,7 @@ whichever process connects first (gateways and workers both call
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 
@@ -35,6 +36,51 @@ BUS_UNAVAILABLE: tuple[type[Exception], ...] = (
     nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError)
 
 
+# A write this soon after the previous one waits for one more event-loop pass.
+WRITE_BATCH_SECONDS = 0.0005
+
+
+class BatchingClient(Client):
+    """nats-py's client with a flusher that batches under load: when the previous
+    socket write was less than :data:`WRITE_BATCH_SECONDS` ago, it lets the event
+    loop run one more pass (the I/O that just arrived, the callbacks it wakes)
+    before writing, so what they publish shares the write. A quiet connection
+    writes at once and never sleeps. Fewer system calls and wake-ups here, in
+    nats-server and in the receivers (issue #5, ``bench.profile --ab``: c=16
+    non-streaming CPU/request 0.94 and req/s 1.07; 2,000 held streams: CPU 0.94,
+    TTFT p99 0.48). The rest is nats-py's own flusher loop."""
+
+    _last_write = 0.0
+
+    async def _flusher(self) -> None:
+        assert self._transport, "Client.connect must be called first"
+        assert self._flush_queue, "Client.connect must be called first"
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.is_connected or self.is_connecting:
+                break
+            future: asyncio.Future[None] = await self._flush_queue.get()
+            try:
+                if loop.time() - self._last_write < WRITE_BATCH_SECONDS:
+                    # Busy: let this loop pass's I/O callbacks publish first.
+                    await asyncio.sleep(0)
+                if self._pending_data_size > 0:
+                    self._transport.writelines(self._pending[:])
+                    self._pending = []
+                    self._pending_data_size = 0
+                    self._last_write = loop.time()
+                    await self._transport.drain()  # type: ignore[no-untyped-call]
+            except OSError as e:
+                await self._error_cb(e)
+                await self._process_op_err(e)
+                break
+            except (asyncio.CancelledError, RuntimeError, AttributeError):
+                break
+            finally:
+                if not future.done():
+                    future.set_result(None)
+
+
 async def connect(url: str, name: str) -> Client:
     """Connect to NATS (a comma-separated list of cluster URLs is fine), reconnecting forever."""
 
@@ -48,11 +94,12 @@ async def connect(url: str, name: str) -> Client:
         log.info("nats reconnected")
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
-    return await nats.connect(
+    nc = BatchingClient()
+    await nc.connect(
         servers=servers,
         name=name,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds: a float is fine
         connect_timeout=5,
         allow_reconnect=True,
         error_cb=on_error,
@@ -60,6 +107,7 @@ async def connect(url: str, name: str) -> Client:
         reconnected_cb=on_reconnected,
         pending_size=64 * 1024 * 1024,
     )
+    return nc
 
 
 def _cluster_size(nc: Client) -> int:
