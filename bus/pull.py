@@ -9,7 +9,10 @@ the consumer, a run regularly sat in a worker's hands for the full fetch timeout
 callback the moment it arrives (like nats.go's ``Consume``):
 
 - pull requests (``$JS.API.CONSUMER.MSG.NEXT``) ask for exactly the free room,
-  with an expiry and idle heartbeats, and are topped up as room frees;
+  with an expiry and idle heartbeats, and are topped up as room frees — once
+  at least ``min_batch`` is missing, or when nothing is outstanding (not one
+  request per handled message: each request is a message to the server, and a
+  batch-1 request that outlives its use ends in a 408 later, another one);
 - the server serves one client's requests in order, so the outstanding credit
   is a FIFO of per-request remainders; a ``408``/``409`` status ends the oldest
   request (its ``Nats-Pending-Messages`` says how many it still had);
@@ -42,7 +45,8 @@ _PENDING = "Nats-Pending-Messages"
 class PullConsumer:
     def __init__(self, nc: Client, stream: str, consumer: str,
                  on_message: Callable[[Msg], Awaitable[None]], room: Callable[[], int], *,
-                 expires: float = EXPIRES_SECONDS, heartbeat: float = HEARTBEAT_SECONDS) -> None:
+                 expires: float = EXPIRES_SECONDS, heartbeat: float = HEARTBEAT_SECONDS,
+                 min_batch: int = 1) -> None:
         """``on_message`` must not block (it should start a task); ``room()`` says how
         many more messages the caller can take now."""
         self._nc = nc
@@ -59,6 +63,7 @@ class PullConsumer:
         self._stopping = False
         self._expires = expires
         self._heartbeat = heartbeat
+        self._min_batch = max(1, min_batch)
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
@@ -86,6 +91,8 @@ class PullConsumer:
         status = msg.headers.get(_STATUS) if msg.headers else None
         if status is None:
             self._consume_credit(1)
+            if not self._outstanding:
+                self._wake.set()  # out of credit: ask again whatever min_batch says
             await self._on_message(msg)
             return
         if status == "100":  # idle heartbeat: the requests are alive
@@ -116,7 +123,7 @@ class PullConsumer:
                 self._credits.clear()
                 self._outstanding = 0
             want = self._room() - self._outstanding
-            if want > 0:
+            if want > 0 and (want >= self._min_batch or not self._outstanding):
                 try:
                     await self._request(want)
                 except Exception as exc:  # reconnecting: try again shortly

@@ -31,7 +31,8 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
         await conn.close()
 
 
-async def test_delivers_each_message_at_once_within_room(nc: Client) -> None:
+@pytest.mark.parametrize("min_batch", [1, 2])
+async def test_delivers_each_message_at_once_within_room(nc: Client, min_batch: int) -> None:
     js = nc.jetstream()
     room = 3
     in_flight: set[str] = set()
@@ -65,7 +66,7 @@ async def test_delivers_each_message_at_once_within_room(nc: Client) -> None:
         consumer.room_changed()
 
     consumer = PullConsumer(nc, "Q", "c", on_message, lambda: room - len(tasks),
-                            expires=0.5, heartbeat=0.2)
+                            expires=0.5, heartbeat=0.2, min_batch=min_batch)
     await consumer.start()
     try:
         # A lone message is handed over at once (no batch to fill first).
@@ -86,3 +87,51 @@ async def test_delivers_each_message_at_once_within_room(nc: Client) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
     assert peak <= room
     assert len(done) == 31 and len(set(done)) == 31
+
+
+async def test_tops_up_in_batches_not_per_message(nats_server: NatsServer, nc: Client) -> None:
+    """With min_batch, credit is renewed a batch at a time (each pull request is a
+    message to the server), and a worker out of credit still asks at once."""
+    js = nc.jetstream()
+    spy = await nats.connect(nats_server.url)
+    requests: list[bytes] = []
+    async def record(msg: Msg) -> None:
+        requests.append(msg.data)
+
+    await spy.subscribe("$JS.API.CONSUMER.MSG.NEXT.Q.c", cb=record)
+    await spy.flush()
+    done = asyncio.Event()
+    handled: list[str] = []
+    tasks: set[asyncio.Task[None]] = set()
+    room = 8
+
+    async def handle(msg: Msg) -> None:
+        await msg.ack()
+        handled.append(msg.subject)
+        if len(handled) == 64:
+            done.set()
+
+    async def on_message(msg: Msg) -> None:
+        task = asyncio.create_task(handle(msg))
+        tasks.add(task)
+        task.add_done_callback(finished)
+
+    def finished(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        consumer.room_changed()
+
+    consumer = PullConsumer(nc, "Q", "c", on_message, lambda: room - len(tasks),
+                            expires=5.0, heartbeat=1.0, min_batch=4)
+    await consumer.start()
+    try:
+        for i in range(64):
+            await js.publish(f"q.{i}", b"")
+        async with asyncio.timeout(10):
+            await done.wait()
+    finally:
+        await consumer.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await spy.close()
+    assert len(handled) == 64
+    # One request per handled message would be 64; batches of >= 4 need at most 17.
+    assert 1 <= len(requests) <= 64 // 4 + 1, len(requests)

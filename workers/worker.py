@@ -135,7 +135,8 @@ class Worker:
         done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
                                            pending_msgs_limit=-1, pending_bytes_limit=-1)
         puller = PullConsumer(self.nc, subjects.RUNS_STREAM, subjects.RUNS_CONSUMER,
-                              self._take, lambda: self.max_concurrent - len(self._tasks))
+                              self._take, lambda: self.max_concurrent - len(self._tasks),
+                              min_batch=max(1, self.max_concurrent // 4))
         self._puller = puller
         await puller.start()
         registry = asyncio.create_task(self._registry_loop(js), name="worker-registry")
