@@ -13,9 +13,12 @@ callback the moment it arrives (like nats.go's ``Consume``):
   at least ``min_batch`` is missing, or when nothing is outstanding (not one
   request per handled message: each request is a message to the server, and a
   batch-1 request that outlives its use ends in a 408 later, another one);
-- the server serves one client's requests in order, so the outstanding credit
-  is a FIFO of per-request remainders; a ``408``/``409`` status ends the oldest
-  request (its ``Nats-Pending-Messages`` says how many it still had);
+- the outstanding credit is one total: each message takes one, and a
+  ``408``/``409`` status ends a request with its ``Nats-Pending-Messages`` left
+  unused. (The server spreads messages over a client's waiting requests and
+  ends them in any order, so per-request bookkeeping cannot tell which request
+  a message or a status belongs to; a FIFO of remainders drifted above the
+  server's count and, once requests were batched, starved the worker.)
 - no message, status or heartbeat for two heartbeat periods (a reconnect to
   another cluster node loses the requests) → forget the credit and ask again.
 """
@@ -23,7 +26,6 @@ callback the moment it arrives (like nats.go's ``Consume``):
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -53,7 +55,7 @@ class PullConsumer:
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._on_message = on_message
         self._room = room
-        self._credits: collections.deque[int] = collections.deque()
+        self._requests = 0  # pull requests still alive on the server, as far as we know
         self._outstanding = 0
         self._inbox = ""
         self._sub: Subscription | None = None
@@ -97,12 +99,13 @@ class PullConsumer:
             return
         if status == "100":  # idle heartbeat: the requests are alive
             return
-        # 404/408/409: the oldest request ended with what it still had pending.
-        if self._credits:
-            left = self._credits.popleft()
-            pending = msg.headers.get(_PENDING) if msg.headers else None
-            self._outstanding -= int(pending) if pending and pending.isdigit() else left
-            self._outstanding = max(0, self._outstanding)
+        # 404/408/409: a request ended with what it still had pending.
+        self._requests = max(0, self._requests - 1)
+        pending = msg.headers.get(_PENDING) if msg.headers else None
+        if pending and pending.isdigit():
+            self._outstanding = max(0, self._outstanding - int(pending))
+        if not self._requests:
+            self._outstanding = 0  # nothing left on the server to deliver
         if status not in ("404", "408"):
             log.warning("pull request ended: %s %s", status,
                         msg.headers.get("Description", "") if msg.headers else "")
@@ -110,17 +113,15 @@ class PullConsumer:
 
     def _consume_credit(self, n: int) -> None:
         self._outstanding = max(0, self._outstanding - n)
-        if self._credits:
-            self._credits[0] -= n
-            if self._credits[0] <= 0:
-                self._credits.popleft()
+        if not self._outstanding:
+            self._requests = 0  # all fulfilled: the server ends them without a status
 
     async def _top_up_loop(self) -> None:
         while not self._stopping:
             if (self._outstanding and
                     time.monotonic() - self._last_seen > 2 * self._heartbeat + 1):
                 log.warning("pull requests went silent (reconnected?): asking again")
-                self._credits.clear()
+                self._requests = 0
                 self._outstanding = 0
             want = self._room() - self._outstanding
             if want > 0 and (want >= self._min_batch or not self._outstanding):
@@ -136,8 +137,9 @@ class PullConsumer:
     async def _request(self, batch: int) -> None:
         body = orjson.dumps({"batch": batch, "expires": int(self._expires * 1e9),
                              "idle_heartbeat": int(self._heartbeat * 1e9)})
+        await self._nc.publish(self._next_subject, body, reply=self._inbox)
         if not self._outstanding:
             self._last_seen = time.monotonic()
-        self._credits.append(batch)
+        # (Counted once sent: the answers arrive through callbacks, after this.)
+        self._requests += 1
         self._outstanding += batch
-        await self._nc.publish(self._next_subject, body, reply=self._inbox)

@@ -135,3 +135,50 @@ async def test_tops_up_in_batches_not_per_message(nats_server: NatsServer, nc: C
     assert len(handled) == 64
     # One request per handled message would be 64; batches of >= 4 need at most 17.
     assert 1 <= len(requests) <= 64 // 4 + 1, len(requests)
+
+
+async def test_credit_stays_right_across_expiries(nc: Client,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Pull requests expire while idle, several at once, and the server spreads
+    messages over a client's requests in any order: the credit count must not
+    drift above the server's (it starved the worker until the silence check)."""
+    js = nc.jetstream()
+    handled: list[str] = []
+    wanted = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+    target = 0
+
+    async def handle(msg: Msg) -> None:
+        await asyncio.sleep(0.005)
+        await msg.ack()
+        handled.append(msg.subject)
+        if len(handled) >= target:
+            wanted.set()
+
+    async def on_message(msg: Msg) -> None:
+        task = asyncio.create_task(handle(msg))
+        tasks.add(task)
+        task.add_done_callback(finished)
+
+    def finished(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        consumer.room_changed()
+
+    consumer = PullConsumer(nc, "Q", "c", on_message, lambda: 8 - len(tasks),
+                            expires=0.5, heartbeat=0.2, min_batch=2)
+    await consumer.start()
+    try:
+        for burst in range(4):
+            target += 12
+            wanted.clear()
+            for i in range(12):
+                await js.publish(f"q.{burst}.{i}", b"")
+            # Well inside the silence check (2 x heartbeat + 1 s): no stall.
+            async with asyncio.timeout(1.0):
+                await wanted.wait()
+            await asyncio.sleep(0.8)  # idle: every pull request expires
+    finally:
+        await consumer.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(handled) == 48
+    assert "went silent" not in caplog.text

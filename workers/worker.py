@@ -60,6 +60,10 @@ from .run import Reply, build_request, generate
 log = logging.getLogger("clawbus.worker")
 
 BUS_RETRY_DELAY = 0.5
+# Pull credit is topped up this many runs at a time (bus/pull.py): few enough that
+# a credit estimate drifting above the server's cannot starve the worker (with a
+# quarter of 4,096 slots it did, for the 5 s the silence check takes).
+PULL_MIN_BATCH = 16
 NAK_DELAY = 0.25
 CANCELLED_MEMORY = 10_000
 
@@ -136,7 +140,7 @@ class Worker:
                                            pending_msgs_limit=-1, pending_bytes_limit=-1)
         puller = PullConsumer(self.nc, subjects.RUNS_STREAM, subjects.RUNS_CONSUMER,
                               self._take, lambda: self.max_concurrent - len(self._tasks),
-                              min_batch=max(1, self.max_concurrent // 4))
+                              min_batch=max(1, min(PULL_MIN_BATCH, self.max_concurrent // 4)))
         self._puller = puller
         await puller.start()
         registry = asyncio.create_task(self._registry_loop(js), name="worker-registry")
