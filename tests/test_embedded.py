@@ -245,7 +245,9 @@ async def test_cluster_survives_node_loss_and_node_rejoins(
             lambda: js.add_stream(name="FAULT", subjects=["fault.>"], num_replicas=3),
             20, "creating an R3 stream",
         )
-        await js.publish("fault.a", b"1", headers={"Nats-Msg-Id": "1"})
+        # A new R3 stream may still be electing its leader: retried like the rest.
+        await _retry(lambda: js.publish("fault.a", b"1", headers={"Nats-Msg-Id": "1"}),
+                     20, "publishing to the new stream")
         info = await _retry(lambda: js.stream_info("FAULT"), 10, "stream info")
         assert info.config.num_replicas == 3
         leader = info.cluster.leader if info.cluster else None
