@@ -17,6 +17,7 @@ from bus.config import Settings
 from . import errors, openai_format
 from .auth import Authenticator
 from .chat_request import ChatRequest, parse_chat_request
+from .disconnect import CancelOnDisconnect
 from .errors import ApiError
 from .metrics import GatewayMetrics
 from .runs import NoWorkerError, RunClient, RunEvent, RunHandle, RunRejected, RunSpec
@@ -111,34 +112,20 @@ class ChatCompletions:
     async def _complete(self, receive: Receive, chat: ChatRequest, handle: RunHandle) -> Response:
         """Wait for the run's end, cancelling it if the client disconnects first.
 
-        The run is awaited in this task; one watcher task cancels it if the client
-        leaves (not a task each plus ``asyncio.wait``: issue #5's hot path)."""
+        The run is awaited in this task (see :class:`CancelOnDisconnect`)."""
         created = int(handle.created)
-        me = asyncio.current_task()
-        assert me is not None
-        state = {"finished": False, "disconnected": False}
-
-        async def watch() -> None:
-            await _wait_disconnect(receive)
-            if not state["finished"]:
-                state["disconnected"] = True
-                me.cancel()
-
-        watcher = asyncio.create_task(watch(), name="watch-disconnect")
+        event: RunEvent | None = None
         try:
-            event = await _last_event(handle)
-        except asyncio.CancelledError:
-            if not state["disconnected"]:  # the server is shutting down
-                self.runs.in_background(handle.cancel())
-                raise
-            me.uncancel()
-            await handle.cancel()
-            return Response(status_code=499)
+            async with CancelOnDisconnect(receive):
+                event = await _last_event(handle)
+        except asyncio.CancelledError:  # the server is shutting down
+            self.runs.in_background(handle.cancel())
+            raise
         except NoWorkerError:
             return error_response(errors.no_worker())
-        finally:
-            state["finished"] = True  # (no await since the run ended: no late cancel)
-            watcher.cancel()
+        if event is None:  # the client left
+            await handle.cancel()
+            return Response(status_code=499)
         if event.type == "error":
             return error_response(failure_error(event))
         assert event.type == "done"
@@ -153,13 +140,6 @@ class ChatCompletions:
             _sse_frames(handle, encoder, chat.include_usage, keepalive, self.metrics),
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def _last_event(handle: RunHandle) -> RunEvent:

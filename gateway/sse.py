@@ -12,11 +12,12 @@ then closed, so its ``finally`` (which cancels the run) always runs.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from .disconnect import CancelOnDisconnect
 
 
 class SSEResponse(Response):
@@ -30,30 +31,14 @@ class SSEResponse(Response):
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        me = asyncio.current_task()
-        assert me is not None
-        state = {"sending": True, "disconnected": False}
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if state["sending"]:
-                state["disconnected"] = True
-                me.cancel()
-
-        watcher = asyncio.create_task(watch(), name="sse-watch-disconnect")
         try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
-            async for frame in self.frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
-            state["sending"] = False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not state["disconnected"]:
-                raise
-            me.uncancel()  # the client left: a normal end for us
+            async with CancelOnDisconnect(receive) as watch:
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
+                async for frame in self.frames:
+                    await send({"type": "http.response.body", "body": frame,
+                                "more_body": True})
+                watch.finish()  # the last send completes the response
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            state["sending"] = False
-            watcher.cancel()
             await self.frames.aclose()
