@@ -5,7 +5,8 @@ credit survives pull requests expiring."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from types import TracebackType
 
 import nats
 import pytest
@@ -31,6 +32,37 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
         await conn.close()
 
 
+class Caller:
+    """What a worker does with the consumer: each message handled in a task of its
+    own, at most ``room`` at a time, room reported back as tasks end."""
+
+    def __init__(self, nc: Client, handle: Callable[[Msg], Coroutine[None, None, None]], *,
+                 room: int, expires: float, heartbeat: float, min_batch: int) -> None:
+        self.handle = handle
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.consumer = PullConsumer(nc, "Q", "c", self._on_message,
+                                     lambda: room - len(self.tasks), expires=expires,
+                                     heartbeat=heartbeat, min_batch=min_batch)
+
+    async def _on_message(self, msg: Msg) -> None:
+        task = asyncio.create_task(self.handle(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.consumer.room_changed()
+
+    async def __aenter__(self) -> Caller:
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.consumer.stop()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 @pytest.mark.parametrize("min_batch", [1, 2])
 async def test_delivers_each_message_at_once_within_room(nc: Client, min_batch: int) -> None:
     js = nc.jetstream()
@@ -40,8 +72,6 @@ async def test_delivers_each_message_at_once_within_room(nc: Client, min_batch: 
     done: list[str] = []
     all_done = asyncio.Event()
     handled: dict[str, asyncio.Event] = {s: asyncio.Event() for s in ("q.first", "q.late")}
-    tasks: set[asyncio.Task[None]] = set()
-    consumer: PullConsumer
 
     async def handle(msg: Msg) -> None:
         nonlocal peak
@@ -56,19 +86,7 @@ async def test_delivers_each_message_at_once_within_room(nc: Client, min_batch: 
         if len(done) == 30:
             all_done.set()
 
-    async def on_message(msg: Msg) -> None:
-        task = asyncio.create_task(handle(msg))
-        tasks.add(task)
-        task.add_done_callback(finished)
-
-    def finished(task: asyncio.Task[None]) -> None:
-        tasks.discard(task)
-        consumer.room_changed()
-
-    consumer = PullConsumer(nc, "Q", "c", on_message, lambda: room - len(tasks),
-                            expires=0.5, heartbeat=0.2, min_batch=min_batch)
-    await consumer.start()
-    try:
+    async with Caller(nc, handle, room=room, expires=0.5, heartbeat=0.2, min_batch=min_batch):
         # A lone message is handed over at once (no batch to fill first).
         await js.publish("q.first", b"")
         async with asyncio.timeout(0.5):
@@ -82,9 +100,6 @@ async def test_delivers_each_message_at_once_within_room(nc: Client, min_batch: 
         await js.publish("q.late", b"")
         async with asyncio.timeout(3):
             await handled["q.late"].wait()
-    finally:
-        await consumer.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
     assert peak <= room
     assert len(done) == 31 and len(set(done)) == 31
 
@@ -95,6 +110,7 @@ async def test_tops_up_in_batches_not_per_message(nats_server: NatsServer, nc: C
     js = nc.jetstream()
     spy = await nats.connect(nats_server.url)
     requests: list[bytes] = []
+
     async def record(msg: Msg) -> None:
         requests.append(msg.data)
 
@@ -102,8 +118,6 @@ async def test_tops_up_in_batches_not_per_message(nats_server: NatsServer, nc: C
     await spy.flush()
     done = asyncio.Event()
     handled: list[str] = []
-    tasks: set[asyncio.Task[None]] = set()
-    room = 8
 
     async def handle(msg: Msg) -> None:
         await msg.ack()
@@ -111,26 +125,13 @@ async def test_tops_up_in_batches_not_per_message(nats_server: NatsServer, nc: C
         if len(handled) == 64:
             done.set()
 
-    async def on_message(msg: Msg) -> None:
-        task = asyncio.create_task(handle(msg))
-        tasks.add(task)
-        task.add_done_callback(finished)
-
-    def finished(task: asyncio.Task[None]) -> None:
-        tasks.discard(task)
-        consumer.room_changed()
-
-    consumer = PullConsumer(nc, "Q", "c", on_message, lambda: room - len(tasks),
-                            expires=5.0, heartbeat=1.0, min_batch=4)
-    await consumer.start()
     try:
-        for i in range(64):
-            await js.publish(f"q.{i}", b"")
-        async with asyncio.timeout(10):
-            await done.wait()
+        async with Caller(nc, handle, room=8, expires=5.0, heartbeat=1.0, min_batch=4):
+            for i in range(64):
+                await js.publish(f"q.{i}", b"")
+            async with asyncio.timeout(10):
+                await done.wait()
     finally:
-        await consumer.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await spy.close()
     assert len(handled) == 64
     # One request per handled message would be 64; batches of >= 4 need at most 17.
@@ -145,7 +146,6 @@ async def test_credit_stays_right_across_expiries(nc: Client,
     js = nc.jetstream()
     handled: list[str] = []
     wanted = asyncio.Event()
-    tasks: set[asyncio.Task[None]] = set()
     target = 0
 
     async def handle(msg: Msg) -> None:
@@ -155,19 +155,7 @@ async def test_credit_stays_right_across_expiries(nc: Client,
         if len(handled) >= target:
             wanted.set()
 
-    async def on_message(msg: Msg) -> None:
-        task = asyncio.create_task(handle(msg))
-        tasks.add(task)
-        task.add_done_callback(finished)
-
-    def finished(task: asyncio.Task[None]) -> None:
-        tasks.discard(task)
-        consumer.room_changed()
-
-    consumer = PullConsumer(nc, "Q", "c", on_message, lambda: 8 - len(tasks),
-                            expires=0.5, heartbeat=0.2, min_batch=2)
-    await consumer.start()
-    try:
+    async with Caller(nc, handle, room=8, expires=0.5, heartbeat=0.2, min_batch=2):
         for burst in range(4):
             target += 12
             wanted.clear()
@@ -177,8 +165,5 @@ async def test_credit_stays_right_across_expiries(nc: Client,
             async with asyncio.timeout(1.0):
                 await wanted.wait()
             await asyncio.sleep(0.8)  # idle: every pull request expires
-    finally:
-        await consumer.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
     assert len(handled) == 48
     assert "went silent" not in caplog.text
