@@ -63,21 +63,29 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
-def secured(send: Send, endpoint: str, metrics: GatewayMetrics) -> Send:
+class SecuredSend:
     """``send`` that adds the SPEC's security headers to the response and counts it
-    by endpoint/status (never buffering a streamed body)."""
+    by endpoint/status (never buffering a streamed body); ``started`` says whether
+    the response has begun."""
 
-    async def send_with_headers(message: Message) -> None:
+    __slots__ = ("_endpoint", "_metrics", "_send", "started")
+
+    def __init__(self, send: Send, endpoint: str, metrics: GatewayMetrics) -> None:
+        self._send = send
+        self._endpoint = endpoint
+        self._metrics = metrics
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
+            self.started = True
             message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
-            metrics.requests.labels(endpoint, str(message["status"])).inc()
-        await send(message)
-
-    return send_with_headers
+            self._metrics.requests.labels(self._endpoint, str(message["status"])).inc()
+        await self._send(message)
 
 
 class SecurityHeaders:
-    """Pure ASGI middleware: :func:`secured` for every HTTP response."""
+    """Pure ASGI middleware: :class:`SecuredSend` for every HTTP response."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -87,7 +95,8 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, secured(send, endpoint_label(scope["path"]), self.metrics))
+        await self.app(scope, receive,
+                       SecuredSend(send, endpoint_label(scope["path"]), self.metrics))
 
 
 class GatewayApp(FastAPI):
@@ -95,7 +104,7 @@ class GatewayApp(FastAPI):
     to its handler instead of through the framework's stack of middleware and
     routing (about ten nested ASGI layers and a send wrapper each; issue #5). It
     keeps what those layers gave it: the security headers and request metrics
-    (:func:`secured`) and a 500 envelope, never a traceback, on a bug."""
+    (:class:`SecuredSend`) and a 500 envelope, never a traceback, on a bug."""
 
     def __init__(self, *, metrics: GatewayMetrics, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -104,25 +113,18 @@ class GatewayApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_PATH and self.chat_handler:
-            await self._chat(scope, receive, secured(send, CHAT_PATH, self.metrics))
+            await self._chat(scope, receive, SecuredSend(send, CHAT_PATH, self.metrics))
             return
         await super().__call__(scope, receive, send)
 
-    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _chat(self, scope: Scope, receive: Receive, send: SecuredSend) -> None:
         assert self.chat_handler is not None
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
         try:
             response = await self.chat_handler(Request(scope, receive))
-            await response(scope, receive, tracking_send)
+            await response(scope, receive, send)
         except Exception as exc:
             log.error("unhandled error on %s %s", scope["method"], CHAT_PATH, exc_info=exc)
-            if started:
+            if send.started:
                 raise  # the server closes the connection mid-response
             await error_response(errors.ApiError(500, "internal error", errors.API_ERROR))(
                 scope, receive, send)
