@@ -20,10 +20,9 @@ cancelled before its end stores nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 
+from .deferred import Deferred
 from .events import Emitter, RunAbandoned
 from .probes import Probe
 
@@ -38,41 +37,26 @@ class Acceptance:
         self._worker_id = worker_id
         self._on_abandoned = on_abandoned
         self._probe: Probe | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
+        self._later: Deferred | None = None
 
     async def announce_now(self) -> None:
         self._probe = await self._emitter.accepted(self._worker_id, self._on_abandoned)
 
     def announce_later(self, delay: float) -> None:
-        self._timer = asyncio.get_running_loop().call_later(delay, self._due)
-
-    def _due(self) -> None:
-        self._timer = None
-        if not self._closed:
-            self._task = asyncio.create_task(self.announce_now(), name="run-accepted")
-
-    def _stop_waiting(self) -> None:
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._later = Deferred(delay, self.announce_now, "run-accepted")
 
     async def confirm(self, cancelled: Callable[[], bool]) -> None:
         """Before anything durable: raises RunAbandoned if the gateway let go of the
         run (or, when no notice went out, if its client cancelled it)."""
-        self._stop_waiting()
-        if self._task is not None:
-            await self._task  # it only publishes: it never waits for the answer
+        if self._later is not None:
+            self._later.stop_waiting()
+            if self._later.task is not None:
+                await self._later.task  # it only publishes: never waits for the answer
         if self._probe is not None:
             await self._emitter.confirm(self._probe)
         elif cancelled():
             raise RunAbandoned("cancelled")
 
     async def aclose(self) -> None:
-        self._stop_waiting()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RunAbandoned):
-                await self._task
+        if self._later is not None:
+            await self._later.aclose()

@@ -50,6 +50,7 @@ from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
 
 from . import errors
 from .acceptance import ANNOUNCE_DELAY, Acceptance
+from .deferred import Deferred
 from .events import Emitter, RunAbandoned
 from .metrics import WorkerMetrics
 from .probes import Probes
@@ -381,22 +382,15 @@ class Worker:
         execution = Execution(run.run_id)
         self._active[run.run_id] = execution
         lease: list[int | None] = [revision]
-        keeper: list[asyncio.Task[None]] = []  # started only if the run lasts (see below)
         started = time.monotonic()
-
-        def start_keeper() -> None:
-            if not execution.ended:
-                keeper.append(asyncio.create_task(
-                    self._keep_alive(msg, token, lease, emitter, execution, started=started),
-                    name="run-keepalive"))
-
         # The keep-alive's first duty (a lease refresh, an in_progress ack or a
         # liveness probe) is due after min(ackWait/3, heartbeat) at the earliest:
-        # a run that ends sooner — most non-streaming calls — never needs its
-        # task (issue #5: one task created and cancelled per run, for nothing).
+        # a run that ends sooner — most non-streaming calls — never needs its task.
         bus = self.settings.bus
-        keeper_timer = asyncio.get_running_loop().call_later(
-            min(bus.ack_wait_seconds / 3, bus.heartbeat_seconds) / 2, start_keeper)
+        keeper = Deferred(
+            min(bus.ack_wait_seconds / 3, bus.heartbeat_seconds) / 2,
+            lambda: self._keep_alive(msg, token, lease, emitter, execution, started=started),
+            "run-keepalive")
         if revision is not None:
             emitter.confirm_lease = functools.partial(
                 self._confirm_lease, token, lease, emitter, execution)
@@ -470,12 +464,8 @@ class Worker:
         finally:
             self._active.pop(run.run_id, None)
             execution.ended = True  # (in case the cancel below is swallowed: see run())
-            keeper_timer.cancel()
             await acceptance.aclose()
-            for task in keeper:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await keeper.aclose()
             held = lease[0]
             if outcome != "fenced" and held is not None:
                 with contextlib.suppress(Exception):
