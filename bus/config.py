@@ -142,6 +142,10 @@ class AgentsConfig(_Model):
     entries: list[AgentConfig] = Field(default_factory=list, alias="list")
 
 
+# RFC 9110 token characters: what an HTTP header name may hold.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 class ProviderConfig(_Model):
     api: Literal["openai-completions", "anthropic-messages", "echo"]
     base_url: str | None = None
@@ -152,6 +156,20 @@ class ProviderConfig(_Model):
     connect_timeout_seconds: float = Field(10.0, gt=0)
     # echo only: delay between streamed words, for try-outs and tests.
     token_delay_ms: float = Field(0.0, ge=0)
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if any(c in text for c in "\r\n\0"):
+                raise ValueError(f"header {name!r}: a value may not contain CR, LF or NUL")
+            try:
+                text.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError(f"header {name!r}: the value is not Latin-1 text") from None
+        return value
 
 
 class ModelsConfig(_Model):

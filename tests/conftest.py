@@ -3,12 +3,14 @@ server), and real clawbus gateway/worker processes on free loopback ports."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from bus.embedded import NatsServer
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -112,3 +114,14 @@ def _reset_upstream(request: pytest.FixtureRequest) -> None:
         up.fail_status = None
         up.garbage_after = None
         up.stall = False
+
+
+def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item,
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """asyncio's loop for every test; uvloop's too in modules that set ``BOTH_LOOPS``
+    (code that must behave the same on the loop the product runs on)."""
+    module = getattr(item, "module", None)
+    if getattr(module, "BOTH_LOOPS", False):
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}

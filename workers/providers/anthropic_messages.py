@@ -12,7 +12,7 @@ The SSE reply is a sequence of typed events (``message_start``,
 ``message_stop``, ``ping``, ``error``); text deltas become :class:`TextDelta` items
 and the stream ends with one :class:`Finish` once ``message_stop`` arrives.
 
-As in ``openai-completions``, one ``aiohttp.ClientSession`` is shared by all runs,
+As in ``openai-completions``, one pooled HTTP client is shared by all runs,
 and cancelling or closing the generator mid-stream closes the response's connection
 at once, so the upstream stops generating.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
-import aiohttp
 import orjson
 
 from bus.messages import Usage
@@ -35,6 +34,7 @@ from .base import (
     StreamItem,
     TextDelta,
 )
+from .http_client import HTTPError, Response
 from .http_stream import (
     MAX_DETAIL,
     LazyClient,
@@ -73,8 +73,7 @@ class AnthropicMessagesProvider:
             defaults["x-api-key"] = api_key
         # configured headers win (case-insensitively)
         self._client = LazyClient(request_headers(defaults, headers), timeout_seconds,
-                                  connect_timeout_seconds)
-        self._proxy = env_proxy(self._url)
+                                  connect_timeout_seconds, proxy=env_proxy(self._url))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -84,13 +83,13 @@ class AnthropicMessagesProvider:
         prompt_tokens = completion_tokens = 0
         done = False
         body = orjson.dumps(_request_body(request))
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         try:
-            response = await self._client.get().post(self._url, data=body, proxy=self._proxy)
+            response = await self._client.get().post(self._url, body)
             if response.status >= 400:
                 raise status_error(response, await response.read(), _error_detail,
                                    rate_limit_statuses=_RATE_LIMIT_STATUSES)
-            lines = SSELines(response.content)
+            lines = SSELines(response)
             event_name = ""
             while not done and (batch := await lines.read()) is not None:
                 # One TextDelta per network read (see openai_completions).
@@ -147,7 +146,7 @@ class AnthropicMessagesProvider:
             if not done:
                 raise incomplete_stream(response, "message_stop")
             await drain(lines)
-        except aiohttp.ClientError as exc:
+        except HTTPError as exc:
             raise transport_error(exc, responded=response is not None, url=self._url) from exc
         finally:
             if response is not None:

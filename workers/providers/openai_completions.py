@@ -4,7 +4,7 @@ Works against OpenAI, vLLM, Ollama, llama.cpp, LM Studio and the like. The reque
 always streams (``stream: true`` with ``stream_options.include_usage``); the SSE
 reply is parsed into one :class:`TextDelta` per network read (the text of every
 event that arrived together) and one :class:`Finish`.
-One ``aiohttp.ClientSession`` (and so one connection pool) is shared by all runs;
+One pooled :class:`~.http_client.HTTPClient` is shared by all runs;
 it is opened on first use, inside the running event loop.
 
 When the consumer is cancelled or closes the generator mid-stream, the response's
@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
-import aiohttp
 import orjson
 
 from bus.messages import Usage
 
 from .base import Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
+from .http_client import HTTPError, Response
 from .http_stream import (
     MAX_DETAIL,
     LazyClient,
@@ -49,8 +49,7 @@ class OpenAICompletionsProvider:
             defaults["authorization"] = f"Bearer {api_key}"
         # configured headers win (case-insensitively)
         self._client = LazyClient(request_headers(defaults, headers), timeout_seconds,
-                                  connect_timeout_seconds)
-        self._proxy = env_proxy(self._url)
+                                  connect_timeout_seconds, proxy=env_proxy(self._url))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -60,12 +59,12 @@ class OpenAICompletionsProvider:
         usage = Usage()
         finished = done = False
         body = orjson.dumps(_request_body(request))
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         try:
-            response = await self._client.get().post(self._url, data=body, proxy=self._proxy)
+            response = await self._client.get().post(self._url, body)
             if response.status >= 400:
                 raise status_error(response, await response.read(), _error_detail)
-            lines = SSELines(response.content)
+            lines = SSELines(response)
             while not done and (batch := await lines.read()) is not None:
                 # One TextDelta per network read, not per SSE event: what arrived
                 # together travels together (issue #5: the per-event generator
@@ -106,7 +105,7 @@ class OpenAICompletionsProvider:
                 await drain(lines)
             elif not finished:
                 raise incomplete_stream(response, "[DONE] or a finish_reason")
-        except aiohttp.ClientError as exc:
+        except HTTPError as exc:
             raise transport_error(exc, responded=response is not None, url=self._url) from exc
         finally:
             if response is not None:
