@@ -1,8 +1,9 @@
 """workers.events.Emitter against a real nats-server: coalescing, order, fencing.
 
-Text goes out at once when no coalescing window is open, otherwise once the
-window ends, joined; every event is numbered in order; the final event comes
-after all text; text is held while the session lease may have lapsed.
+Text goes out at once while the pacing has credit (one event per window on
+average), otherwise once it has, joined; every event is numbered in order; the
+final event comes after all text; text is held while the session lease may have
+lapsed.
 """
 
 from __future__ import annotations
@@ -61,11 +62,17 @@ async def test_first_text_goes_at_once_then_a_burst_is_one_event(nc: Client) -> 
     first = await next_event(sub)
     assert first == {"v": 1, "seq": 1, "attempt": 1, "type": "delta", "text": "Hello"}
     assert time.monotonic() - started < WINDOW  # not held for a window
-    for word in (" big", " wide", " world"):  # inside the window opened by "Hello"
+    for word in (" big", " wide", " world"):  # right after "Hello" spent the credit
         await emitter.delta(word)
     burst = await next_event(sub)
     assert burst["text"] == " big wide world" and burst["seq"] == 2
-    assert time.monotonic() - started >= WINDOW * 0.9  # waited for the window to end
+    # waited for the credit: half a window (the bucket's slack is half a credit)
+    assert time.monotonic() - started >= WINDOW * 0.45
+    for word in (" again", " and", " again"):
+        await emitter.delta(word)
+    burst = await next_event(sub)
+    assert burst["text"] == " again and again" and burst["seq"] == 3
+    assert time.monotonic() - started >= WINDOW * 1.4  # from then on, a window each
     await emitter.aclose()
 
 
@@ -76,6 +83,23 @@ async def test_sparse_text_is_never_delayed(nc: Client) -> None:
         event = await next_event(sub)
         assert event["text"] == f"t{i}" and event["seq"] == i + 1
         await asyncio.sleep(0.02)  # the pacing under test: each token after its window
+    await emitter.aclose()
+
+
+async def test_text_at_the_window_rate_is_never_held(nc: Client) -> None:
+    """A provider streaming one token per window, arriving a little early or late,
+    gets every token sent at once (a fixed window from the last send made such a
+    stream fall further behind with every token)."""
+    emitter, sub = await emitter_and_events(nc)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(8):
+        jitter = (0.2 if i % 2 else -0.2) * WINDOW  # early, late, early, …
+        await asyncio.sleep(max(0.0, start + (i + 1) * WINDOW + jitter - loop.time()))
+        await emitter.delta(f"t{i}")
+        assert emitter._timer is None, f"token {i} was held for the pacing"
+        event = await next_event(sub)
+        assert event["text"] == f"t{i}"
     await emitter.aclose()
 
 

@@ -1,10 +1,19 @@
 """Sending one run attempt's events back to its gateway.
 
-The emitter numbers events (``seq``) within an attempt, coalesces text deltas
-(text goes out at once unless the last delta left less than ``coalesce_seconds``
-ago; then it waits for that window to end, joined with whatever else arrives
-meanwhile) and stops sending anything once the run is *fenced* (its lease was lost) or
-abandoned (the gateway said it no longer wants the run).
+The emitter numbers events (``seq``) within an attempt, paces text deltas to at
+most one event per ``coalesce_seconds`` on average (text that comes faster waits,
+joined with whatever else arrives meanwhile) and stops sending anything once the
+run is *fenced* (its lease was lost) or abandoned (the gateway said it no longer
+wants the run).
+
+Pacing is a token bucket: one credit per window, up to :data:`PACING_BURST`
+credits, one spent per text event. Text arriving once per window — a provider
+streaming at exactly that rate, with up to half a window of jitter (peak to peak) — always
+finds a credit and goes out at once. (A fixed window from the last send, as
+before, made such a stream fall behind: each token that came a little early
+waited for the window, the next window started late, and the lag grew by the
+timer's lateness on every token — up to a whole window — with a timer and a
+task per token. Issue #5, c=64 TTFT profile.)
 
 The ``accepted`` event is a probe whose answer the worker awaits only before
 anything durable (see :mod:`workers.probes`); heartbeats and ``queued`` notices
@@ -29,6 +38,9 @@ log = logging.getLogger("clawbus.worker")
 
 COALESCE_SECONDS = 0.02
 COALESCE_MAX_CHARS = 4096
+# Credits the pacing bucket holds: the first text goes at once, and steady text
+# at the window's rate tolerates half a window of jitter.
+PACING_BURST = 1.5
 PROBE_TIMEOUT = 5.0
 
 
@@ -59,7 +71,8 @@ class Emitter:
         self._buffered = 0
         # Coalescing without a task or timer per token (issue #5): text published
         # inline while no window is open; a timer only when text waits for one.
-        self._window_end = 0.0  # monotonic: text before this waits (coalesced)
+        self._credit = PACING_BURST  # text events allowed now (see PACING_BURST)
+        self._credit_at = 0.0  # monotonic time _credit was last brought up to date
         self._timer: asyncio.TimerHandle | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self.fenced = False
@@ -122,17 +135,26 @@ class Emitter:
         await self._probe(event.model_dump_json().encode())
 
     async def delta(self, text: str) -> None:
-        """Send text now, or when the current coalescing window ends.
+        """Send text now, or joined with what follows once the pacing allows.
         Without a streaming client, text only travels in the final event."""
         if not text or not self._streaming:
             return
         self._buffer.append(text)
         self._buffered += len(text)
-        delay = self._window_end - time.monotonic()
+        delay = self._wait_for_credit()
         if delay <= 0 or self._buffered >= COALESCE_MAX_CHARS:
             await self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(delay, self._window_over)
+
+    def _wait_for_credit(self) -> float:
+        """Seconds until a text event may go (0: now); brings the credit up to date."""
+        if self._coalesce <= 0:
+            return 0.0
+        now = time.monotonic()
+        credit = min(PACING_BURST, self._credit + (now - self._credit_at) / self._coalesce)
+        self._credit, self._credit_at = credit, now
+        return 0.0 if credit >= 1.0 else (1.0 - credit) * self._coalesce
 
     def _window_over(self) -> None:
         self._timer = None
@@ -162,12 +184,13 @@ class Emitter:
         self._buffer.clear()
         self._buffered = 0
         self.sent_text = True
-        self._window_end = time.monotonic() + self._coalesce
+        self._wait_for_credit()
+        self._credit = max(0.0, self._credit - 1.0)  # forced sends never build a debt
         event = Delta(seq=self._next_seq(), attempt=self.attempt, text=text)
         await self._publish(event.model_dump_json().encode())
         if self._buffer and self._timer is None:  # text came while the publish waited
-            self._timer = asyncio.get_running_loop().call_later(self._coalesce,
-                                                                self._window_over)
+            self._timer = asyncio.get_running_loop().call_later(
+                max(self._wait_for_credit(), 0.0), self._window_over)
 
     def _stop_flushing(self) -> None:
         if self._timer is not None:
