@@ -9,12 +9,17 @@ request/reply and a JetStream publish back to back and after idle gaps of
 ~0.6–0.7 ms after any gap: the cost behind TTFT at c=1, where the system idles
 between streams and a first token crosses several such hops
 (docs/BENCHMARKS.md, "Where the remaining time goes").
+
+It then times plain Python work (JSON round trips, no I/O) back to back and
+after the same gaps: the work itself gets slower after an idle spell (caches
+and TLBs cold once the vCPU halted), so the penalty is not NATS's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import tempfile
@@ -22,6 +27,7 @@ import time
 from pathlib import Path
 
 import nats
+import orjson
 from nats.aio.msg import Msg
 
 from bus.embedded import NatsServer
@@ -58,6 +64,29 @@ async def measure(url: str, samples: int) -> list[str]:
     return lines
 
 
+def cold_work(samples: int) -> list[str]:
+    """Fixed CPU-only work timed back to back and after each gap."""
+    data = {"tokens": list(range(50)), "text": "y" * 100}
+
+    def timed() -> float:
+        start = time.perf_counter()
+        for _ in range(20):
+            orjson.loads(orjson.dumps(data))
+            json.loads(json.dumps(data))
+        return (time.perf_counter() - start) * 1e6
+
+    lines = []
+    for gap in GAPS:
+        times = []
+        for _ in range(samples * 4):
+            if gap:
+                time.sleep(gap)
+            times.append(timed())
+        median = statistics.median(times)
+        lines.append(f"gap {gap * 1000:4.0f} ms  CPU-only work  median {median:.0f} µs")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.idle_rtt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             print(line)
     finally:
         server.stop()
+    for line in cold_work(args.samples):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from .http_stream import (
     finish_response,
     incomplete_stream,
     request_headers,
-    sse_payload,
     status_error,
     transport_error,
 )
@@ -72,17 +71,24 @@ class OpenAICompletionsProvider:
                 pieces: list[str] = []
                 failure: ProviderError | None = None
                 for line in batch:
-                    data = sse_payload(line)
-                    if data is None:
+                    # The per-event work is inlined (one event per token): the
+                    # helpers run only for what is not a plain JSON object chunk.
+                    if not line.startswith(b"data:"):
                         continue
+                    data = line[5:].strip()
                     if data == b"[DONE]":
                         done = True
                         break
                     try:
-                        chunk = _decode_chunk(data)
-                    except ProviderError as exc:
-                        failure = exc  # after the text that came before it
-                        break
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        chunk = None
+                    if not isinstance(chunk, dict) or chunk.get("error"):
+                        try:  # says what is wrong, or recovers invalid UTF-8
+                            chunk = _decode_chunk(data)
+                        except ProviderError as exc:
+                            failure = exc  # after the text that came before it
+                            break
                     choices = chunk.get("choices")
                     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
                         choice = choices[0]
