@@ -31,6 +31,7 @@ from nats.js.errors import NotFoundError
 from bus import subjects
 from bus.config import BusConfig
 from bus.connection import BUS_UNAVAILABLE
+from bus.direct import subscribe_direct
 from bus.logs import run_context
 from bus.messages import (
     REPLY_GONE,
@@ -319,8 +320,10 @@ class RunClient:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(
-            subjects.events_all(self.gateway_id), cb=self._on_event,
+        # Handled synchronously from the connection's reader (bus/direct.py): one
+        # message per streamed token, and the handler only files it.
+        self._sub = await subscribe_direct(
+            self.nc, subjects.events_all(self.gateway_id), self._on_event,
             pending_msgs_limit=-1, pending_bytes_limit=-1)
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -345,10 +348,11 @@ class RunClient:
     def active_runs(self) -> int:
         return len(self._runs)
 
-    async def _on_event(self, msg: Msg) -> None:
+    def _on_event(self, msg: Msg) -> None:
         handle = self._runs.get(subjects.last_token(msg.subject))
-        if msg.reply:
-            await self.nc.publish(msg.reply, REPLY_OK if handle and handle.wanted else REPLY_GONE)
+        if msg.reply:  # a probe (accepted, heartbeat, queued): rare
+            self.in_background(self.nc.publish(
+                msg.reply, REPLY_OK if handle and handle.wanted else REPLY_GONE))
         if handle is not None:
             handle.offer(msg.data)
 

@@ -4,13 +4,15 @@ server), and real clawbus gateway/worker processes on free loopback ports."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import uvloop
+from nats.aio.client import Client
 
 from bus.embedded import NatsServer
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -114,6 +116,16 @@ def _reset_upstream(request: pytest.FixtureRequest) -> None:
         up.fail_status = None
         up.garbage_after = None
         up.stall = False
+
+
+@pytest.fixture
+async def nc(shared_nats: NatsServer) -> AsyncIterator[Client]:  # noqa: F811 (a fixture)
+    """A NATS client on the session's shared server (modules may override it)."""
+    client = await nats.connect(shared_nats.url)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 def pytest_asyncio_loop_factories(

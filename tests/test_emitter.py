@@ -12,7 +12,6 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import nats
 import orjson
@@ -20,21 +19,11 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
-from bus.embedded import NatsServer
 from bus.messages import Usage
 from workers.events import Emitter
 from workers.probes import Probes
 
 WINDOW = 0.2  # long enough that a loaded CI machine still sends a burst inside it
-
-
-@pytest.fixture
-async def nc(shared_nats: NatsServer) -> AsyncIterator[Client]:
-    client = await nats.connect(shared_nats.url)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def emitter_and_events(nc: Client, *, coalesce: float = WINDOW,
