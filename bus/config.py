@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,20 @@ class ProviderConfig(_Model):
     connect_timeout_seconds: float = Field(10.0, gt=0)
     # echo only: delay between streamed words, for try-outs and tests.
     token_delay_ms: float = Field(0.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urllib.parse.urlsplit(value)
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"baseUrl {value!r}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"baseUrl {value!r} is not an http:// or https:// URL with a host")
+        return value
 
     @field_validator("headers")
     @classmethod

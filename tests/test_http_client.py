@@ -422,6 +422,25 @@ async def test_aclose_closes_connections_in_use() -> None:
             await http.post(server.url(), b"{}")
 
 
+async def test_request_targets_are_percent_encoded_and_bad_urls_refused() -> None:
+    seen: list[tuple[bytes, dict[str, str], bytes]] = []
+    http = client()
+    try:
+        async with Server(lambda r, w: keep_alive_replies(r, w, seen)) as server:
+            response = await http.post(server.url("/v1/ü space?q=a%20b"), b"{}")
+            await response.read()
+            response.release()
+        for url in ("http://h:port/x", "ftp://h/x", "http:///x"):
+            with pytest.raises(ConnectError, match="invalid upstream URL"):
+                await http.post(url, b"{}")
+    finally:
+        await http.aclose()
+    assert seen[0][0] == b"POST /v1/%C3%BC%20space?q=a%20b HTTP/1.1"
+    for base_url in ("http://h:port/v1", "ftp://h/v1", "localhost:8000/v1"):
+        with pytest.raises(ValueError, match="baseUrl"):
+            ProviderConfig(api="openai-completions", base_url=base_url)
+
+
 def test_header_injection_is_refused() -> None:
     with pytest.raises(ValueError, match="CR, LF or NUL"):
         HTTPClient({"x-evil": "a\r\nx-injected: 1"}, read_timeout=1, connect_timeout=1)

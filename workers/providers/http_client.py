@@ -562,16 +562,20 @@ class HTTPClient:
         return conn
 
     def _target(self, url: str) -> _Target:
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port_given = parts.port
+        except ValueError as exc:  # e.g. a port that is not a number
+            raise ConnectError(f"invalid upstream URL {url!r}: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
+            raise ConnectError(f"invalid upstream URL {url!r}: not http(s)://host/…")
         tls = parts.scheme == "https"
         host = parts.hostname
-        port = parts.port or (443 if tls else 80)
+        port = port_given or (443 if tls else 80)
         authority = f"[{host}]" if ":" in host else host
         if parts.port is not None:
             authority += f":{port}"
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        path = _request_target((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
         connect_host, connect_port, tunnel = host, port, None
         proxy_auth = b""
         if self._proxy is not None:
@@ -593,6 +597,12 @@ class HTTPClient:
         if len(self._targets) < 64:
             self._targets[url] = target
         return target
+
+
+def _request_target(target: str) -> str:
+    """Percent-encode what may not appear raw in a request target (non-ASCII,
+    spaces); what is already encoded or reserved stays as it is."""
+    return urllib.parse.quote(target, safe="/?#[]@!$&'()*+,;=:%~-._")
 
 
 def _header_bytes(text: str) -> bytes:
