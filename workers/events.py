@@ -30,7 +30,16 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 
-from bus.messages import REPLY_GONE, Accepted, Delta, Done, Failed, Heartbeat, Queued, Usage
+from bus.messages import (
+    REPLY_GONE,
+    Accepted,
+    Done,
+    Failed,
+    Heartbeat,
+    Queued,
+    Usage,
+    encode_delta,
+)
 
 from .probes import NO_RESPONDERS, Probe, Probes
 
@@ -186,8 +195,7 @@ class Emitter:
         self.sent_text = True
         self._wait_for_credit()
         self._credit = max(0.0, self._credit - 1.0)  # forced sends never build a debt
-        event = Delta(seq=self._next_seq(), attempt=self.attempt, text=text)
-        await self._publish(event.model_dump_json().encode())
+        await self._publish(encode_delta(self._next_seq(), self.attempt, text))
         if self._buffer and self._timer is None:  # text came while the publish waited
             self._timer = asyncio.get_running_loop().call_later(
                 max(self._wait_for_credit(), 0.0), self._window_over)
