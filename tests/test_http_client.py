@@ -196,6 +196,38 @@ async def test_malformed_reply_is_an_error(http: HTTPClient, garbage: bytes) -> 
             await http.post(server.url(), b"{}")
 
 
+async def test_an_endless_head_is_an_error(http: HTTPClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(10_000):  # 80 bytes a header, far past the cap
+            writer.write(b"x-filler-%05d: %s\r\n" % (i, b"y" * 60))
+            await writer.drain()
+
+    async with Server(handler) as server:
+        with pytest.raises(ResponseError, match="response head over"):
+            await http.post(server.url(), b"{}")
+
+
+async def test_cancelling_a_connect_leaves_no_connection(http: HTTPClient) -> None:
+    accepted = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # never speaks TLS; EOF once the client gives up
+        closed.set()
+
+    async with Server(handler) as server:
+        attempt = asyncio.ensure_future(http.post(server.url(scheme="https"), b"{}"))
+        await accepted.wait()  # TCP is up, the TLS handshake is pending
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        await asyncio.wait_for(closed.wait(), 5)
+        assert not http._live
+
+
 async def test_silence_before_or_after_the_head_is_a_read_timeout() -> None:
     release = asyncio.Event()
 

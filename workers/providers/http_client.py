@@ -51,8 +51,9 @@ __all__ = [
 HIGH_WATER = 1 << 20
 # Longest body read(), e.g. an upstream error page.
 MAX_READ = 1 << 20
-# Longest proxy CONNECT reply head.
-MAX_TUNNEL_HEAD = 64 * 1024
+# Longest response head (header names and values) and proxy CONNECT reply head.
+MAX_HEAD = 64 * 1024
+MAX_TUNNEL_HEAD = MAX_HEAD
 
 
 class HTTPError(Exception):
@@ -113,6 +114,7 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.error: HTTPError | None = None
         self._until_close = False
+        self._head_size = 0
         self._decoder: zlib._Decompress | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -171,6 +173,10 @@ class _Connection(asyncio.Protocol):
         self.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_HEAD:
+            self._fail(ResponseError(f"response head over {MAX_HEAD} bytes"))
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self.headers
@@ -227,6 +233,7 @@ class _Connection(asyncio.Protocol):
         self.status, self.reason, self.headers = 0, "", {}
         self.headers_done = self.complete = self.keep_alive = self.got_bytes = False
         self._until_close = False
+        self._head_size = 0
         self.error = self._decoder = None
         self._chunks = []
         self._buffered = 0
@@ -558,6 +565,9 @@ class HTTPClient:
         except (OSError, ssl.SSLError) as exc:
             conn.close()
             raise ConnectError(f"cannot connect to {where}: {exc}") from exc
+        except BaseException:  # cancelled mid-way: no half-open connection left behind
+            conn.close()
+            raise
         self._live.add(conn)
         return conn
 
