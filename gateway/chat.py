@@ -157,6 +157,9 @@ async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
     ``finally`` then cancels the run."""
     events = handle.events(keepalive)
     metrics.active_streams.inc()
+    # The frames that end the stream travel as one, ending with [DONE] (one write,
+    # and SSEResponse ends the body with it).
+    tail: list[bytes] = []
     try:
         yield encoder.role()
         try:
@@ -167,17 +170,18 @@ async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
                     yield encoder.content(event.text)
                 elif event.type == "done":
                     if not handle.streamed and event.text:
-                        yield encoder.content(event.text)
-                    yield encoder.finish(event.finish_reason)
+                        tail.append(encoder.content(event.text))
+                    tail.append(encoder.finish(event.finish_reason))
                     if include_usage:
-                        yield encoder.usage(event.usage)
+                        tail.append(encoder.usage(event.usage))
                     break
                 elif event.type == "error":
-                    yield encoder.error(failure_error(event).envelope())
+                    tail.append(encoder.error(failure_error(event).envelope()))
                     break
         except NoWorkerError:
-            yield encoder.error(errors.no_worker().envelope())
-        yield openai_format.DONE_FRAME
+            tail.append(encoder.error(errors.no_worker().envelope()))
+        tail.append(openai_format.DONE_FRAME)
+        yield b"".join(tail)
     finally:
         metrics.active_streams.dec()
         await handle.cancel()

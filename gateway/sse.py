@@ -8,6 +8,10 @@ leaves — a task and a task group fewer per stream, and fewer wrappers per fram
 
 When the client disconnects, the frames iterator is cancelled where it waits and
 then closed, so its ``finally`` (which cancels the run) always runs.
+
+A frame that ends with ``data: [DONE]`` is the last: it goes out in the same write
+as the end of the chunked body (issue #5: one write instead of four at the end of
+every stream).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .disconnect import CancelOnDisconnect
+from .openai_format import DONE_FRAME
 
 
 class SSEResponse(Response):
@@ -36,9 +41,16 @@ class SSEResponse(Response):
                 await send({"type": "http.response.start", "status": self.status_code,
                             "headers": self.raw_headers})
                 async for frame in self.frames:
+                    if frame.endswith(DONE_FRAME):  # the end: the same write ends the body
+                        watch.finish()  # the last send completes the response
+                        await send({"type": "http.response.body", "body": frame,
+                                    "more_body": False})
+                        break
                     await send({"type": "http.response.body", "body": frame,
                                 "more_body": True})
-                watch.finish()  # the last send completes the response
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                else:
+                    watch.finish()
+                    await send({"type": "http.response.body", "body": b"",
+                                "more_body": False})
         finally:
             await self.frames.aclose()
