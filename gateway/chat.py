@@ -157,20 +157,17 @@ async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
     ``finally`` then cancels the run."""
     events = handle.events(keepalive)
     metrics.active_streams.inc()
-    # Fewer writes per stream (issue #5): the role chunk travels with the first
-    # frame (the response head goes out at once), and the frames that end the
-    # stream travel as one, ending with [DONE] (SSEResponse ends the body with it).
-    first = encoder.role()
-    tail: list[bytes] = [first]
+    # The frames that end the stream travel as one, ending with [DONE] (one write,
+    # and SSEResponse ends the body with it).
+    tail: list[bytes] = []
     try:
+        yield encoder.role()
         try:
             async for event in events:
                 if event.type == "heartbeat":
-                    yield first + openai_format.KEEPALIVE_FRAME
-                    first = tail[0] = b""
+                    yield openai_format.KEEPALIVE_FRAME
                 elif event.type == "delta":
-                    yield first + encoder.content(event.text)
-                    first = tail[0] = b""
+                    yield encoder.content(event.text)
                 elif event.type == "done":
                     if not handle.streamed and event.text:
                         tail.append(encoder.content(event.text))
