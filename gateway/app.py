@@ -80,7 +80,7 @@ class SecuredSend:
         if message["type"] == "http.response.start":
             self.started = True
             message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
-            self._metrics.requests.labels(self._endpoint, str(message["status"])).inc()
+            self._metrics.requests_by(self._endpoint, str(message["status"])).inc()
         await self._send(message)
 
 

@@ -16,6 +16,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from bus.prom import Children
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -52,3 +54,8 @@ class GatewayMetrics:
                                   ["kind"], registry=r)
         self.workers = Gauge("clawbus_workers_alive", "Workers with a fresh heartbeat",
                              registry=r)
+        # the labelled ones, by label values (bus/prom.py)
+        self.requests_by = Children(self.requests)
+        self.runs_by = Children(self.runs)
+        self.bus_requests_by = Children(self.bus_requests)
+        self.bus_errors_by = Children(self.bus_errors)

@@ -19,7 +19,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -361,22 +361,26 @@ class RunClient:
 
     # -- metrics hooks (no-ops without a registry, e.g. in `clawbus agent`) --------
 
-    def observe(self, what: str, seconds: float) -> None:
+    def observe(self, what: Literal["queue_wait", "ttft", "run"], seconds: float) -> None:
         if self.metrics is not None:
-            {"queue_wait": self.metrics.queue_wait, "ttft": self.metrics.ttft,
-             "run": self.metrics.run_latency}[what].observe(seconds)
+            if what == "ttft":
+                self.metrics.ttft.observe(seconds)
+            elif what == "run":
+                self.metrics.run_latency.observe(seconds)
+            else:
+                self.metrics.queue_wait.observe(seconds)
 
     def outcome(self, handle: RunHandle, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.runs.labels(handle.door, outcome).inc()
+            self.metrics.runs_by(handle.door, outcome).inc()
 
     def bus_error(self, kind: str) -> None:
         if self.metrics is not None:
-            self.metrics.bus_errors.labels(kind).inc()
+            self.metrics.bus_errors_by(kind).inc()
 
     def round_trip(self, op: str) -> None:
         if self.metrics is not None:
-            self.metrics.bus_requests.labels(op).inc()
+            self.metrics.bus_requests_by(op).inc()
 
     async def submit(self, spec: RunSpec, door: str = "http") -> RunHandle:
         """Queue a run on its session's subject; raises RunRejected if the bus refuses."""

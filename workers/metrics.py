@@ -12,6 +12,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from bus.prom import Children
+
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
            300.0, 600.0)
 
@@ -39,3 +41,9 @@ class WorkerMetrics:
         self.held = Gauge("clawbus_worker_held_runs",
                           "Runs held waiting for their session's earlier run", registry=r)
         self.naks = Counter("clawbus_worker_naks", "Runs handed back to the queue", registry=r)
+        # the labelled ones, by label values (bus/prom.py)
+        self.runs_by = Children(self.runs)
+        self.errors_by = Children(self.errors)
+        self.provider_latency_by = Children(self.provider_latency)
+        self.run_duration_by = Children(self.run_duration)
+        self.tokens_by = Children(self.tokens)

@@ -95,6 +95,7 @@ class Worker:
     def __init__(self, settings: Settings, nc: Client, env: Mapping[str, str] | None = None,
                  *, worker_id: str | None = None, grace_seconds: float = 30.0) -> None:
         self.settings = settings
+        self._provider_names: dict[str, str] = {}
         self.nc = nc
         self.env = dict(os.environ if env is None else env)
         self.worker_id = worker_id or (
@@ -458,7 +459,7 @@ class Worker:
             outcome = "abandoned"
             await msg.term()
         except ProviderError as exc:
-            self.metrics.errors.labels(self._provider_name(run), exc.kind).inc()
+            self.metrics.errors_by(self._provider_name(run), exc.kind).inc()
             await emitter.failed(errors.provider_failure(exc))
             await msg.term()
         finally:
@@ -470,7 +471,7 @@ class Worker:
             if outcome != "fenced" and held is not None:
                 with contextlib.suppress(Exception):
                     await self._leases.release(token, held)
-            self.metrics.runs.labels(outcome).inc()
+            self.metrics.runs_by(outcome).inc()
             log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
 
     async def _confirm_lease(self, token: str, lease: list[int | None], emitter: Emitter,
@@ -617,17 +618,23 @@ class Worker:
                     return
 
     def _provider_name(self, run: RunRequest) -> str:
-        agent = self.settings.agent(run.agent_id)
-        return self.settings.agent_model(agent)[0] if agent is not None else "unknown"
+        """The provider label of a run's agent (settings never change in a process)."""
+        name = self._provider_names.get(run.agent_id)
+        if name is None:
+            agent = self.settings.agent(run.agent_id)
+            name = self.settings.agent_model(agent)[0] if agent is not None else "unknown"
+            if len(self._provider_names) < 1024:  # agent ids come from the bus
+                self._provider_names[run.agent_id] = name
+        return name
 
     def _observe(self, run: RunRequest, reply: Reply) -> None:
         provider = self._provider_name(run)
         m = self.metrics
         if reply.first_token_seconds is not None:
-            m.provider_latency.labels(provider).observe(reply.first_token_seconds)
-        m.run_duration.labels(provider).observe(reply.seconds)
-        m.tokens.labels(provider, "prompt").inc(reply.usage.prompt_tokens)
-        m.tokens.labels(provider, "completion").inc(reply.usage.completion_tokens)
+            m.provider_latency_by(provider).observe(reply.first_token_seconds)
+        m.run_duration_by(provider).observe(reply.seconds)
+        m.tokens_by(provider, "prompt").inc(reply.usage.prompt_tokens)
+        m.tokens_by(provider, "completion").inc(reply.usage.completion_tokens)
 
     def _provider(self, name: str) -> Provider:
         provider = self._providers.get(name)
