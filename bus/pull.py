@@ -29,14 +29,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-
-from .direct import subscribe_direct
 
 log = logging.getLogger("clawbus.bus")
 
@@ -48,12 +46,11 @@ _PENDING = "Nats-Pending-Messages"
 
 class PullConsumer:
     def __init__(self, nc: Client, stream: str, consumer: str,
-                 on_message: Callable[[Msg], None], room: Callable[[], int], *,
+                 on_message: Callable[[Msg], Awaitable[None]], room: Callable[[], int], *,
                  expires: float = EXPIRES_SECONDS, heartbeat: float = HEARTBEAT_SECONDS,
                  min_batch: int = 1) -> None:
-        """``on_message`` is called from the connection's reader (bus/direct.py) and
-        must only start work (a task); ``room()`` says how many more messages the
-        caller can take now."""
+        """``on_message`` must not block (it should start a task); ``room()`` says how
+        many more messages the caller can take now."""
         self._nc = nc
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._on_message = on_message
@@ -72,8 +69,8 @@ class PullConsumer:
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
-        self._sub = await subscribe_direct(self._nc, self._inbox, self._received,
-                                           pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._received,
+                                             pending_msgs_limit=-1, pending_bytes_limit=-1)
         self._task = asyncio.create_task(self._top_up_loop(), name="pull-top-up")
 
     def room_changed(self) -> None:
@@ -91,14 +88,14 @@ class PullConsumer:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    def _received(self, msg: Msg) -> None:
+    async def _received(self, msg: Msg) -> None:
         self._last_seen = time.monotonic()
         status = msg.headers.get(_STATUS) if msg.headers else None
         if status is None:
             self._consume_credit(1)
             if not self._outstanding:
                 self._wake.set()  # out of credit: ask again whatever min_batch says
-            self._on_message(msg)
+            await self._on_message(msg)
             return
         if status == "100":  # idle heartbeat: the requests are alive
             return

@@ -44,7 +44,7 @@ class Caller:
                                      lambda: room - len(self.tasks), expires=expires,
                                      heartbeat=heartbeat, min_batch=min_batch)
 
-    def _on_message(self, msg: Msg) -> None:
+    async def _on_message(self, msg: Msg) -> None:
         task = asyncio.create_task(self.handle(msg))
         self.tasks.add(task)
         task.add_done_callback(self._finished)

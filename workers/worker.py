@@ -169,12 +169,12 @@ class Worker:
                 await provider.aclose()
             log.info("worker %s stopped", self.worker_id)
 
-    def _take(self, msg: Msg) -> None:
-        """A run delivered by the pull consumer (called from the NATS reader): one
-        task per run, owned here. Stopping: the run goes straight back (nak) for
-        another worker, from a task that _drain also waits for."""
-        work = msg.nak() if self._stopping.is_set() else self._serve(msg)
-        task = asyncio.create_task(work, name="serve-run")
+    async def _take(self, msg: Msg) -> None:
+        """A run delivered by the pull consumer: one task per run, owned here."""
+        if self._stopping.is_set():
+            await msg.nak()  # stopping: hand it straight back for another worker
+            return
+        task = asyncio.create_task(self._serve(msg), name="serve-run")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
