@@ -37,7 +37,6 @@ from .base import (
 from .http_client import HTTPError, Response
 from .http_stream import (
     MAX_DETAIL,
-    LazyClient,
     SSELines,
     decode_event,
     drain,
@@ -49,6 +48,7 @@ from .http_stream import (
     sse_payload,
     status_error,
     transport_error,
+    upstream_client,
 )
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -72,8 +72,8 @@ class AnthropicMessagesProvider:
         if api_key:
             defaults["x-api-key"] = api_key
         # configured headers win (case-insensitively)
-        self._client = LazyClient(request_headers(defaults, headers), timeout_seconds,
-                                  connect_timeout_seconds, proxy=env_proxy(self._url))
+        self._client = upstream_client(request_headers(defaults, headers), timeout_seconds,
+                                       connect_timeout_seconds, env_proxy(self._url))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -85,7 +85,7 @@ class AnthropicMessagesProvider:
         body = orjson.dumps(_request_body(request))
         response: Response | None = None
         try:
-            response = await self._client.get().post(self._url, body)
+            response = await self._client.post(self._url, body)
             if response.status >= 400:
                 raise status_error(response, await response.read(), _error_detail,
                                    rate_limit_statuses=_RATE_LIMIT_STATUSES)

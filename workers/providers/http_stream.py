@@ -3,7 +3,7 @@
 ``Retry-After`` parsing and the translation of HTTP failures into :class:`ProviderError`.
 
 The client is :mod:`.http_client` (asyncio + httptools), not aiohttp or httpx: it
-costs a quarter of aiohttp's CPU per streamed request, and httpx/httpcore/anyio cost
+costs a third of aiohttp's CPU per streamed request, and httpx/httpcore/anyio cost
 more than aiohttp (see that module).
 """
 
@@ -65,43 +65,15 @@ def env_proxy(url: str) -> str | None:
     return proxy
 
 
-class LazyClient:
-    """A provider's pooled :class:`HTTPClient`, opened on first use inside the running
-    loop (providers may be built outside one) and closed by :meth:`aclose`.
+def upstream_client(headers: Mapping[str, str], timeout_seconds: float,
+                    connect_timeout_seconds: float, proxy: str | None) -> HTTPClient:
+    """A provider's pooled client (it needs no running loop until its first request).
     ``timeout_seconds`` is the longest silence allowed between bytes of a response
-    (head included).
-
-    No cap on connections: the worker's maxConcurrent already bounds how many runs
-    (hence upstream requests) are in flight."""
-
-    __slots__ = ("_client", "_closed", "_connect_timeout", "_headers", "_proxy",
-                 "_timeout")
-
-    def __init__(self, headers: Mapping[str, str], timeout_seconds: float,
-                 connect_timeout_seconds: float, proxy: str | None = None) -> None:
-        self._headers = headers
-        self._timeout = timeout_seconds
-        self._connect_timeout = connect_timeout_seconds
-        self._proxy = proxy
-        self._client: HTTPClient | None = None
-        self._closed = False
-
-    def get(self) -> HTTPClient:
-        client = self._client
-        if client is None:
-            if self._closed:
-                raise RuntimeError("the provider has been closed")
-            client = self._client = HTTPClient(
-                self._headers, read_timeout=self._timeout,
-                connect_timeout=self._connect_timeout, keepalive=KEEPALIVE_SECONDS,
-                proxy=self._proxy)
-        return client
-
-    async def aclose(self) -> None:
-        self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+    (head included). No cap on connections: the worker's maxConcurrent already bounds
+    how many runs (hence upstream requests) are in flight."""
+    return HTTPClient(headers, read_timeout=timeout_seconds,
+                      connect_timeout=connect_timeout_seconds, keepalive=KEEPALIVE_SECONDS,
+                      proxy=proxy)
 
 
 class SSELines:

@@ -4,8 +4,8 @@ Works against OpenAI, vLLM, Ollama, llama.cpp, LM Studio and the like. The reque
 always streams (``stream: true`` with ``stream_options.include_usage``); the SSE
 reply is parsed into one :class:`TextDelta` per network read (the text of every
 event that arrived together) and one :class:`Finish`.
-One pooled :class:`~.http_client.HTTPClient` is shared by all runs;
-it is opened on first use, inside the running event loop.
+One pooled :class:`~.http_client.HTTPClient` is shared by all runs (it connects
+on the first request).
 
 When the consumer is cancelled or closes the generator mid-stream, the response's
 connection is closed at once (never returned to the pool half-read), so the upstream
@@ -25,7 +25,6 @@ from .base import Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
 from .http_client import HTTPError, Response
 from .http_stream import (
     MAX_DETAIL,
-    LazyClient,
     SSELines,
     decode_event,
     drain,
@@ -35,6 +34,7 @@ from .http_stream import (
     request_headers,
     status_error,
     transport_error,
+    upstream_client,
 )
 
 
@@ -47,8 +47,8 @@ class OpenAICompletionsProvider:
         if api_key:
             defaults["authorization"] = f"Bearer {api_key}"
         # configured headers win (case-insensitively)
-        self._client = LazyClient(request_headers(defaults, headers), timeout_seconds,
-                                  connect_timeout_seconds, proxy=env_proxy(self._url))
+        self._client = upstream_client(request_headers(defaults, headers), timeout_seconds,
+                                       connect_timeout_seconds, env_proxy(self._url))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -60,7 +60,7 @@ class OpenAICompletionsProvider:
         body = orjson.dumps(_request_body(request))
         response: Response | None = None
         try:
-            response = await self._client.get().post(self._url, body)
+            response = await self._client.post(self._url, body)
             if response.status >= 400:
                 raise status_error(response, await response.read(), _error_detail)
             lines = SSELines(response)
