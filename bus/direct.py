@@ -68,12 +68,10 @@ async def subscribe_direct(nc: Client, subject: str, handler: Handler,
         handler(msg)
 
     sub = await nc.subscribe(subject, cb=relay, **options)
+    direct = _Direct(sub, handler)
     queue = sub._pending_queue
     while not queue.empty():  # delivered before the switch: handled first, in order
-        msg = queue.get_nowait()
-        sub._pending_size -= len(msg.data)
-        handler(msg)
-    direct = _Direct(sub, handler)
+        direct.put_nowait(queue.get_nowait())
     sub._pending_queue = direct  # type: ignore[assignment]
     task = sub._wait_for_msgs_task
     if task is not None:

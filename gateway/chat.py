@@ -153,7 +153,7 @@ async def _last_event(handle: RunHandle) -> RunEvent:
 async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
                       include_usage: bool, keepalive: float,
                       metrics: GatewayMetrics) -> AsyncGenerator[bytes, None]:
-    """The SSE body. Starlette cancels this generator when the client disconnects;
+    """The SSE body. SSEResponse cancels this generator when the client disconnects;
     ``finally`` then cancels the run."""
     events = handle.events(keepalive)
     metrics.active_streams.inc()

@@ -78,8 +78,8 @@ class Emitter:
         self._streaming = streaming
         self._buffer: list[str] = []
         self._buffered = 0
-        # Coalescing without a task or timer per token (issue #5): text published
-        # inline while no window is open; a timer only when text waits for one.
+        # Pacing without a task or timer per token (issue #5): text published
+        # inline while there is credit; a timer only when text waits for some.
         self._credit = PACING_BURST  # text events allowed now (see PACING_BURST)
         self._credit_at = 0.0  # monotonic time _credit was last brought up to date
         self._timer: asyncio.TimerHandle | None = None
@@ -198,7 +198,7 @@ class Emitter:
         await self._publish(encode_delta(self._next_seq(), self.attempt, text))
         if self._buffer and self._timer is None:  # text came while the publish waited
             self._timer = asyncio.get_running_loop().call_later(
-                max(self._wait_for_credit(), 0.0), self._window_over)
+                self._wait_for_credit(), self._window_over)
 
     def _stop_flushing(self) -> None:
         if self._timer is not None:

@@ -82,8 +82,7 @@ class _Target:
     """Everything about one URL that does not change between requests."""
 
     key: tuple[str, str, int]  # the pool: scheme, host, port
-    host: str
-    port: int
+    host: str  # for TLS (SNI and the certificate check)
     tls: bool
     head: bytes  # the request head up to the content-length value
     connect_host: str  # the proxy's, when there is one
@@ -602,7 +601,7 @@ class HTTPClient:
         head = (b"POST %s HTTP/1.1\r\nhost: %s\r\n%s%scontent-length: "
                 % (path.encode("ascii"), authority.encode("idna"), proxy_auth,
                    self._headers))
-        target = _Target((parts.scheme, host, port), host, port, tls, head,
+        target = _Target((parts.scheme, host, port), host, tls, head,
                          connect_host, connect_port, tunnel)
         if len(self._targets) < 64:
             self._targets[url] = target
