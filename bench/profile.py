@@ -70,7 +70,8 @@ def _load_command(args: argparse.Namespace, system: Clawbus) -> list[str]:
            "--model", system.model(*shape), "--tokens", str(shape[0]),
            "--delay-ms", f"{shape[1]:g}", "--auth", system.auth or ""]
     if args.load == "ttft":
-        cmd += ["--concurrency", str(args.concurrency), "--duration", f"{args.duration:g}"]
+        cmd += ["--concurrency", str(args.concurrency), "--duration", f"{args.duration:g}",
+                "--warmup", f"{args.warmup:g}"]
     else:
         cmd += ["--streams", str(args.streams), "--rate", f"{args.rate:g}"]
     return cmd
@@ -86,7 +87,8 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
         targets = {pid: process_role(pid) for pid in system.pids()} if py_spy else {}
         targets = {pid: role for pid, role in targets.items() if role in ("gateway", "worker")}
         # Held streams last tokens x delay after the last one opened.
-        seconds = (args.duration if args.load != "held"
+        seconds = (args.duration + args.warmup if args.load == "ttft"
+                   else args.duration if args.load == "nonstream"
                    else args.streams / args.rate + HELD_SHAPE[0] * HELD_SHAPE[1] / 1000)
         spies = {pid: subprocess.Popen(
             [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
@@ -137,6 +139,8 @@ def _figures(args: argparse.Namespace, load: dict[str, Any],
         ttft = load.get("ttft_ms") or {}
         out["ttft_p50_ms"] = ttft.get("p50")
         out["ttft_p99_ms"] = ttft.get("p99")
+        if args.load == "ttft":
+            out["first_wave_ttft_p50_ms"] = (load.get("first_wave_ttft_ms") or {}).get("p50")
         out["gap_p99_ms"] = (load.get("gap_ms") or {}).get("p99")
         out["on_time"] = load.get("on_time_fraction")
         out["errors"] = load.get("error_count")
@@ -171,7 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("load", choices=["nonstream", "ttft", "held"])
     parser.add_argument("--concurrency", type=int, default=None,
                         help="connections (nonstream: 16, ttft: 1)")
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds of load")
+    parser.add_argument("--duration", type=float, default=6.0,
+                        help="seconds of load (ttft: measured, after the warm-up)")
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="ttft: seconds of streams before the measured ones")
     parser.add_argument("--streams", type=int, default=2000, help="held: streams")
     parser.add_argument("--rate", type=float, default=250.0, help="held: opened per second")
     parser.add_argument("--workers", type=int, default=1)

@@ -77,6 +77,10 @@ class Plan:
     slack_ms: float = DEFAULT_SLACK_MS
     peer: str | None = None
     warmup: float = 1.0
+    # Closed-loop TTFT runs: seconds of streams before the measured ones (see
+    # bench/streamclient.py: the lanes start as a herd; its first wave is reported
+    # on its own).
+    ttft_warmup: float = 5.0
     only: str | None = None  # "rounds" or "scaling": the other part is skipped
 
 
@@ -130,6 +134,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     plan.only = args.only
     if args.slack_ms is not None:
         plan.slack_ms = args.slack_ms
+    plan.ttft_warmup = (args.ttft_warmup if args.ttft_warmup is not None
+                        else 2.0 if quick else plan.ttft_warmup)
     return plan
 
 
@@ -330,7 +336,8 @@ class Runner:
 
     def ttft(self, round_: int, system: System, concurrency: int) -> None:
         result = self.streamclient(system, TTFT_SHAPE, "--concurrency", str(concurrency),
-                                   "--duration", f"{self.plan.duration:g}")
+                                   "--duration", f"{self.plan.duration:g}",
+                                   "--warmup", f"{self.plan.ttft_warmup:g}")
         self.results.add(round_, system.key, f"ttft_c{concurrency}", **result)
 
     def held(self, round_: int, system: System, streams: int) -> None:
@@ -527,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["rounds", "scaling"], default=None,
                         help="run only the rounds (systems side by side) or only the "
                              "scaling run")
+    parser.add_argument("--ttft-warmup", type=float, default=None,
+                        help="seconds of closed-loop streams before the measured TTFT "
+                             "streams (default 5; quick 2)")
     parser.add_argument("--slack-ms", type=float, default=None,
                         help=f"on-time slack per token (default {DEFAULT_SLACK_MS:g} ms)")
     parser.add_argument("--out", type=Path, default=None,

@@ -103,13 +103,33 @@ async def test_streamclient_closed_loop_parses_sse(fake: int) -> None:
     request = streamclient.build_request(
         "127.0.0.1", fake, "/v1/chat/completions",
         b'{"model": "fake-t6-d2", "stream": true, "messages": []}', None)
-    records = await streamclient.closed_loop("127.0.0.1", fake, request, concurrency=2,
-                                             duration=0.1, stream_timeout=5)
+    records, every = await streamclient.closed_loop("127.0.0.1", fake, request, concurrency=2,
+                                                    duration=0.1, stream_timeout=5)
+    assert records == every  # no warm-up: every stream is measured
+    assert sum(r.first for r in every) == 2  # one first-wave stream per lane
     result = streamclient.summarize(records, tokens=6, delay_ms=2, slack_ms=10_000)
     assert result["streams"] >= 2
     assert result["ok"] == result["streams"] == result["on_time"]
     assert result["errors"] == {}
     assert result["ttft_ms"]["p50"] is not None
+
+
+async def test_streamclient_closed_loop_warmup(fake: int) -> None:
+    """Streams opened during the warm-up are left out of the measured ones, and the
+    first wave (one stream per lane, opened together) is among the left-out ones."""
+    request = streamclient.build_request(
+        "127.0.0.1", fake, "/v1/chat/completions",
+        b'{"model": "fake-t2-d5", "stream": true, "messages": []}', None)
+    started = asyncio.get_running_loop().time()
+    records, every = await streamclient.closed_loop(
+        "127.0.0.1", fake, request, concurrency=3, duration=0.05, stream_timeout=5,
+        warmup=0.2)
+    assert asyncio.get_running_loop().time() - started >= 0.25
+    measured = {id(r) for r in records}
+    warm = [r for r in every if id(r) not in measured]
+    assert records and warm
+    assert sum(r.first for r in warm) == 3 and not any(r.first for r in records)
+    assert max(r.started for r in warm) < min(r.started for r in records)
 
 
 async def test_streamclient_open_rate(fake: int) -> None:
@@ -124,8 +144,8 @@ async def test_streamclient_open_rate(fake: int) -> None:
 
 async def test_streamclient_reports_http_errors(fake: int) -> None:
     request = streamclient.build_request("127.0.0.1", fake, "/v1/nope", b"{}", None)
-    records = await streamclient.closed_loop("127.0.0.1", fake, request, concurrency=1,
-                                             duration=0.01, stream_timeout=5)
+    records, _ = await streamclient.closed_loop("127.0.0.1", fake, request, concurrency=1,
+                                                duration=0.01, stream_timeout=5)
     result = streamclient.summarize(records, tokens=1, delay_ms=0)
     assert result["ok"] == 0 and result["error_count"] == result["streams"] >= 1
     assert any("HTTP 404" in message for message in result["errors"])
@@ -183,6 +203,26 @@ def test_report_renders_and_updates_doc(tmp_path: Path) -> None:
     bare = tmp_path / "NEW.md"
     run.update_doc(bare, text)
     assert bare.read_text().startswith("## Latest results\n\n<!-- bench:begin -->\n")
+
+
+def test_report_ttft_rows_show_the_first_wave_apart() -> None:
+    def rec(system: str, p50: float, wave: float) -> dict[str, Any]:
+        return {"round": 1, "system": system, "scenario": "ttft_c64",
+                "ttft_ms": {"p50": p50}, "gap_ms": {"p99": 21.0},
+                "first_wave_ttft_ms": {"p50": wave}}
+
+    raw = {"plan": {"duration": 5, "concurrency": [], "ttft_concurrency": [64], "held": [],
+                    "held_rate": 250, "cpu_requests": 10, "slack_ms": 100,
+                    "ttft_warmup": 5.0},
+           "machine": {"cpu": "test"}, "cpus": {"system": "0", "harness": "1"},
+           "started": "2025-01-01T00:00:00",
+           "records": [rec("upstream", 1.5, 2.0), rec("clawbus", 7.5, 32.0)]}
+    text = report.render(raw, "bench/results/x.json", "python -m bench.run")
+    assert "| **added** TTFT p50, c=64 (ms) |  | +6.00 |" in text
+    assert "first wave: 64 streams opened at once on new connections" in text
+    assert "| added TTFT p50 at c=64 ≤ 10 ms | +6.00 ms (first wave, 64 opened at once: " \
+           "+30.00 ms) | yes |" in text
+    assert "after a 5-second warm-up" in text
 
 
 def test_profile_top_frames_counts_self_and_inclusive_samples() -> None:
