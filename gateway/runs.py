@@ -25,7 +25,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
 from bus import subjects
@@ -46,6 +45,7 @@ from bus.messages import (
     SamplingParams,
     decode_event,
 )
+from bus.publish import AckedPublisher
 
 from .metrics import GatewayMetrics
 
@@ -318,8 +318,10 @@ class RunClient:
         self._runs: dict[str, RunHandle] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
+        self._publisher = AckedPublisher(nc)
 
     async def start(self) -> None:
+        await self._publisher.start()
         # Handled synchronously from the connection's reader (bus/direct.py): one
         # message per streamed token, and the handler only files it.
         self._sub = await subscribe_direct(
@@ -343,6 +345,8 @@ class RunClient:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+        with contextlib.suppress(Exception):
+            await self._publisher.close()
 
     @property
     def active_runs(self) -> int:
@@ -406,18 +410,18 @@ class RunClient:
             with run_context(run_id, spec.session_key):
                 log.warning("could not queue run: %s", exc)
             raise RunRejected("No agent worker available.") from exc
-        handle.stream_seq = int(ack.seq)
+        handle.stream_seq = int(ack["seq"])
         return handle
 
-    async def _publish_run(self, subject: str, payload: bytes, run_id: str) -> PubAck:
+    async def _publish_run(self, subject: str, payload: bytes, run_id: str) -> dict[str, Any]:
         """Publish a run, retrying for up to the queue timeout while the bus is briefly
         unavailable (a NATS node died, a stream leader election): the run id as
         ``Nats-Msg-Id`` makes retrying a publish that did land a no-op."""
         deadline = time.monotonic() + self.bus.queue_timeout_seconds
         while True:
             try:
-                return await self.js.publish(subject, payload, timeout=PUBLISH_TIMEOUT,
-                                             headers={"Nats-Msg-Id": run_id})
+                return await self._publisher.publish(subject, payload, ack_wait=PUBLISH_TIMEOUT,
+                                                     headers={"Nats-Msg-Id": run_id})
             except BUS_UNAVAILABLE:
                 if time.monotonic() + PUBLISH_RETRY_DELAY >= deadline:
                     raise

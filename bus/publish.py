@@ -1,0 +1,101 @@
+"""JetStream publish + ack on one reply subscription, without nats-py's request path.
+
+``JetStreamContext.publish`` is ``nc.request`` plus a JSON parse: per call a NUID
+and random token, two futures and a done callback, ``asyncio.wait_for`` (another
+future and a timer), the reply routed through the request mux subscription's
+queue and task (a task wake-up and a coroutine), then ``json.loads`` and a
+``PubAck`` dataclass. :class:`AckedPublisher` keeps the protocol and the errors
+and drops the rest: the reply subject carries a counter, the reply goes straight
+from nats-py's reader to the waiting future (:func:`~bus.direct.subscribe_direct`),
+one timer bounds the wait, and the ack is parsed with orjson (issue #5: the run
+publish is on every request's path in the gateway).
+
+Errors are nats-py's, so callers keep treating them the same way: no stream bound
+to the subject → :class:`nats.js.errors.NoStreamResponseError`, no answer in time
+→ :class:`nats.errors.TimeoutError`, a JetStream error reply →
+:class:`nats.js.errors.APIError` (its subclass for the code, e.g.
+``ServiceUnavailableError`` for 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.nuid import NUID
+
+from .direct import subscribe_direct
+
+NO_RESPONDERS = "503"
+
+
+def _expire(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
+
+
+class AckedPublisher:
+    """Publishes to JetStream and waits for the stream's ack; see the module doc."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = f"_INBOX.{NUID().next().decode()}."
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await subscribe_direct(self._nc, self._prefix + "*", self._on_reply,
+                                           pending_msgs_limit=-1, pending_bytes_limit=-1)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def publish(self, subject: str, payload: bytes, *, ack_wait: float,
+                      headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """Store ``payload`` on ``subject``; the ack (``stream``, ``seq``,
+        ``duplicate``…) as JetStream sent it, waited for at most ``ack_wait`` s."""
+        if self._sub is None:
+            raise nats.errors.ConnectionClosedError
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = future
+        timer = loop.call_later(ack_wait, _expire, future)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token,
+                                   headers=headers)
+            msg = await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+            raise nats.js.errors.NoStreamResponseError
+        try:
+            ack = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            ack = None
+        if not isinstance(ack, dict):
+            raise nats.js.errors.APIError(description=f"unreadable JetStream ack: "
+                                                      f"{msg.data[:200]!r}")
+        error = ack.get("error")
+        if error is not None:
+            with contextlib.suppress(KeyError, TypeError):  # (not JetStream's shape)
+                nats.js.errors.APIError.from_error(error)  # raises the code's subclass
+            raise nats.js.errors.APIError(description=f"JetStream error: {error!r}"[:300])
+        return ack
