@@ -14,6 +14,7 @@ size to ``sub._pending_size``, and the callback task is ``sub._wait_for_msgs_tas
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.nuid import NUID
 
 log = logging.getLogger("clawbus.bus")
 
@@ -77,3 +79,40 @@ async def subscribe_direct(nc: Client, subject: str, handler: Handler,
     if task is not None:
         task.cancel()
     return sub
+
+
+class ReplyInbox:
+    """A wildcard inbox, ``_INBOX.<unique>.*``, for answers to requests sent with
+    ``reply=``: each answer goes, from nats-py's reader, to ``on_reply(token, msg)``
+    where ``token`` is what :meth:`next_reply` put after the prefix. One
+    subscription for all of a component's requests (``bus/publish.py``,
+    ``bus/batch_get.py``), none of nats-py's per-request machinery."""
+
+    def __init__(self, nc: Client, on_reply: Callable[[str, Msg], None]) -> None:
+        self._nc = nc
+        self._on_reply = on_reply
+        self._prefix = f"_INBOX.{NUID().next().decode()}."
+        self._tokens = itertools.count()
+        self._sub: Subscription | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._sub is not None
+
+    async def start(self) -> None:
+        if self._sub is None:
+            self._sub = await subscribe_direct(self._nc, self._prefix + "*", self._handle,
+                                               pending_msgs_limit=-1, pending_bytes_limit=-1)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    def next_reply(self) -> tuple[str, str]:
+        """A fresh token and the reply subject that carries it."""
+        token = str(next(self._tokens))
+        return token, self._prefix + token
+
+    def _handle(self, msg: Msg) -> None:
+        self._on_reply(msg.subject[len(self._prefix):], msg)

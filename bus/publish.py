@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from typing import Any
 
 import nats.errors
@@ -29,10 +28,8 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.nuid import NUID
 
-from .direct import subscribe_direct
+from .direct import ReplyInbox
 
 NO_RESPONDERS = "503"
 
@@ -47,22 +44,17 @@ class AckedPublisher:
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
-        self._prefix = f"_INBOX.{NUID().next().decode()}."
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._tokens = itertools.count()
-        self._sub: Subscription | None = None
+        self._inbox = ReplyInbox(nc, self._on_reply)
 
     async def start(self) -> None:
-        self._sub = await subscribe_direct(self._nc, self._prefix + "*", self._on_reply,
-                                           pending_msgs_limit=-1, pending_bytes_limit=-1)
+        await self._inbox.start()
 
     async def close(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            await sub.unsubscribe()
+        await self._inbox.close()
 
-    def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+    def _on_reply(self, token: str, msg: Msg) -> None:
+        future = self._waiting.pop(token, None)
         if future is not None and not future.done():
             future.set_result(msg)
 
@@ -70,16 +62,15 @@ class AckedPublisher:
                       headers: dict[str, str] | None = None) -> dict[str, Any]:
         """Store ``payload`` on ``subject``; the ack (``stream``, ``seq``,
         ``duplicate``…) as JetStream sent it, waited for at most ``ack_wait`` s."""
-        if self._sub is None:
+        if not self._inbox.started:
             raise nats.errors.ConnectionClosedError
-        token = str(next(self._tokens))
+        token, reply = self._inbox.next_reply()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
         self._waiting[token] = future
         timer = loop.call_later(ack_wait, _expire, future)
         try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token,
-                                   headers=headers)
+            await self._nc.publish(subject, payload, reply=reply, headers=headers)
             msg = await future
         finally:
             timer.cancel()

@@ -5,11 +5,24 @@ is stored atomically: there is never a half turn).
 Appends carry ``Nats-Expected-Last-Subject-Sequence`` = the last sequence the
 writer read, so a stale writer (a worker that lost its lease) is rejected, and
 ``Nats-Msg-Id`` = the run id, so a retried publish is not stored twice.
+
+**The history window.** A run sees only the newest turns that fit the history
+budget, so a worker reads only those (:meth:`Transcripts.load_window`): every
+turn a worker appends carries, in headers, where the window that ends with it
+starts (``Clawbus-Window-Start``: the stream sequence of its oldest turn, 0 when
+the new turn is the whole window) and for which budget (``Clawbus-Window-Budget``).
+The next run reads the last turn, then only from that sequence on: a run's cost
+no longer grows with the session's length (a 1,000-turn session read all 1,000
+turns, ~39 ms, for every run). Turns without the headers (written by an older
+version, or by :meth:`Transcripts.record`), or a budget larger than the one
+recorded, fall back to reading the whole transcript.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -17,10 +30,24 @@ from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 
 from . import subjects
+from .batch_get import BatchGetter
 from .messages import Turn
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 READ_TIMEOUT = 10.0
+WINDOW_START = "Clawbus-Window-Start"
+WINDOW_BUDGET = "Clawbus-Window-Budget"
+
+
+@dataclass(slots=True)
+class Window:
+    """The newest turns of a session that fit a history budget, oldest first."""
+
+    turns: list[Turn] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)  # the stream sequence of each turn
+    last: Turn | None = None  # the newest stored turn, whether or not it fits
+    last_seq: int = 0  # its sequence: what the next append expects (0: none)
+    budget: int = 0
 
 
 class StaleTranscriptError(Exception):
@@ -28,9 +55,14 @@ class StaleTranscriptError(Exception):
 
 
 class Transcripts:
+    """A session's turns on the ``TX`` stream. With the NATS connection, turns are
+    read with batched direct gets (``bus/batch_get.py``); without it, or when the
+    replica that answered lags, with an ordered consumer deleted after the read."""
+
     def __init__(self, js: JetStreamContext, nc: Client | None = None) -> None:
         self._js = js
         self._nc = nc
+        self._getter = BatchGetter(nc) if nc is not None else None
 
     async def last_seq(self, token: str) -> int:
         try:
@@ -45,30 +77,82 @@ class Transcripts:
         last = await self.last_seq(token)
         if last == 0:
             return [], 0
-        turns: list[Turn] = []
+        read = await self._read(token, 0, last)
+        return [t for _, t in read], max(last, read[-1][0] if read else 0)
+
+    async def _read(self, token: str, start: int, last: int) -> list[tuple[int, Turn]]:
+        """The session's turns from stream sequence ``start`` (0: the first) up to
+        ``last`` (which exists), with their sequences."""
+        if self._getter is not None:
+            got = await self._getter.read(subjects.TX_STREAM, subjects.transcript(token),
+                                          start, last, wait=READ_TIMEOUT)
+            if got is not None:
+                return [(seq, Turn.model_validate_json(data)) for seq, data in got]
+        return await self._read_with_consumer(token, start, last)
+
+    async def _read_with_consumer(self, token: str, start: int,
+                                  last: int) -> list[tuple[int, Turn]]:
+        config = (js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+                                        opt_start_seq=start) if start > 0
+                  else js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL))
+        read: list[tuple[int, Turn]] = []
         sub = await self._js.subscribe(
             subjects.transcript(token), stream=subjects.TX_STREAM, ordered_consumer=True,
-            deliver_policy=js_api.DeliverPolicy.ALL,
-        )
+            config=config)
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 while True:
                     msg = await sub.next_msg(timeout=READ_TIMEOUT)
                     meta = msg.metadata
-                    turns.append(Turn.model_validate_json(msg.data))
+                    read.append((meta.sequence.stream, Turn.model_validate_json(msg.data)))
                     if meta.sequence.stream >= last or meta.num_pending == 0:
-                        return turns, max(last, meta.sequence.stream)
+                        return read
         finally:
             await sub.unsubscribe()
+            # Unsubscribing leaves the consumer on the server until it is reaped,
+            # and JetStream refuses new ones past its limit: delete it now.
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(subjects.TX_STREAM, sub._consumer)
 
-    async def append(self, token: str, turn: Turn, expected_last_seq: int) -> int:
+    async def load_window(self, token: str, budget_chars: int) -> Window:
+        """The turns a run sees (see the module doc), reading only those when the
+        last turn says where they start."""
+        try:
+            last = await self._js.get_msg(
+                subjects.TX_STREAM, subject=subjects.transcript(token), direct=False)
+        except NotFoundError:
+            return Window(budget=budget_chars)
+        if last.seq is None:
+            return Window(budget=budget_chars)
+        last_seq = int(last.seq)
+        last_turn = Turn.model_validate_json(last.data or b"")
+        start = _window_start(last.headers, budget_chars)
+        if start == 0:
+            read = [(last_seq, last_turn)]
+        else:
+            read = await self._read(token, start or 0, last_seq)
+        kept = within_budget([t for _, t in read], budget_chars)
+        seqs = [seq for seq, _ in read[len(read) - len(kept):]]
+        return Window(kept, seqs, last_turn, max(last_seq, read[-1][0]), budget_chars)
+
+    async def append(self, token: str, turn: Turn, expected_last_seq: int,
+                     window: Window | None = None) -> int:
+        """Store ``turn`` if the session's last turn is still ``expected_last_seq``;
+        with the ``window`` it was generated from, the new turn says where the next
+        run's window starts."""
+        headers = {
+            "Nats-Expected-Last-Subject-Sequence": str(expected_last_seq),
+            "Nats-Msg-Id": f"turn-{turn.run_id}",
+        }
+        if window is not None:
+            kept = within_budget([*window.turns, turn], window.budget)
+            older = len(kept) - 1  # turns of the window that stay in the next one
+            headers[WINDOW_START] = str(window.seqs[-older] if older > 0 else 0)
+            headers[WINDOW_BUDGET] = str(window.budget)
         try:
             ack = await self._js.publish(
                 subjects.transcript(token), turn.model_dump_json().encode(),
-                headers={
-                    "Nats-Expected-Last-Subject-Sequence": str(expected_last_seq),
-                    "Nats-Msg-Id": f"turn-{turn.run_id}",
-                },
+                headers=headers,
             )
         except APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
@@ -88,6 +172,19 @@ class Transcripts:
 
     async def reset(self, token: str) -> None:
         await self._js.purge_stream(subjects.TX_STREAM, subject=subjects.transcript(token))
+
+
+def _window_start(headers: dict[str, str] | None, budget_chars: int) -> int | None:
+    """Where the window recorded on a turn starts (0: the turn alone), or None if
+    the whole transcript must be read."""
+    if not headers:
+        return None
+    try:
+        start = int(headers.get(WINDOW_START, ""))
+        budget = int(headers.get(WINDOW_BUDGET, ""))
+    except ValueError:
+        return None
+    return start if start >= 0 and budget >= budget_chars else None
 
 
 def within_budget(turns: list[Turn], budget_chars: int) -> list[Turn]:

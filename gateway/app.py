@@ -176,7 +176,7 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
             metrics.active_runs.set_function(lambda: runs.active_runs)
             auth = Authenticator(settings)
             chat = ChatCompletions(settings, auth, runs, metrics)
-            holder["gw"] = Gateway(settings, nc, js, runs, auth, chat, Sessions(js), metrics)
+            holder["gw"] = Gateway(settings, nc, js, runs, auth, chat, Sessions(js, nc), metrics)
             log.info("gateway %s connected to %s", runs.gateway_id, bus_url)
             try:
                 yield

@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -31,9 +32,9 @@ class SessionSummary:
 
 
 class Sessions:
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, nc: Client | None = None) -> None:
         self._js = js
-        self._transcripts = Transcripts(js)
+        self._transcripts = Transcripts(js, nc)
 
     async def summaries(self, limit: int = LIST_LIMIT) -> list[SessionSummary]:
         """Sessions with at least one turn, most recently active first."""

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from bench import report, run, streamclient, upstream, wrk
+from bus.embedded import NatsServer
 from tests.schemas import validate
 
 
@@ -233,3 +234,12 @@ def test_profile_top_frames_counts_self_and_inclusive_samples() -> None:
     assert total == 10
     assert own[0] == ("write", 5) and ("parse", 3) in own and ("idle", 2) in own
     assert dict(inclusive)["main"] == 10 and dict(inclusive)["serve"] == 8
+
+
+async def test_history_bench_renders(nats_server: NatsServer) -> None:
+    from bench import history
+
+    rows = await history.measure(nats_server.url, [2, 5], budget=1300)
+    assert rows[0].startswith("| turns |") and len(rows) == 4
+    assert rows[2].startswith("| 2 | ") and "(2)" in rows[2]
+    assert rows[3].startswith("| 5 | ") and "(2)" in rows[3]  # ~620-char turns: 2 fit

@@ -53,6 +53,7 @@ async def test_stores_the_message_and_returns_the_ack(
     js = nc.jetstream()
     for ack in acks:
         stored = await js.get_msg(ack["stream"], ack["seq"])
+        assert stored.subject is not None
         assert stored.data == f"m{stored.subject.rsplit('.s', 1)[1]}".encode()
     assert publisher._waiting == {}
 

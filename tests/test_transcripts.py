@@ -4,11 +4,13 @@ pure history budget."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus import subjects
@@ -28,17 +30,25 @@ def turn(run_id: str, user: str = "hi", assistant: str = "hello") -> Turn:
 
 
 @pytest.fixture
-async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
+async def bus(nats_server: NatsServer) -> AsyncIterator[tuple[Client, JetStreamContext]]:
     nc = await connect(nats_server.url, "test-transcripts")
     try:
-        yield await ensure_bus(nc, BUS, SessionConfig())
+        yield nc, await ensure_bus(nc, BUS, SessionConfig())
     finally:
         await nc.close()
 
 
 @pytest.fixture
-def tx(js: JetStreamContext) -> Transcripts:
-    return Transcripts(js)
+def js(bus: tuple[Client, JetStreamContext]) -> JetStreamContext:
+    return bus[1]
+
+
+@pytest.fixture(params=["batched direct get", "ordered consumer"])
+def tx(request: pytest.FixtureRequest, bus: tuple[Client, JetStreamContext]) -> Transcripts:
+    """Both ways of reading: with the connection (batched direct gets, the
+    product's way) and without (an ordered consumer, the fallback)."""
+    nc, js = bus
+    return Transcripts(js, nc if request.param == "batched direct get" else None)
 
 
 async def stored_count(js: JetStreamContext, token: str) -> int:
@@ -161,6 +171,129 @@ async def test_reset_purges_one_session(js: JetStreamContext, tx: Transcripts) -
     # Resetting an unknown session is harmless.
     await tx.reset(session_token("never used"))
     assert await tx.load(b) == b_before
+
+
+# --------------------------------------------------------------------------- history window
+
+
+class CountingReads:
+    """Wraps ``tx._read`` to record how many turns each read returned."""
+
+    def __init__(self, tx: Transcripts) -> None:
+        self.sizes: list[int] = []
+        self._read = tx._read
+
+        async def read(token: str, start: int, last: int) -> list[tuple[int, Turn]]:
+            got = await self._read(token, start, last)
+            self.sizes.append(len(got))
+            return got
+
+        tx._read = read  # type: ignore[method-assign]
+
+
+async def converse(tx: Transcripts, token: str, sizes: list[int], *, budget: int,
+                   other: str | None = None, prefix: str = "r") -> list[Turn]:
+    """Run ``len(sizes)`` turns the way a worker does (window read, windowed append),
+    checking every window against the whole transcript; the turns stored. (Run ids
+    are the stream's de-duplication ids: unique per test, as they are in use.)"""
+    stored: list[Turn] = []
+    other_last = 0
+    for i, size in enumerate(sizes):
+        window = await tx.load_window(token, budget)
+        assert window.turns == within_budget(stored, budget)
+        assert window.last == (stored[-1] if stored else None)
+        new = sized(f"{prefix}{i}", size)
+        last = await tx.append(token, new, window.last_seq, window)
+        assert last > window.last_seq
+        stored.append(new)
+        if other is not None:  # another session interleaves on the stream
+            other_last = await tx.append(other, sized(f"{prefix}-other{i}", 5), other_last)
+    return stored
+
+
+async def test_window_reads_only_the_turns_within_budget(tx: Transcripts) -> None:
+    token = session_token("long chat")
+    reads = CountingReads(tx)
+    stored = await converse(tx, token, [30] * 60, budget=100,
+                            other=session_token("neighbour"))
+    # Every read after the first turns is the window (3 turns of 30 fit 100), never
+    # the whole, growing transcript.
+    assert max(reads.sizes) <= 4
+    window = await tx.load_window(token, 100)
+    assert ids(window.turns) == ["r57", "r58", "r59"]
+    assert window.seqs == sorted(window.seqs) and len(window.seqs) == 3
+    assert window.last_seq == await tx.last_seq(token)
+    assert window.turns == within_budget(stored, 100)
+
+
+async def test_window_with_varied_sizes_matches_the_budget_rule(tx: Transcripts) -> None:
+    rng = random.Random(5)
+    for budget in (0, 7, 50, 400):
+        token = session_token(f"varied {budget}")
+        sizes = [rng.choice([0, 1, 5, 20, 49, 50, 51, 120, 500]) for _ in range(30)]
+        stored = await converse(tx, token, sizes, budget=budget, prefix=f"b{budget}-")
+        # A smaller budget than the one recorded reads from the recorded start.
+        for smaller in (0, budget // 2):
+            window = await tx.load_window(token, smaller)
+            assert window.turns == within_budget(stored, smaller)
+            assert window.last == stored[-1]
+
+
+async def test_turn_larger_than_the_budget(tx: Transcripts) -> None:
+    token = session_token("huge turn")
+    await converse(tx, token, [10, 10, 500], budget=100)
+    reads = CountingReads(tx)
+    window = await tx.load_window(token, 100)
+    assert window.turns == [] and window.seqs == []
+    assert window.last is not None and window.last.run_id == "r2"  # seen for de-duplication
+    assert reads.sizes == []  # the last turn said its window is itself: nothing more to read
+    seq = await tx.append(token, sized("r3", 10), window.last_seq, window)
+    window = await tx.load_window(token, 100)
+    assert ids(window.turns) == ["r3"] and window.last_seq == seq
+
+
+async def test_window_falls_back_to_the_whole_transcript(tx: Transcripts) -> None:
+    """Turns stored without a window (an older version, Transcripts.record), or a
+    budget above the one recorded: the whole transcript is read, the answer is right."""
+    token = session_token("older turns")
+    stored = [sized(f"r{i}", 30) for i in range(6)]
+    last = 0
+    for t in stored:
+        last = await tx.append(token, t, last)  # no window: no headers
+    reads = CountingReads(tx)
+    window = await tx.load_window(token, 100)
+    assert reads.sizes == [6]
+    assert window.turns == within_budget(stored, 100)
+    stored.append(sized("r6", 30))
+    await tx.append(token, stored[-1], window.last_seq, window)
+    window = await tx.load_window(token, 100)
+    assert reads.sizes[-1] <= 4 and window.turns == within_budget(stored, 100)
+    bigger = await tx.load_window(token, 1000)  # recorded for 100: reads everything
+    assert reads.sizes[-1] == 7 and bigger.turns == stored
+
+
+async def test_window_of_unknown_and_reset_sessions(tx: Transcripts) -> None:
+    empty = await tx.load_window(session_token("nobody"), 100)
+    assert (empty.turns, empty.last, empty.last_seq) == ([], None, 0)
+    token = session_token("reset window")
+    await converse(tx, token, [10, 10], budget=100)
+    await tx.reset(token)
+    window = await tx.load_window(token, 100)
+    assert (window.turns, window.last, window.last_seq) == ([], None, 0)
+    await tx.append(token, sized("again", 10), 0, window)
+    assert ids((await tx.load_window(token, 100)).turns) == ["again"]
+
+
+async def test_reads_leave_no_consumer_behind(js: JetStreamContext, tx: Transcripts) -> None:
+    """An ordered consumer per read used to stay on the server until reaped, and
+    past 1,000 JetStream refused new ones: every stateful run then failed."""
+    token = session_token("many reads")
+    await converse(tx, token, [10] * 3, budget=100, prefix="reads-")
+    for _ in range(40):
+        assert len((await tx.load(token))[0]) == 3
+        assert len((await tx.load_window(token, 15)).turns) == 1
+    info = await js.stream_info(subjects.TX_STREAM)
+    assert info.state.consumer_count == 0
 
 
 # --------------------------------------------------------------------------- within_budget

@@ -46,7 +46,7 @@ from bus.leases import Leases
 from bus.logs import run_context
 from bus.messages import RunRequest, Turn
 from bus.pull import PullConsumer
-from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
+from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
 
 from . import errors
 from .acceptance import ANNOUNCE_DELAY, Acceptance
@@ -413,16 +413,18 @@ class Worker:
                 acceptance.announce_later(max(0.0, min(ANNOUNCE_DELAY, budget / 2)))
             else:
                 await acceptance.announce_now()
-            turns, last_seq = ([], 0) if run.ephemeral else await self._transcripts.load(token)
-            if turns and turns[-1].run_id == run.run_id:
+            # Only the turns the history budget lets the agent see are read.
+            window = Window() if run.ephemeral else await self._transcripts.load_window(
+                token, self.settings.session.history_budget_chars)
+            if window.last is not None and window.last.run_id == run.run_id:
                 # Completed before (the ack was lost): report, never run twice.
                 await acceptance.confirm(cancelled)
-                done = turns[-1]
+                done = window.last
                 await emitter.done(done.assistant, done.usage, "stop")
                 await msg.ack()
                 outcome = "completed"
                 return
-            reply = await self._generate(run, turns, emitter, execution)
+            reply = await self._generate(run, window.turns, emitter, execution)
             if reply is not None:
                 self._observe(run, reply)
             if reply is None:
@@ -442,7 +444,7 @@ class Worker:
             # Fencing: only the lease holder may append (and the append itself is
             # conditional on the transcript being as we read it).
             try:
-                if not await self._store_turn(token, turn, last_seq, lease=lease,
+                if not await self._store_turn(token, turn, window, lease=lease,
                                               emitter=emitter, execution=execution):
                     emitter.fenced = True
                     outcome = "fenced"
@@ -493,7 +495,7 @@ class Worker:
         emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
         return True
 
-    async def _store_turn(self, token: str, turn: Turn, last_seq: int, *,
+    async def _store_turn(self, token: str, turn: Turn, window: Window, *,
                           lease: list[int | None], emitter: Emitter,
                           execution: Execution) -> bool:
         """Refresh our lease (False: it was lost, we are fenced), then append the turn.
@@ -514,7 +516,7 @@ class Worker:
                         lease[0] = new_rev
                     emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
                     refreshed = True
-                await self._transcripts.append(token, turn, last_seq)
+                await self._transcripts.append(token, turn, window.last_seq, window)
                 return True
             except BUS_UNAVAILABLE:
                 if time.monotonic() + BUS_RETRY_DELAY >= emitter.lease_deadline:

@@ -1,0 +1,131 @@
+"""Reading a run of one subject's messages with JetStream's batched direct get.
+
+``$JS.API.DIRECT.GET.<stream>`` with ``{"seq": S, "next_by_subj": subject,
+"batch": N}`` (nats-server 2.11+, streams with ``allow_direct``) answers with up
+to N messages of that subject from sequence S on, then an end-of-batch status
+(``204 EOB``, with ``Nats-Num-Pending``: how many are left), or ``404`` when
+there is none. No consumer is created: reading a session's transcript with an
+ordered consumer left one ephemeral consumer behind per read until the server
+reaped it, and past 1,000 of them JetStream refused new ones ("maximum
+consumers limit reached"), failing every stateful run.
+
+A direct get may be answered by any replica of the stream, which may lag. The
+caller says which sequence it knows exists (read from the leader), and
+:meth:`BatchGetter.read` returns None unless the answer reached it, so the caller
+can fall back to a leader read. A server that ignores ``batch`` (before 2.11)
+answers one plain message: the reader notices (no ``Nats-Num-Pending``) and asks
+again from the next sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import nats.errors
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from .direct import ReplyInbox
+
+BATCH = 256
+
+
+@dataclass(slots=True)
+class _Answer:
+    """The messages of one batch request, as they arrive."""
+
+    done: asyncio.Future[None]
+    messages: list[tuple[int, bytes]] = field(default_factory=list)
+    pending: int = 0  # messages of the subject after this batch (EOB's count)
+    batched: bool = True  # False: the server answered one plain message
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
+
+
+class BatchGetter:
+    """Batched direct gets over one reply subscription; see the module doc."""
+
+    def __init__(self, nc: Client, *, batch: int = BATCH) -> None:
+        self._nc = nc
+        self._batch = batch
+        self._waiting: dict[str, _Answer] = {}
+        self._inbox = ReplyInbox(nc, self._on_reply)
+        self._starting: asyncio.Lock | None = None
+
+    async def _ensure_started(self) -> None:
+        if self._inbox.started:
+            return
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            await self._inbox.start()
+
+    async def close(self) -> None:
+        await self._inbox.close()
+
+    def _on_reply(self, token: str, msg: Msg) -> None:
+        answer = self._waiting.get(token)
+        if answer is None or answer.done.done():
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is not None:
+            if status == "204":
+                try:
+                    answer.pending = int(headers.get("Nats-Num-Pending", "0"))
+                except ValueError:
+                    answer.pending = 0
+            answer.done.set_result(None)  # end of batch, 404 (none), or an error
+            return
+        try:
+            seq = int(headers["Nats-Sequence"])
+        except (KeyError, ValueError):
+            answer.done.set_exception(nats.errors.Error(
+                f"direct get answered without a sequence: {headers!r}"[:300]))
+            return
+        answer.messages.append((seq, msg.data))
+        if "Nats-Num-Pending" not in headers:  # a server without batches: one message
+            answer.batched = False
+            answer.done.set_result(None)
+
+    async def _ask(self, stream: str, subject: str, start: int, wait: float) -> _Answer:
+        await self._ensure_started()
+        token, reply = self._inbox.next_reply()
+        loop = asyncio.get_running_loop()
+        answer = _Answer(loop.create_future())
+        self._waiting[token] = answer
+        timer = loop.call_later(wait, _expire, answer.done)
+        try:
+            request = {"seq": start, "next_by_subj": subject, "batch": self._batch}
+            await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request),
+                                   reply=reply)
+            await answer.done
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+        return answer
+
+    async def read(self, stream: str, subject: str, start: int, last: int, *,
+                   wait: float) -> list[tuple[int, bytes]] | None:
+        """``subject``'s messages with sequences in ``start..last`` (``last`` known
+        to exist), in order: (sequence, data) pairs, or None if the replica that
+        answered did not have them all (it lags)."""
+        out: list[tuple[int, bytes]] = []
+        seq = max(1, start)
+        while True:
+            answer = await self._ask(stream, subject, seq, wait)
+            for found, data in answer.messages:
+                if found >= last:
+                    if found > last:
+                        return None  # ``last`` is not there (deleted meanwhile)
+                    out.append((found, data))
+                    return out
+                out.append((found, data))
+            if not answer.messages or (answer.batched and answer.pending == 0):
+                return None  # the answer ended before ``last``: a lagging replica
+            seq = answer.messages[-1][0] + 1
