@@ -1,6 +1,6 @@
 """Profile clawbus under one benchmark load, every Python process at once::
 
-    python -m bench.profile nonstream [--concurrency 16] [--duration 6]
+    python -m bench.profile nonstream [--concurrency 16] [--duration 6] [--sessions 64]
     python -m bench.profile ttft      [--concurrency 1]
     python -m bench.profile held      [--streams 2000]
 
@@ -102,7 +102,8 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
                                  "messages": [{"role": "user", "content": "hi"}]})
             load: dict[str, Any] = run_wrk(ensure_wrk(), system.chat_url, body,
                                            auth=system.auth, connections=args.concurrency,
-                                           duration=args.duration, cpus=cpus.harness)
+                                           duration=args.duration, cpus=cpus.harness,
+                                           sessions=args.sessions)
         else:
             cmd = _load_command(args, system)
             if cpus.harness:
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="ttft: seconds of streams before the measured ones")
     parser.add_argument("--streams", type=int, default=2000, help="held: streams")
     parser.add_argument("--rate", type=float, default=250.0, help="held: opened per second")
+    parser.add_argument("--sessions", type=int, default=None,
+                        help="nonstream: spread requests round robin over N sessions "
+                             "(stateful runs: lease, history window, stored turn) instead "
+                             "of a fresh stateless session each")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--top", type=int, default=25, help="frames listed per process")
     parser.add_argument("--rate-hz", type=int, default=200, help="py-spy sampling rate")

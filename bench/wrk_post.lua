@@ -13,6 +13,18 @@ if auth and auth ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. auth
 end
 
+-- With $BENCH_SESSIONS = N, request k goes to session "bench-<k mod N>" (header
+-- x-openclaw-session-key): stateful runs, each session's turns one after another.
+local sessions = tonumber(os.getenv("BENCH_SESSIONS") or "")
+if sessions and sessions > 0 then
+  local sent = 0
+  function request()
+    sent = sent + 1
+    wrk.headers["x-openclaw-session-key"] = "bench-" .. (sent % sessions)
+    return wrk.format()
+  end
+end
+
 local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "")
 if max_requests then
   local count = 0

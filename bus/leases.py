@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from . import subjects
+from .publish import AckedPublisher, stored_seq
 
 _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _TTL = "Nats-TTL"
@@ -25,8 +26,10 @@ FREE = b"free"
 
 
 class Leases:
-    def __init__(self, js: JetStreamContext, ttl_seconds: int) -> None:
+    def __init__(self, js: JetStreamContext, ttl_seconds: int,
+                 publisher: AckedPublisher | None = None) -> None:
         self._js = js
+        self._publisher = publisher
         self._ttl = str(ttl_seconds)
         self._stream = f"KV_{subjects.LEASES_BUCKET}"
 
@@ -35,15 +38,12 @@ class Leases:
 
     async def _cas(self, token: str, value: bytes, last: int, ttl: str) -> int | None:
         try:
-            ack = await self._js.publish(
-                self._subject(token), value,
-                headers={_EXPECTED_LAST_SUBJECT_SEQ: str(last), _TTL: ttl},
-            )
+            return await stored_seq(self._js, self._publisher, self._subject(token), value,
+                                    {_EXPECTED_LAST_SUBJECT_SEQ: str(last), _TTL: ttl})
         except APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 return None
             raise
-        return int(ack.seq)
 
     async def acquire(self, token: str, owner: bytes) -> int | None:
         """Take the session's lease; the revision to refresh/release with, or None if held."""

@@ -28,10 +28,12 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from .direct import ReplyInbox
 
 NO_RESPONDERS = "503"
+JS_ACK_WAIT = 5.0  # as bus.connection.JS_TIMEOUT, nats-py's JetStream context timeout
 
 
 def _expire(future: asyncio.Future[Msg]) -> None:
@@ -90,3 +92,14 @@ class AckedPublisher:
                 nats.js.errors.APIError.from_error(error)  # raises the code's subclass
             raise nats.js.errors.APIError(description=f"JetStream error: {error!r}"[:300])
         return ack
+
+
+async def stored_seq(js: JetStreamContext, publisher: AckedPublisher | None, subject: str,
+                     payload: bytes, headers: dict[str, str]) -> int:
+    """Publish to JetStream and return the stored message's sequence: through
+    ``publisher`` when there is one (a component that holds the connection), else
+    through nats-py's ``js.publish`` with the context's timeout."""
+    if publisher is not None:
+        ack = await publisher.publish(subject, payload, ack_wait=JS_ACK_WAIT, headers=headers)
+        return int(ack["seq"])
+    return int((await js.publish(subject, payload, headers=headers)).seq)

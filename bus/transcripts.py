@@ -32,6 +32,7 @@ from nats.js.errors import APIError, NotFoundError
 from . import subjects
 from .batch_get import BatchGetter
 from .messages import Turn
+from .publish import AckedPublisher, stored_seq
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 READ_TIMEOUT = 10.0
@@ -59,10 +60,12 @@ class Transcripts:
     read with batched direct gets (``bus/batch_get.py``); without it, or when the
     replica that answered lags, with an ordered consumer deleted after the read."""
 
-    def __init__(self, js: JetStreamContext, nc: Client | None = None) -> None:
+    def __init__(self, js: JetStreamContext, nc: Client | None = None,
+                 publisher: AckedPublisher | None = None) -> None:
         self._js = js
         self._nc = nc
         self._getter = BatchGetter(nc) if nc is not None else None
+        self._publisher = publisher
 
     async def last_seq(self, token: str) -> int:
         try:
@@ -150,15 +153,12 @@ class Transcripts:
             headers[WINDOW_START] = str(window.seqs[-older] if older > 0 else 0)
             headers[WINDOW_BUDGET] = str(window.budget)
         try:
-            ack = await self._js.publish(
-                subjects.transcript(token), turn.model_dump_json().encode(),
-                headers=headers,
-            )
+            return await stored_seq(self._js, self._publisher, subjects.transcript(token),
+                                    turn.model_dump_json().encode(), headers)
         except APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise StaleTranscriptError(str(exc)) from None
             raise
-        return int(ack.seq)
 
     async def record(self, token: str, turn: Turn) -> None:
         """Store a turn without waiting for the store's ack (for ephemeral sessions,

@@ -15,6 +15,7 @@ from bus.config import BusConfig, SessionConfig
 from bus.connection import connect, ensure_bus, lease_ttl_seconds
 from bus.embedded import NatsServer
 from bus.leases import FREE, Leases
+from bus.publish import AckedPublisher
 from bus.subjects import session_token
 
 BUS = BusConfig(ack_wait_seconds=3)
@@ -33,9 +34,20 @@ async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
         await nc.close()
 
 
-@pytest.fixture
-def leases(js: JetStreamContext) -> Leases:
-    return Leases(js, TTL)
+@pytest.fixture(params=["AckedPublisher", "js.publish"])
+async def leases(request: pytest.FixtureRequest,
+                 js: JetStreamContext) -> AsyncIterator[Leases]:
+    """Both ways of writing: bus.publish.AckedPublisher (the worker's) and nats-py's
+    js.publish: the CAS answers must be the same."""
+    if request.param == "js.publish":
+        yield Leases(js, TTL)
+        return
+    publisher = AckedPublisher(js._nc)
+    await publisher.start()
+    try:
+        yield Leases(js, TTL, publisher)
+    finally:
+        await publisher.close()
 
 
 async def stored(js: JetStreamContext, token: str) -> bytes | None:

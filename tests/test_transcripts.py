@@ -18,6 +18,7 @@ from bus.config import BusConfig, SessionConfig
 from bus.connection import connect, ensure_bus
 from bus.embedded import NatsServer
 from bus.messages import Turn, Usage
+from bus.publish import AckedPublisher
 from bus.subjects import session_token
 from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
 
@@ -43,12 +44,21 @@ def js(bus: tuple[Client, JetStreamContext]) -> JetStreamContext:
     return bus[1]
 
 
-@pytest.fixture(params=["batched direct get", "ordered consumer"])
-def tx(request: pytest.FixtureRequest, bus: tuple[Client, JetStreamContext]) -> Transcripts:
-    """Both ways of reading: with the connection (batched direct gets, the
-    product's way) and without (an ordered consumer, the fallback)."""
+@pytest.fixture(params=["worker's way", "ordered consumer, js.publish"])
+async def tx(request: pytest.FixtureRequest,
+             bus: tuple[Client, JetStreamContext]) -> AsyncIterator[Transcripts]:
+    """Both ways of reading and writing: the worker's (batched direct gets,
+    bus.publish.AckedPublisher) and the fallbacks (an ordered consumer, js.publish)."""
     nc, js = bus
-    return Transcripts(js, nc if request.param == "batched direct get" else None)
+    if request.param != "worker's way":
+        yield Transcripts(js)
+        return
+    publisher = AckedPublisher(nc)
+    await publisher.start()
+    try:
+        yield Transcripts(js, nc, publisher)
+    finally:
+        await publisher.close()
 
 
 async def stored_count(js: JetStreamContext, token: str) -> int:

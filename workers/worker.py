@@ -45,6 +45,7 @@ from bus.connection import BUS_UNAVAILABLE, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases
 from bus.logs import run_context
 from bus.messages import RunRequest, Turn
+from bus.publish import AckedPublisher
 from bus.pull import PullConsumer
 from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
 
@@ -133,8 +134,12 @@ class Worker:
         bus = self.settings.bus
         js = await ensure_bus(self.nc, bus, self.settings.session)
         self._js = js
-        self._leases = Leases(js, lease_ttl_seconds(bus))
-        self._transcripts = Transcripts(js, self.nc)
+        # Lease writes and turn appends wait for JetStream's ack on one reply
+        # subscription (bus/publish.py), not through nats-py's request path.
+        publisher = AckedPublisher(self.nc)
+        await publisher.start()
+        self._leases = Leases(js, lease_ttl_seconds(bus), publisher)
+        self._transcripts = Transcripts(js, self.nc, publisher)
         await self._probes.start()
         cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
@@ -165,6 +170,8 @@ class Worker:
                     await sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await self._probes.stop()
+            with contextlib.suppress(Exception):
+                await publisher.close()
             for provider in self._providers.values():
                 await provider.aclose()
             log.info("worker %s stopped", self.worker_id)
