@@ -172,6 +172,16 @@ def _side_by_side(data: Data, plan: dict[str, Any], peer: bool,
         row("non-streaming latency p99, c=64 (ms)", _num(ms[0], 2), _num(ms[1], 1),
             _num(ms[2], 1) if peer else "—", _ratio(ms[1], ms[2]) if peer else "—")
 
+    if "sessions_c16" in data.scenarios():
+        n = plan.get("sessions", 64)
+        stateless = data.med("clawbus", "rps_c16", rps)
+        stateful = data.med("clawbus", "sessions_c16", rps)
+        row(f"non-streaming req/s, c=16, stateful: {n} sessions (lease, history, stored "
+            "turn; clawbus only)", "", _num(stateful, 0)
+            + (f" ({_ratio(stateful, stateless)} stateless)" if stateless else ""), "—", "")
+        cpu = data.med("clawbus", "sessions_c16", _get("cpu_ms_per_request"))
+        row("… its CPU per request (ms)", "", _num(cpu, 2), "—", "")
+
     ttft50 = _get("ttft_ms.p50")
     gap99 = _get("gap_ms.p99")
     for c in plan["ttft_concurrency"]:

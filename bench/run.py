@@ -81,6 +81,10 @@ class Plan:
     # bench/streamclient.py: the lanes start as a herd; its first wave is reported
     # on its own).
     ttft_warmup: float = 5.0
+    # Stateful load (clawbus only): non-streaming c=16 over this many session keys
+    # (0: skip). Each run takes its session's lease, reads its history window
+    # and stores its turn.
+    sessions: int = 64
     only: str | None = None  # "rounds" or "scaling": the other part is skipped
 
 
@@ -134,6 +138,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     plan.only = args.only
     if args.slack_ms is not None:
         plan.slack_ms = args.slack_ms
+    if args.sessions is not None:
+        plan.sessions = args.sessions
     plan.ttft_warmup = (args.ttft_warmup if args.ttft_warmup is not None
                         else 2.0 if quick else plan.ttft_warmup)
     return plan
@@ -288,12 +294,24 @@ class Runner:
             self.results.failures.append(restarted)
 
     def wrk_run(self, system: System, *, connections: int, duration: float,
-                stream: bool = False, max_requests: int | None = None) -> dict[str, Any]:
+                stream: bool = False, max_requests: int | None = None,
+                sessions: int | None = None) -> dict[str, Any]:
         meter = Meter(system, self.upstream_pids, self.cpus)
         result = run_wrk(self.wrk, system.chat_url, self.body(system, NONSTREAM, stream=stream),
                          auth=system.auth, connections=connections, duration=duration,
-                         cpus=self.cpus.harness, max_requests=max_requests)
+                         cpus=self.cpus.harness, max_requests=max_requests, sessions=sessions)
         return {**result, **meter.done()}
+
+    def stateful(self, round_: int, system: System) -> None:
+        """Non-streaming c=16 over ``plan.sessions`` session keys (clawbus only: the
+        others have no sessions, the header means nothing to them)."""
+        if system.key != "clawbus":
+            return
+        result = self.wrk_run(system, connections=16, duration=self.plan.duration,
+                              sessions=self.plan.sessions)
+        done = max(1, int(result["requests"]))
+        result["cpu_ms_per_request"] = result["system_cpu_s"] * 1000.0 / done
+        self.results.add(round_, system.key, "sessions_c16", **result)
 
     def throughput(self, round_: int, system: System, connections: int) -> None:
         result = self.wrk_run(system, connections=connections, duration=self.plan.duration)
@@ -363,6 +381,8 @@ def scenarios(plan: Plan, runner: Runner) -> list[tuple[str, Callable[[int, Syst
         out.append((f"ttft_c{c}", functools.partial(_call, runner.ttft, c)))
     for n in plan.held:
         out.append((f"held_{n}", functools.partial(_call, runner.held, n)))
+    if plan.sessions:
+        out.append(("sessions_c16", runner.stateful))
     out.append(("cpu_per_request", runner.cpu_per_request))
     return out
 
@@ -534,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["rounds", "scaling"], default=None,
                         help="run only the rounds (systems side by side) or only the "
                              "scaling run")
+    parser.add_argument("--sessions", type=int, default=None,
+                        help="session keys of the stateful run, clawbus only (default 64; "
+                             "0 to skip)")
     parser.add_argument("--ttft-warmup", type=float, default=None,
                         help="seconds of closed-loop streams before the measured TTFT "
                              "streams (default 5; quick 2)")

@@ -206,6 +206,23 @@ def test_report_renders_and_updates_doc(tmp_path: Path) -> None:
     assert bare.read_text().startswith("## Latest results\n\n<!-- bench:begin -->\n")
 
 
+def test_report_stateful_rows() -> None:
+    def rec(scenario: str, rps: float, **extra: Any) -> dict[str, Any]:
+        return {"round": 1, "system": "clawbus", "scenario": scenario, "rps": rps,
+                "latency_us": {"p50": 100.0}, "error_count": 0, **extra}
+
+    raw = {"plan": {"duration": 1, "concurrency": [16], "ttft_concurrency": [], "held": [],
+                    "held_rate": 250, "cpu_requests": 10, "slack_ms": 100, "sessions": 64},
+           "machine": {"cpu": "test"}, "cpus": {"system": "0", "harness": "1"},
+           "started": "2025-01-01T00:00:00",
+           "records": [rec("rps_c16", 1500.0), rec("sessions_c16", 450.0,
+                                                   cpu_ms_per_request=2.5)]}
+    text = report.render(raw, "bench/results/x.json", "python -m bench.run")
+    assert ("| non-streaming req/s, c=16, stateful: 64 sessions (lease, history, stored "
+            "turn; clawbus only) |  | 450 (0.30× stateless) | — |  |") in text
+    assert "| … its CPU per request (ms) |  | 2.50 | — |  |" in text
+
+
 def test_report_ttft_rows_show_the_first_wave_apart() -> None:
     def rec(system: str, p50: float, wave: float) -> dict[str, Any]:
         return {"round": 1, "system": system, "scenario": "ttft_c64",
