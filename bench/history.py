@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import nats
-
 from bus.config import BusConfig, SessionConfig
-from bus.connection import ensure_bus
+from bus.connection import connect, ensure_bus
 from bus.embedded import NatsServer
 from bus.messages import Turn
 from bus.transcripts import Transcripts
@@ -47,7 +46,7 @@ async def _best_ms(read: Callable[[], Awaitable[object]], times: int = 5) -> flo
 
 
 async def measure(url: str, sizes: list[int], budget: int) -> list[str]:
-    nc = await nats.connect(url)
+    nc = await connect(url, "bench-history")  # as workers connect (BatchingClient)
     try:
         js = await ensure_bus(nc, BusConfig(), SessionConfig())
         tx = Transcripts(js, nc)
@@ -82,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="history budget in characters")
     parser.add_argument("--cpu", type=int, default=0, help="CPU for this process and the server")
     args = parser.parse_args(argv)
+    logging.getLogger("clawbus").setLevel(logging.ERROR)  # not "nats disconnected" at exit
     sizes = sorted(int(n) for n in args.turns.split(",") if n.strip())
     if hasattr(os, "sched_setaffinity") and args.cpu < (os.cpu_count() or 1):
         os.sched_setaffinity(0, {args.cpu})  # the server (a child) inherits it
