@@ -14,11 +14,13 @@ size to ``sub._pending_size``, and the callback task is ``sub._wait_for_msgs_tas
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -116,3 +118,52 @@ class ReplyInbox:
 
     def _handle(self, msg: Msg) -> None:
         self._on_reply(msg.subject[len(self._prefix):], msg)
+
+
+def _expire(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
+
+
+class Requester:
+    """Requests answered once each on one :class:`ReplyInbox`: per request a token,
+    a future and a timer; the answer goes from nats-py's reader to the future.
+    (nats-py's ``request`` adds a NUID token, two futures, ``wait_for`` and the
+    reply's trip through a queue and a task.)"""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._inbox = ReplyInbox(nc, self._on_reply)
+
+    @property
+    def started(self) -> bool:
+        return self._inbox.started
+
+    async def start(self) -> None:
+        await self._inbox.start()
+
+    async def close(self) -> None:
+        await self._inbox.close()
+
+    def _on_reply(self, token: str, msg: Msg) -> None:
+        future = self._waiting.pop(token, None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def request(self, subject: str, payload: bytes, *, wait: float,
+                      headers: dict[str, str] | None = None) -> Msg:
+        """Send and wait at most ``wait`` s for the answer (nats-py's TimeoutError)."""
+        if not self._inbox.started:
+            raise nats.errors.ConnectionClosedError
+        token, reply = self._inbox.next_reply()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = future
+        timer = loop.call_later(wait, _expire, future)
+        try:
+            await self._nc.publish(subject, payload, reply=reply, headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)

@@ -19,79 +19,49 @@ to the subject → :class:`nats.js.errors.NoStreamResponseError`, no answer in t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 import orjson
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from .direct import ReplyInbox
+from .direct import Requester
 
 NO_RESPONDERS = "503"
 JS_ACK_WAIT = 5.0  # as bus.connection.JS_TIMEOUT, nats-py's JetStream context timeout
 
 
-def _expire(future: asyncio.Future[Msg]) -> None:
-    if not future.done():
-        future.set_exception(nats.errors.TimeoutError())
-
-
-class AckedPublisher:
+class AckedPublisher(Requester):
     """Publishes to JetStream and waits for the stream's ack; see the module doc."""
-
-    def __init__(self, nc: Client) -> None:
-        self._nc = nc
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._inbox = ReplyInbox(nc, self._on_reply)
-
-    async def start(self) -> None:
-        await self._inbox.start()
-
-    async def close(self) -> None:
-        await self._inbox.close()
-
-    def _on_reply(self, token: str, msg: Msg) -> None:
-        future = self._waiting.pop(token, None)
-        if future is not None and not future.done():
-            future.set_result(msg)
 
     async def publish(self, subject: str, payload: bytes, *, ack_wait: float,
                       headers: dict[str, str] | None = None) -> dict[str, Any]:
         """Store ``payload`` on ``subject``; the ack (``stream``, ``seq``,
         ``duplicate``…) as JetStream sent it, waited for at most ``ack_wait`` s."""
-        if not self._inbox.started:
-            raise nats.errors.ConnectionClosedError
-        token, reply = self._inbox.next_reply()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = future
-        timer = loop.call_later(ack_wait, _expire, future)
-        try:
-            await self._nc.publish(subject, payload, reply=reply, headers=headers)
-            msg = await future
-        finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
+        msg = await self.request(subject, payload, wait=ack_wait, headers=headers)
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
             raise nats.js.errors.NoStreamResponseError
-        try:
-            ack = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            ack = None
-        if not isinstance(ack, dict):
-            raise nats.js.errors.APIError(description=f"unreadable JetStream ack: "
-                                                      f"{msg.data[:200]!r}")
-        error = ack.get("error")
-        if error is not None:
-            with contextlib.suppress(KeyError, TypeError):  # (not JetStream's shape)
-                nats.js.errors.APIError.from_error(error)  # raises the code's subclass
-            raise nats.js.errors.APIError(description=f"JetStream error: {error!r}"[:300])
-        return ack
+        return api_answer(msg.data)
+
+
+def api_answer(data: bytes) -> dict[str, Any]:
+    """A JetStream API answer as a dict; its ``error`` raised as nats-py's
+    :class:`~nats.js.errors.APIError` subclass for the code (404 → NotFoundError…)."""
+    try:
+        answer = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise nats.js.errors.APIError(description=f"unreadable JetStream answer: "
+                                                  f"{data[:200]!r}")
+    error = answer.get("error")
+    if error is not None:
+        with contextlib.suppress(KeyError, TypeError):  # (not JetStream's shape)
+            nats.js.errors.APIError.from_error(error)  # raises the code's subclass
+        raise nats.js.errors.APIError(description=f"JetStream error: {error!r}"[:300])
+    return answer
 
 
 async def stored_seq(js: JetStreamContext, publisher: AckedPublisher | None, subject: str,

@@ -32,6 +32,7 @@ from nats.js.errors import APIError, NotFoundError
 from . import subjects
 from .batch_get import BatchGetter
 from .messages import Turn
+from .msg_get import LeaderGet, StoredMsg
 from .publish import AckedPublisher, stored_seq
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -66,14 +67,25 @@ class Transcripts:
         self._nc = nc
         self._getter = BatchGetter(nc) if nc is not None else None
         self._publisher = publisher
+        # Reads of the last turn share the publisher's reply subscription.
+        self._leader = LeaderGet(publisher) if publisher is not None else None
+
+    async def _last(self, token: str) -> StoredMsg | None:
+        """The session's last turn, read from the stream leader (never stale)."""
+        subject = subjects.transcript(token)
+        if self._leader is not None:
+            return await self._leader.last(subjects.TX_STREAM, subject)
+        try:
+            msg = await self._js.get_msg(subjects.TX_STREAM, subject=subject, direct=False)
+        except NotFoundError:
+            return None
+        if msg.seq is None:
+            return None
+        return StoredMsg(int(msg.seq), subject, msg.data or b"", msg.headers or {})
 
     async def last_seq(self, token: str) -> int:
-        try:
-            msg = await self._js.get_msg(
-                subjects.TX_STREAM, subject=subjects.transcript(token), direct=False)
-        except NotFoundError:
-            return 0
-        return int(msg.seq or 0)
+        last = await self._last(token)
+        return 0 if last is None else last.seq
 
     async def load(self, token: str) -> tuple[list[Turn], int]:
         """All stored turns of a session, oldest first, and the last sequence read."""
@@ -120,15 +132,11 @@ class Transcripts:
     async def load_window(self, token: str, budget_chars: int) -> Window:
         """The turns a run sees (see the module doc), reading only those when the
         last turn says where they start."""
-        try:
-            last = await self._js.get_msg(
-                subjects.TX_STREAM, subject=subjects.transcript(token), direct=False)
-        except NotFoundError:
+        last = await self._last(token)
+        if last is None:
             return Window(budget=budget_chars)
-        if last.seq is None:
-            return Window(budget=budget_chars)
-        last_seq = int(last.seq)
-        last_turn = Turn.model_validate_json(last.data or b"")
+        last_seq = last.seq
+        last_turn = Turn.model_validate_json(last.data)
         start = _window_start(last.headers, budget_chars)
         if start == 0:
             read = [(last_seq, last_turn)]

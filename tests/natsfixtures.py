@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from nats.aio.client import Client
 
 from bus.embedded import NatsServer, cluster
 
@@ -49,3 +53,16 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     finally:
         for server in servers:
             server.stop()
+
+
+@contextlib.asynccontextmanager
+async def scratch_stream(nc: Client, tag: str, **config: Any) -> AsyncIterator[str]:
+    """A memory stream of its own on a shared server, deleted afterwards: its name
+    is ``tag`` + random letters, its subjects ``<name lowercased>.>``."""
+    name = f"{tag}{uuid.uuid4().hex[:10].upper()}"
+    js = nc.jetstream()
+    await js.add_stream(name=name, subjects=[f"{name.lower()}.>"], storage="memory", **config)
+    try:
+        yield name
+    finally:
+        await js.delete_stream(name)

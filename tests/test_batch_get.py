@@ -14,22 +14,16 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus.batch_get import BatchGetter
+from tests.natsfixtures import scratch_stream
 
 BOTH_LOOPS = True  # tests/conftest.py: asyncio and uvloop
 
 
 @pytest.fixture
 async def stream(nc: Client) -> AsyncIterator[str]:
-    """A memory stream with direct gets, on the shared server; yields its name
-    (subjects ``<name lowercased>.*``)."""
-    name = f"BG{uuid.uuid4().hex[:10].upper()}"
-    js = nc.jetstream()
-    await js.add_stream(name=name, subjects=[f"{name.lower()}.*"], storage="memory",
-                        allow_direct=True)
-    try:
+    """A stream with direct gets; its name (subjects ``<name lowercased>.>``)."""
+    async with scratch_stream(nc, "BG", allow_direct=True) as name:
         yield name
-    finally:
-        await js.delete_stream(name)
 
 
 async def fill(nc: Client, stream: str, pattern: str) -> dict[str, list[int]]:

@@ -35,6 +35,7 @@ async def test_headers_survive_a_round_trip(nats_server: NatsServer) -> None:
     plain = await nats.connect(nats_server.url)
     try:
         sub = await nc.subscribe("hdr.test")
+        await nc.flush()  # the server knows the subscription before the publish
         headers = {"Nats-Msg-Id": "turn-1", "Clawbus-Window-Start": "42", "X-Text": "café"}
         await plain.publish("hdr.test", b"x", headers=headers)
         msg = await asyncio.wait_for(sub.next_msg(), 5)

@@ -16,22 +16,17 @@ from nats.aio.msg import Msg
 
 from bus.connection import BUS_UNAVAILABLE
 from bus.publish import AckedPublisher
+from tests.natsfixtures import scratch_stream
 
 BOTH_LOOPS = True  # tests/conftest.py: asyncio and uvloop
 
 
 @pytest.fixture
 async def stream(nc: Client) -> AsyncIterator[str]:
-    """A memory stream of its own on the shared server; yields its subject prefix."""
-    name = f"PUB{uuid.uuid4().hex[:10].upper()}"
-    prefix = name.lower()
-    js = nc.jetstream()
-    await js.add_stream(name=name, subjects=[f"{prefix}.>"], storage="memory",
-                        max_msgs=3, discard="new", duplicate_window=60)
-    try:
-        yield prefix
-    finally:
-        await js.delete_stream(name)
+    """A stream of its own (at most 3 messages, new ones refused); its subject prefix."""
+    async with scratch_stream(nc, "PUB", max_msgs=3, discard="new",
+                              duplicate_window=60) as name:
+        yield name.lower()
 
 
 @pytest.fixture

@@ -36,7 +36,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from bus import subjects
@@ -45,6 +44,7 @@ from bus.connection import BUS_UNAVAILABLE, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases
 from bus.logs import run_context
 from bus.messages import RunRequest, Turn
+from bus.msg_get import LeaderGet
 from bus.publish import AckedPublisher
 from bus.pull import PullConsumer
 from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
@@ -120,6 +120,7 @@ class Worker:
         self._puller: PullConsumer | None = None
         self._probes = Probes(nc)
         self._leases: Leases | None = None
+        self._leader: LeaderGet | None = None
         self._transcripts: Transcripts | None = None
         self.ready = asyncio.Event()
 
@@ -138,6 +139,7 @@ class Worker:
         # subscription (bus/publish.py), not through nats-py's request path.
         publisher = AckedPublisher(self.nc)
         await publisher.start()
+        self._leader = LeaderGet(publisher)
         self._leases = Leases(js, lease_ttl_seconds(bus), publisher)
         self._transcripts = Transcripts(js, self.nc, publisher)
         await self._probes.start()
@@ -326,13 +328,10 @@ class Worker:
             await msg.term()
 
     async def _head_seq(self, token: str) -> int | None:
-        assert self._js is not None
-        try:
-            head = await self._js.get_msg(subjects.RUNS_STREAM, seq=1,
-                                          subject=subjects.run(token), next=True)
-        except NotFoundError:
-            return None
-        return int(head.seq) if head.seq is not None else None
+        """The sequence of the oldest stored run of the session (from the leader)."""
+        assert self._leader is not None
+        head = await self._leader.next(subjects.RUNS_STREAM, 1, subjects.run(token))
+        return None if head is None else head.seq
 
     async def _wait_turn(self, msg: Msg, run: RunRequest, token: str, seq: int,
                          emitter: Emitter) -> int | None:
