@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 DEFAULT_SLACK_MS = 100.0
+LATE_SAMPLE = 200  # late streams described one by one in a summary
 
 
 @dataclass(slots=True)
@@ -385,6 +386,12 @@ def summarize(records: Sequence[StreamRecord], *, tokens: int, delay_ms: float,
     lateness: list[float] = []
     ok = on_time = 0
     errors: Counter[str] = Counter()
+    first_open = min((r.intended for r in records), default=0.0)
+    # Streams that missed the deadline, by the second (since the first open) they
+    # were meant to open in, and a sample of them: a stall shows as late streams
+    # bunched in a second or two, too little CPU as late streams spread out.
+    late_by_second: Counter[int] = Counter()
+    late_sample: list[dict[str, float | int]] = []
     for rec in records:
         times = rec.token_times
         good = (rec.status == 200 and rec.done and rec.complete and rec.error is None
@@ -400,10 +407,20 @@ def summarize(records: Sequence[StreamRecord], *, tokens: int, delay_ms: float,
         if times:
             ttft.append((times[0] - rec.started) * 1000.0)
             gaps.extend((b - a) * 1000.0 for a, b in itertools.pairwise(times))
-            late = max(t - rec.started - k * delay for k, t in enumerate(times))
+            late_by_token = [t - rec.started - k * delay for k, t in enumerate(times)]
+            late = max(late_by_token)
             lateness.append(late * 1000.0)
             if good and late <= slack:
                 on_time += 1
+        if not (good and times and late <= slack):
+            second = int(rec.intended - first_open)
+            late_by_second[second] += 1
+            if len(late_sample) < LATE_SAMPLE and times:
+                late_sample.append({
+                    "open_s": round(rec.intended - first_open, 4),
+                    "ttft_ms": round((times[0] - rec.started) * 1000.0, 2),
+                    "late_ms": round(late * 1000.0, 2),
+                    "worst_token": late_by_token.index(late)})
     n = len(records)
     lag = [(r.started - r.intended) * 1000.0 for r in records]
     return {
@@ -417,6 +434,8 @@ def summarize(records: Sequence[StreamRecord], *, tokens: int, delay_ms: float,
         "ttft_ms": summary(ttft),
         "gap_ms": summary(gaps),
         "lateness_ms": summary(lateness),
+        "late_by_second": {str(k): v for k, v in sorted(late_by_second.items())},
+        "late_sample": late_sample,
         "client_lag_ms_max": max(lag) if lag else None,
         "client_lag_ms_p99": percentile(lag, 99),
         "elapsed_s": elapsed,

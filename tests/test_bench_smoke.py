@@ -168,6 +168,10 @@ def test_on_time_definition() -> None:
                                     delay_ms=500, slack_ms=100)
     assert result["on_time"] == 1 and result["ok"] == 3
     assert "incomplete: 2/3 tokens, done=True" in result["errors"]
+    # The three misses, by the second they opened in, and one by one.
+    assert result["late_by_second"] == {"0": 3}
+    by_open = {(e["late_ms"], e["worst_token"]) for e in result["late_sample"]}
+    assert by_open == {(200.0, 0), (150.0, 2), (0.0, 0)}
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
