@@ -16,6 +16,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from bus.gcstats import GCPauses
 from bus.prom import Children
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -28,6 +29,7 @@ class GatewayMetrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         r = self.registry
+        self.gc_pauses = GCPauses(r)
         self.requests = Counter("clawbus_http_requests", "HTTP requests answered",
                                 ["endpoint", "status"], registry=r)
         self.runs = Counter("clawbus_runs", "Runs submitted to the bus, by outcome",

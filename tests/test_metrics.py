@@ -41,7 +41,7 @@ def test_gateway_metrics_move_with_traffic(stack: Stack) -> None:
                      "clawbus_time_to_first_token_seconds", "clawbus_queue_wait_seconds",
                      "clawbus_active_streams", "clawbus_active_runs", "clawbus_ws_connections",
                      "clawbus_bus_round_trips", "clawbus_bus_errors", "clawbus_workers_alive",
-                     "process_resident_memory_bytes"}
+                     "clawbus_gc_pause_seconds", "process_resident_memory_bytes"}
     assert value(before.text, "clawbus_workers_alive") == 3
     with openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0) as c:
         for _ in range(3):
@@ -94,6 +94,7 @@ def test_worker_metrics_and_json_logs(tmp_path: Path) -> None:
             assert value(text, "clawbus_worker_provider_first_token_seconds_count",
                          provider="fake") == 1
             assert value(text, "clawbus_worker_active_runs") == 0
+            assert "clawbus_gc_pause_seconds_bucket" in text
             wait_until(lambda: sum('"run_id"' in ln for ln in worker.lines) >= 4)
         finally:
             st.stop()

@@ -12,6 +12,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from bus.gcstats import GCPauses
 from bus.prom import Children
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -24,6 +25,7 @@ class WorkerMetrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         r = self.registry
+        self.gc_pauses = GCPauses(r)
         self.runs = Counter("clawbus_worker_runs", "Run attempts by outcome", ["outcome"],
                             registry=r)
         self.errors = Counter("clawbus_worker_errors", "Provider errors by kind",
