@@ -24,90 +24,59 @@ from dataclasses import dataclass, field
 
 import nats.errors
 import orjson
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from .direct import ReplyInbox
+from .direct import Requester
 
 BATCH = 256
 
 
 @dataclass(slots=True)
 class _Answer:
-    """The messages of one batch request, as they arrive."""
+    """The messages of one batch request, as they arrive (a :class:`Waiter`)."""
 
     done: asyncio.Future[None]
     messages: list[tuple[int, bytes]] = field(default_factory=list)
     pending: int = 0  # messages of the subject after this batch (EOB's count)
     batched: bool = True  # False: the server answered one plain message
 
-
-def _expire(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_exception(nats.errors.TimeoutError())
-
-
-class BatchGetter:
-    """Batched direct gets over one reply subscription; see the module doc."""
-
-    def __init__(self, nc: Client, *, batch: int = BATCH) -> None:
-        self._nc = nc
-        self._batch = batch
-        self._waiting: dict[str, _Answer] = {}
-        self._inbox = ReplyInbox(nc, self._on_reply)
-        self._starting: asyncio.Lock | None = None
-
-    async def _ensure_started(self) -> None:
-        if self._inbox.started:
-            return
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:
-            await self._inbox.start()
-
-    async def close(self) -> None:
-        await self._inbox.close()
-
-    def _on_reply(self, token: str, msg: Msg) -> None:
-        answer = self._waiting.get(token)
-        if answer is None or answer.done.done():
-            return
+    def take(self, msg: Msg) -> None:
         headers = msg.headers or {}
         status = headers.get("Status")
         if status is not None:
             if status == "204":
                 try:
-                    answer.pending = int(headers.get("Nats-Num-Pending", "0"))
+                    self.pending = int(headers.get("Nats-Num-Pending", "0"))
                 except ValueError:
-                    answer.pending = 0
-            answer.done.set_result(None)  # end of batch, 404 (none), or an error
+                    self.pending = 0
+            self.done.set_result(None)  # end of batch, 404 (none), or an error
             return
         try:
             seq = int(headers["Nats-Sequence"])
         except (KeyError, ValueError):
-            answer.done.set_exception(nats.errors.Error(
+            self.done.set_exception(nats.errors.Error(
                 f"direct get answered without a sequence: {headers!r}"[:300]))
             return
-        answer.messages.append((seq, msg.data))
+        self.messages.append((seq, msg.data))
         if "Nats-Num-Pending" not in headers:  # a server without batches: one message
-            answer.batched = False
-            answer.done.set_result(None)
+            self.batched = False
+            self.done.set_result(None)
+
+
+class BatchGetter:
+    """Batched direct gets through a :class:`Requester` (started on first use);
+    see the module doc."""
+
+    def __init__(self, requester: Requester, *, batch: int = BATCH) -> None:
+        self._requester = requester
+        self._batch = batch
 
     async def _ask(self, stream: str, subject: str, start: int, wait: float) -> _Answer:
-        await self._ensure_started()
-        token, reply = self._inbox.next_reply()
-        loop = asyncio.get_running_loop()
-        answer = _Answer(loop.create_future())
-        self._waiting[token] = answer
-        timer = loop.call_later(wait, _expire, answer.done)
-        try:
-            request = {"seq": start, "next_by_subj": subject, "batch": self._batch}
-            await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request),
-                                   reply=reply)
-            await answer.done
-        finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
+        await self._requester.ensure_started()
+        answer = _Answer(asyncio.get_running_loop().create_future())
+        request = {"seq": start, "next_by_subj": subject, "batch": self._batch}
+        await self._requester.exchange(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request),
+                                       answer, wait=wait)
         return answer
 
     async def read(self, stream: str, subject: str, start: int, last: int, *,

@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 from nats.aio.client import Client
@@ -120,21 +120,43 @@ class ReplyInbox:
         self._on_reply(msg.subject[len(self._prefix):], msg)
 
 
-def _expire(future: asyncio.Future[Msg]) -> None:
+def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(nats.errors.TimeoutError())
 
 
+class Waiter(Protocol):
+    """What a request waits on: ``take`` is given each answer (from the reader) and
+    resolves ``done`` once the request is answered in full."""
+
+    done: asyncio.Future[Any]
+
+    def take(self, msg: Msg) -> None: ...
+
+
+class _One:
+    """A request answered by its first message."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: asyncio.Future[Msg]) -> None:
+        self.done = done
+
+    def take(self, msg: Msg) -> None:
+        self.done.set_result(msg)
+
+
 class Requester:
-    """Requests answered once each on one :class:`ReplyInbox`: per request a token,
-    a future and a timer; the answer goes from nats-py's reader to the future.
-    (nats-py's ``request`` adds a NUID token, two futures, ``wait_for`` and the
-    reply's trip through a queue and a task.)"""
+    """Requests answered on one :class:`ReplyInbox`: per request a token, a waiter
+    and a timer; answers go from nats-py's reader to the waiter. (nats-py's
+    ``request`` adds a NUID token, two futures, ``wait_for`` and the reply's trip
+    through a queue and a task.)"""
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[str, Waiter] = {}
         self._inbox = ReplyInbox(nc, self._on_reply)
+        self._starting: asyncio.Lock | None = None
 
     @property
     def started(self) -> bool:
@@ -143,27 +165,43 @@ class Requester:
     async def start(self) -> None:
         await self._inbox.start()
 
+    async def ensure_started(self) -> None:
+        """Start on first use (concurrent first uses subscribe once)."""
+        if self._inbox.started:
+            return
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            await self._inbox.start()
+
     async def close(self) -> None:
         await self._inbox.close()
 
     def _on_reply(self, token: str, msg: Msg) -> None:
-        future = self._waiting.pop(token, None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        waiter = self._waiting.get(token)
+        if waiter is not None and not waiter.done.done():
+            waiter.take(msg)
+
+    async def exchange(self, subject: str, payload: bytes, waiter: Waiter, *, wait: float,
+                       headers: dict[str, str] | None = None) -> None:
+        """Send, then wait at most ``wait`` s for ``waiter.done`` (nats-py's
+        TimeoutError when it is not)."""
+        if not self._inbox.started:
+            raise nats.errors.ConnectionClosedError
+        token, reply = self._inbox.next_reply()
+        self._waiting[token] = waiter
+        timer = asyncio.get_running_loop().call_later(wait, _expire, waiter.done)
+        try:
+            await self._nc.publish(subject, payload, reply=reply, headers=headers)
+            await waiter.done
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
 
     async def request(self, subject: str, payload: bytes, *, wait: float,
                       headers: dict[str, str] | None = None) -> Msg:
         """Send and wait at most ``wait`` s for the answer (nats-py's TimeoutError)."""
-        if not self._inbox.started:
-            raise nats.errors.ConnectionClosedError
-        token, reply = self._inbox.next_reply()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = future
-        timer = loop.call_later(wait, _expire, future)
-        try:
-            await self._nc.publish(subject, payload, reply=reply, headers=headers)
-            return await future
-        finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
+        waiter = _One(asyncio.get_running_loop().create_future())
+        await self.exchange(subject, payload, waiter, wait=wait, headers=headers)
+        result: Msg = waiter.done.result()
+        return result

@@ -20,7 +20,7 @@ from typing import Any
 import nats.js.errors
 import orjson
 
-from .connection import BatchingClient
+from .connection import JS_TIMEOUT, BatchingClient
 from .direct import Requester
 from .publish import NO_RESPONDERS, api_answer
 
@@ -39,7 +39,7 @@ class StoredMsg:
 class LeaderGet:
     """Reads single messages of a stream from its leader; see the module doc."""
 
-    def __init__(self, requester: Requester, *, wait: float = 5.0) -> None:
+    def __init__(self, requester: Requester, *, wait: float = JS_TIMEOUT) -> None:
         self._requester = requester
         self._wait = wait
 

@@ -27,10 +27,10 @@ import nats.js.errors
 import orjson
 from nats.js import JetStreamContext
 
+from .connection import JS_TIMEOUT
 from .direct import Requester
 
 NO_RESPONDERS = "503"
-JS_ACK_WAIT = 5.0  # as bus.connection.JS_TIMEOUT, nats-py's JetStream context timeout
 
 
 class AckedPublisher(Requester):
@@ -70,6 +70,6 @@ async def stored_seq(js: JetStreamContext, publisher: AckedPublisher | None, sub
     ``publisher`` when there is one (a component that holds the connection), else
     through nats-py's ``js.publish`` with the context's timeout."""
     if publisher is not None:
-        ack = await publisher.publish(subject, payload, ack_wait=JS_ACK_WAIT, headers=headers)
+        ack = await publisher.publish(subject, payload, ack_wait=JS_TIMEOUT, headers=headers)
         return int(ack["seq"])
     return int((await js.publish(subject, payload, headers=headers)).seq)

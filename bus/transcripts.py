@@ -31,6 +31,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from . import subjects
 from .batch_get import BatchGetter
+from .direct import Requester
 from .messages import Turn
 from .msg_get import LeaderGet, StoredMsg
 from .publish import AckedPublisher, stored_seq
@@ -65,9 +66,10 @@ class Transcripts:
                  publisher: AckedPublisher | None = None) -> None:
         self._js = js
         self._nc = nc
-        self._getter = BatchGetter(nc) if nc is not None else None
+        # Batched reads share the publisher's reply subscription when there is one.
+        requester = publisher or (Requester(nc) if nc is not None else None)
+        self._getter = BatchGetter(requester) if requester is not None else None
         self._publisher = publisher
-        # Reads of the last turn share the publisher's reply subscription.
         self._leader = LeaderGet(publisher) if publisher is not None else None
 
     async def _last(self, token: str) -> StoredMsg | None:

@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus.batch_get import BatchGetter
+from bus.direct import Requester
 from tests.natsfixtures import scratch_stream
 
 BOTH_LOOPS = True  # tests/conftest.py: asyncio and uvloop
@@ -39,11 +40,11 @@ async def fill(nc: Client, stream: str, pattern: str) -> dict[str, list[int]]:
 
 @pytest.fixture
 async def getter(nc: Client) -> AsyncIterator[BatchGetter]:
-    g = BatchGetter(nc, batch=3)  # small batches: reads take several rounds
+    requester = Requester(nc)  # started by the getter's first read
     try:
-        yield g
+        yield BatchGetter(requester, batch=3)  # small batches: reads take several rounds
     finally:
-        await g.close()
+        await requester.close()
 
 
 async def test_reads_one_subject_across_batches(nc: Client, stream: str,
@@ -60,7 +61,7 @@ async def test_reads_one_subject_across_batches(nc: Client, stream: str,
     # A start between two of the subject's messages begins at the next one.
     got = await getter.read(stream, subject, a[2] + 1, a[4], wait=5)
     assert a[3] > a[2] + 1 and got is not None and [s for s, _ in got] == a[3:5]
-    assert getter._waiting == {}
+    assert getter._requester._waiting == {}
 
 
 async def test_short_answers_are_none(nc: Client, stream: str, getter: BatchGetter) -> None:
@@ -122,4 +123,4 @@ async def test_unanswered_request_times_out(nc: Client, getter: BatchGetter) -> 
             await getter.read(name, "mute.a", 1, 1, wait=0.05)
     finally:
         await sub.unsubscribe()
-    assert getter._waiting == {}
+    assert getter._requester._waiting == {}
