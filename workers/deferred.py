@@ -16,7 +16,10 @@ from typing import Any
 class Deferred:
     def __init__(self, delay: float, make: Callable[[], Coroutine[Any, Any, None]],
                  name: str) -> None:
-        self._make = make
+        # Dropped once used or unwanted: ``make`` is often a bound method of the
+        # object holding this Deferred, a reference cycle per run otherwise (left
+        # for the garbage collector's full collections; issue #5).
+        self._make: Callable[[], Coroutine[Any, Any, None]] | None = make
         self._name = name
         self.task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
@@ -24,13 +27,16 @@ class Deferred:
 
     def _start(self) -> None:
         self._timer = None
-        self.task = asyncio.create_task(self._make(), name=self._name)
+        make, self._make = self._make, None
+        if make is not None:
+            self.task = asyncio.create_task(make(), name=self._name)
 
     def stop_waiting(self) -> None:
         """Never start it (a task already started goes on)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._make = None
 
     async def aclose(self) -> None:
         """Never start it, and cancel it if it did start (its errors are dropped)."""
