@@ -110,6 +110,7 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
                 cmd = ["taskset", "-c", cpus.harness, *cmd]
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
             load = orjson.loads(done.stdout.strip().splitlines()[-1])
+            (out_dir / "load.json").write_bytes(orjson.dumps(load, option=orjson.OPT_INDENT_2))
         usage = meter.done()
         for pid, spy in spies.items():
             _, err = spy.communicate(timeout=seconds + 60)

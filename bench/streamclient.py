@@ -435,6 +435,10 @@ def summarize(records: Sequence[StreamRecord], *, tokens: int, delay_ms: float,
         "gap_ms": summary(gaps),
         "lateness_ms": summary(lateness),
         "late_by_second": {str(k): v for k, v in sorted(late_by_second.items())},
+        # When the first stream was meant to open, on the wall clock: lines up the
+        # seconds above with other logs (a process's GC pauses, say).
+        "first_open_epoch": round(time.time() - time.perf_counter() + first_open, 3)
+        if records else None,
         "late_sample": late_sample,
         "client_lag_ms_max": max(lag) if lag else None,
         "client_lag_ms_p99": percentile(lag, 99),
