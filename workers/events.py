@@ -91,7 +91,9 @@ class Emitter:
         self.lease_deadline = math.inf
         # Set by the worker for a leased run: refreshes the lease now and says
         # whether it is still ours (asked before a failure once the lease lapsed).
-        self.confirm_lease: Callable[[], Awaitable[bool]] | None = None
+        # It is handed this emitter rather than holding it: a callback holding
+        # its holder is a reference cycle per run (issue #5).
+        self.confirm_lease: Callable[[Emitter], Awaitable[bool]] | None = None
         self.last_probe = time.monotonic()
 
     def _next_seq(self) -> int:
@@ -225,7 +227,7 @@ class Emitter:
         # A failure noticed after a stall (e.g. the provider's timeout firing as a
         # thawed worker resumes) must not end a run another worker now owns.
         if time.monotonic() >= self.lease_deadline and self.confirm_lease is not None \
-                and not await self.confirm_lease():
+                and not await self.confirm_lease(self):
             log.warning("run lost its session lease; its failure is not reported")
             self.fenced = True
             return

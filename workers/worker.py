@@ -400,7 +400,7 @@ class Worker:
             "run-keepalive")
         if revision is not None:
             emitter.confirm_lease = functools.partial(
-                self._confirm_lease, token, lease, emitter, execution)
+                self._confirm_lease, token, lease, execution)
         outcome = "failed"
         # The gateway's answer to "accepted" travels while the run goes on (off
         # the critical path); it is awaited before anything durable, and an answer
@@ -482,8 +482,8 @@ class Worker:
             self.metrics.runs_by(outcome).inc()
             log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
 
-    async def _confirm_lease(self, token: str, lease: list[int | None], emitter: Emitter,
-                             execution: Execution) -> bool:
+    async def _confirm_lease(self, token: str, lease: list[int | None],
+                             execution: Execution, emitter: Emitter) -> bool:
         """Refresh the lease now: is it still ours? (False also when the bus cannot say.)"""
         assert self._leases is not None
         try:
