@@ -144,6 +144,8 @@ def _figures(args: argparse.Namespace, load: dict[str, Any],
         if args.load == "ttft":
             out["first_wave_ttft_p50_ms"] = (load.get("first_wave_ttft_ms") or {}).get("p50")
         out["gap_p99_ms"] = (load.get("gap_ms") or {}).get("p99")
+        # The latest any stream fell behind its schedule: a stall shows here first.
+        out["late_max_ms"] = (load.get("lateness_ms") or {}).get("max")
         out["on_time"] = load.get("on_time_fraction")
         out["errors"] = load.get("error_count")
         for role, seconds in roles.items():

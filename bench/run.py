@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -285,9 +285,17 @@ class Runner:
         return orjson.dumps({"model": system.model(*shape), "stream": stream,
                              "messages": [{"role": "user", "content": "hi"}]})
 
-    def quiet(self, system: System) -> None:
-        """Wait for the system to go idle after the previous run; check the upstream."""
-        settle(system.pids, below=0.05, timeout=15.0)
+    def quiet(self, system: System, neighbours: Sequence[System] = ()) -> None:
+        """Wait for the system, and the others sharing its core, to go idle after the
+        previous run (a peer still draining a load it could not keep up with would
+        otherwise take CPU from the next measurement); check the upstream."""
+        def pids() -> list[int]:
+            return [pid for s in {id(s): s for s in (system, *neighbours)}.values()
+                    for pid in s.pids()]
+        share = settle(pids, below=0.05, timeout=15.0)
+        if share >= 0.05:
+            log(f"WARNING the system core was still {share:.0%} busy before "
+                f"measuring {system.label}")
         restarted = self.upstream.ensure_alive()
         if restarted:
             log(f"WARNING {restarted}")
@@ -462,7 +470,7 @@ def run_rounds(plan: Plan, runner: Runner, upstream: UpstreamProcess, work: Path
                     live.remove(system)
             for name, run in scenarios(plan, runner):
                 for system in live:
-                    runner.quiet(system)
+                    runner.quiet(system, live)
                     log(f"  {name} · {system.label}")
                     attempt(results, f"round {round_}: {name} on {system.label}", run,
                             round_, system)
