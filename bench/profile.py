@@ -78,7 +78,7 @@ def _load_command(args: argparse.Namespace, system: Clawbus) -> list[str]:
 
 
 def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProcess,
-             cpus: Any, out_dir: Path, *, py_spy: str | None) -> dict[str, Any]:
+             cpus: Any, out_dir: Path, *, py_spy: str | None, tag: str = "") -> dict[str, Any]:
     """Start ``system``, run the load (profiling it when ``py_spy``), stop it; the
     figures, and each profiled process's raw-stack file."""
     try:
@@ -110,7 +110,7 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
                 cmd = ["taskset", "-c", cpus.harness, *cmd]
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
             load = orjson.loads(done.stdout.strip().splitlines()[-1])
-            (out_dir / "load.json").write_bytes(orjson.dumps(load, option=orjson.OPT_INDENT_2))
+            (out_dir / f"load{tag}.json").write_bytes(orjson.dumps(load, option=orjson.OPT_INDENT_2))
         usage = meter.done()
         for pid, spy in spies.items():
             _, err = spy.communicate(timeout=seconds + 60)
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
                 system = Clawbus(upstream.url, work, out_dir, workers=args.workers,
                                  cpus=cpus.system, source=sources[name], label=f"clawbus-{name}")
-                figures = _measure(args, system, upstream, cpus, out_dir, py_spy=None)
+                figures = _measure(args, system, upstream, cpus, out_dir, py_spy=None,
+                                   tag=f"-{name}-{round_ + 1}")
                 figures.pop("stacks")
                 results[name].append(figures)
                 print(f"round {round_ + 1} {name}: "
