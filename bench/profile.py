@@ -64,8 +64,12 @@ def top_frames(raw: str, n: int) -> tuple[int, list[tuple[str, int]], list[tuple
     return total, own.most_common(n), inclusive.most_common(n)
 
 
+def _held_shape(args: argparse.Namespace) -> tuple[int, float]:
+    return (args.tokens, args.delay_ms)
+
+
 def _load_command(args: argparse.Namespace, system: Clawbus) -> list[str]:
-    shape = TTFT_SHAPE if args.load == "ttft" else HELD_SHAPE
+    shape = TTFT_SHAPE if args.load == "ttft" else _held_shape(args)
     cmd = [sys.executable, "-m", "bench.streamclient", "--url", system.chat_url,
            "--model", system.model(*shape), "--tokens", str(shape[0]),
            "--delay-ms", f"{shape[1]:g}", "--auth", system.auth or ""]
@@ -89,7 +93,7 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
         # Held streams last tokens x delay after the last one opened.
         seconds = (args.duration + args.warmup if args.load == "ttft"
                    else args.duration if args.load == "nonstream"
-                   else args.streams / args.rate + HELD_SHAPE[0] * HELD_SHAPE[1] / 1000)
+                   else args.streams / args.rate + args.tokens * args.delay_ms / 1000)
         spies = {pid: subprocess.Popen(
             [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
              "--rate", str(args.rate_hz), "--duration", str(max(1, round(seconds))),
@@ -110,7 +114,8 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
                 cmd = ["taskset", "-c", cpus.harness, *cmd]
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
             load = orjson.loads(done.stdout.strip().splitlines()[-1])
-            (out_dir / f"load{tag}.json").write_bytes(orjson.dumps(load, option=orjson.OPT_INDENT_2))
+            raw = orjson.dumps(load, option=orjson.OPT_INDENT_2)
+            (out_dir / f"load{tag}.json").write_bytes(raw)
         usage = meter.done()
         for pid, spy in spies.items():
             _, err = spy.communicate(timeout=seconds + 60)
@@ -185,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="ttft: seconds of streams before the measured ones")
     parser.add_argument("--streams", type=int, default=2000, help="held: streams")
     parser.add_argument("--rate", type=float, default=250.0, help="held: opened per second")
+    parser.add_argument("--tokens", type=int, default=HELD_SHAPE[0],
+                        help="held: tokens per stream (with --streams and --rate: what a "
+                             "stream's open costs against what a token costs)")
+    parser.add_argument("--delay-ms", type=float, default=HELD_SHAPE[1],
+                        help="held: upstream delay between tokens")
     parser.add_argument("--sessions", type=int, default=None,
                         help="nonstream: spread requests round robin over N sessions "
                              "(stateful runs: lease, history window, stored turn) instead "
@@ -212,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     upstream = UpstreamProcess(out_dir, cpus.harness)
     try:
         if args.ab is None:
-            system = Clawbus(upstream.url, work, out_dir, workers=args.workers, cpus=cpus.system)
+            system = Clawbus(upstream.url, work, out_dir, workers=args.workers, cpus=cpus.system,
+                             shapes=[_held_shape(args)])
             figures = _measure(args, system, upstream, cpus, out_dir, py_spy=py_spy)
             _print_stacks(figures.pop("stacks"), args.top)
             print("\n" + "  ".join(f"{k} {_fmt(v)}" for k, v in figures.items()))
@@ -223,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         for round_ in range(args.rounds):
             for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
                 system = Clawbus(upstream.url, work, out_dir, workers=args.workers,
-                                 cpus=cpus.system, source=sources[name], label=f"clawbus-{name}")
+                                 cpus=cpus.system, source=sources[name], label=f"clawbus-{name}",
+                                 shapes=[_held_shape(args)])
                 figures = _measure(args, system, upstream, cpus, out_dir, py_spy=None,
                                    tag=f"-{name}-{round_ + 1}")
                 figures.pop("stacks")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +174,11 @@ class Clawbus(ProcessSystem):
 
     def __init__(self, upstream_url: str, workdir: Path, logs: Path, *, workers: int,
                  cpus: str | None, gateways: int = 1, label: str | None = None,
-                 max_concurrent: int = 4096, source: Path | None = None) -> None:
+                 max_concurrent: int = 4096, source: Path | None = None,
+                 shapes: Sequence[tuple[int, float]] = ()) -> None:
         self.upstream_url = upstream_url
+        # Reply shapes (tokens, delay) it has an agent for: the benchmark's, and more.
+        self.shapes = tuple(dict.fromkeys((*SHAPES, *shapes)))
         self.workdir = workdir
         self.logs = logs
         self.workers = workers
@@ -190,7 +194,8 @@ class Clawbus(ProcessSystem):
 
     def config(self) -> dict[str, Any]:
         agents: list[dict[str, Any]] = [
-            {"id": f"t{t}-d{d:g}", "model": f"bench/{upstream_model(t, d)}"} for t, d in SHAPES]
+            {"id": f"t{t}-d{d:g}", "model": f"bench/{upstream_model(t, d)}"}
+            for t, d in self.shapes]
         agents[0]["default"] = True
         return {
             "gateway": {"bind": "loopback", "auth": {"mode": "token", "token": CLAWBUS_TOKEN},
@@ -222,7 +227,10 @@ class Clawbus(ProcessSystem):
         base = [str(exe)] if exe.exists() and not self.source else [sys.executable, "-m", "cli"]
         env = {"CLAWBUS_STATE_DIR": str(state)}
         if self.source:  # children (`python -m cli worker`) inherit it
-            env["PYTHONPATH"] = str(self.source)
+            # The checkout first; a PYTHONPATH of the caller's (a profiling hook's
+            # sitecustomize, say) still applies after it.
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(self.source), os.environ.get("PYTHONPATH", "")) if p)
         cmd = pinned([*base, "up", "--config", str(config), "--workers", str(self.workers),
                       "--gateways", str(self.gateways), "--port", "0",
                       "--log-level", "warning", "--grace", "5"], self.cpus)
