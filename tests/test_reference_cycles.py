@@ -4,7 +4,8 @@ collector (issue #5).
 A reference cycle per request keeps each finished request's objects in memory
 until a full collection, which then frees the leftovers of every request since
 the previous one at once: after 2,000 held streams that took ~100 ms in the
-gateway and as much in the worker, a stall of every stream growing with uptime.
+gateway and as much in the worker: a stall of every stream, growing with the
+requests served in between.
 It also doubled the young collections. Each test drops its last reference with
 the collector switched off and checks, through a weak reference, that the
 object is gone already.
