@@ -247,6 +247,25 @@ def test_report_ttft_rows_show_the_first_wave_apart() -> None:
     assert "after a 5-second warm-up" in text
 
 
+@pytest.mark.parametrize(("rounds", "shown", "verdict"), [
+    ((1.0, 1.0), "100%, 100% by round (worst stream 80 ms late; slack 100 ms)", "yes"),
+    ((1.0, 0.993), "100%, 99.3% by round (worst stream 112 ms late; slack 100 ms)", "**no**"),
+    ((0.9996, 1.0), "99.9%, 100% by round (worst stream 112 ms late; slack 100 ms)", "**no**"),
+])
+def test_report_held_target_needs_every_round_on_time(
+        rounds: tuple[float, float], shown: str, verdict: str) -> None:
+    records = [{"round": i + 1, "system": "clawbus", "scenario": "held_2000",
+                "on_time_fraction": frac, "ttft_ms": {"p99": 30.0},
+                "lateness_ms": {"max": 80.0 if frac >= 1.0 else 112.0}}
+               for i, frac in enumerate(rounds)]
+    raw = {"plan": {"duration": 5, "concurrency": [], "ttft_concurrency": [], "held": [2000],
+                    "held_rate": 250, "cpu_requests": 10, "slack_ms": 100},
+           "machine": {"cpu": "test"}, "cpus": {"system": "0", "harness": "1"},
+           "started": "2025-01-01T00:00:00", "records": records}
+    text = report.render(raw, "bench/results/x.json", "python -m bench.run")
+    assert f"| 2,000 concurrent streams (20 × 500 ms) on time | {shown} | {verdict} |" in text
+
+
 def test_profile_top_frames_counts_self_and_inclusive_samples() -> None:
     from bench.profile import top_frames
 
