@@ -245,7 +245,7 @@ class _Connection(asyncio.Protocol):
         chunks = self._chunks
         if chunks:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self._chunks = []
+            chunks.clear()  # the same list: no new one per read kept while we wait
             self._buffered = 0
             if self._paused and self.transport is not None and not self.closed:
                 self._paused = False

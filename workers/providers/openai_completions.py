@@ -54,9 +54,7 @@ class OpenAICompletionsProvider:
         await self._client.aclose()
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
-        reason: Literal["stop", "length"] = "stop"
-        usage = Usage()
-        finished = done = False
+        state = _StreamState()
         body = orjson.dumps(_request_body(request))
         response: Response | None = None
         try:
@@ -64,59 +62,79 @@ class OpenAICompletionsProvider:
             if response.status >= 400:
                 raise status_error(response, await response.read(), _error_detail)
             lines = SSELines(response)
-            while not done and (batch := await lines.read()) is not None:
+            while not state.done and (batch := await lines.read()) is not None:
                 # One TextDelta per network read, not per SSE event: what arrived
                 # together travels together (issue #5: the per-event generator
                 # round trip was most of a worker's CPU on a 32-token reply).
-                pieces: list[str] = []
-                failure: ProviderError | None = None
-                for line in batch:
-                    # The per-event work is inlined (one event per token): the
-                    # helpers run only for what is not a plain JSON object chunk.
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    try:
-                        chunk = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        chunk = None
-                    if not isinstance(chunk, dict) or chunk.get("error"):
-                        try:  # says what is wrong, or recovers invalid UTF-8
-                            chunk = _decode_chunk(data)
-                        except ProviderError as exc:
-                            failure = exc  # after the text that came before it
-                            break
-                    choices = chunk.get("choices")
-                    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-                        choice = choices[0]
-                        delta = choice.get("delta")
-                        text = delta.get("content") if isinstance(delta, dict) else None
-                        if isinstance(text, str) and text:
-                            pieces.append(text)
-                        finish_reason = choice.get("finish_reason")
-                        if isinstance(finish_reason, str) and finish_reason:
-                            finished = True
-                            reason = "length" if finish_reason == "length" else "stop"
-                    raw_usage = chunk.get("usage")
-                    if raw_usage is not None:
-                        usage = _usage(raw_usage) or usage
-                if pieces:
-                    yield TextDelta("".join(pieces))
+                text, failure = _parse_batch(batch, state)
+                # Nothing of this read outlives it while the next one is awaited
+                # (issue #5: with thousands of streams waiting, what a generator
+                # frame keeps between tokens is what every young collection walks).
+                del batch
+                if text:
+                    yield TextDelta(text)
                 if failure is not None:
                     raise failure
-            if done:
+            if state.done:
                 await drain(lines)
-            elif not finished:
+            elif not state.finished:
                 raise incomplete_stream(response, "[DONE] or a finish_reason")
         except HTTPError as exc:
             raise transport_error(exc, responded=response is not None, url=self._url) from exc
         finally:
             if response is not None:
                 finish_response(response)
-        yield Finish(reason=reason, usage=usage)
+        yield Finish(reason=state.reason, usage=state.usage)
+
+
+class _StreamState:
+    """What one reply's events said so far."""
+
+    __slots__ = ("done", "finished", "reason", "usage")
+
+    def __init__(self) -> None:
+        self.done = False  # [DONE] seen
+        self.finished = False  # a finish_reason seen
+        self.reason: Literal["stop", "length"] = "stop"
+        self.usage = Usage()
+
+
+def _parse_batch(batch: list[bytes], state: _StreamState) -> tuple[str, ProviderError | None]:
+    """The text of one read's SSE lines, and the error one of them reported (after
+    the text that came before it). The per-event work is inlined (one event per
+    token): the helpers run only for what is not a plain JSON object chunk."""
+    pieces: list[str] = []
+    for line in batch:
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            state.done = True
+            break
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            chunk = None
+        if not isinstance(chunk, dict) or chunk.get("error"):
+            try:  # says what is wrong, or recovers invalid UTF-8
+                chunk = _decode_chunk(data)
+            except ProviderError as exc:
+                return "".join(pieces), exc
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            choice = choices[0]
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(text, str) and text:
+                pieces.append(text)
+            finish_reason = choice.get("finish_reason")
+            if isinstance(finish_reason, str) and finish_reason:
+                state.finished = True
+                state.reason = "length" if finish_reason == "length" else "stop"
+        raw_usage = chunk.get("usage")
+        if raw_usage is not None:
+            state.usage = _usage(raw_usage) or state.usage
+    return "".join(pieces), None
 
 
 def _request_body(request: ProviderRequest) -> dict[str, Any]:
