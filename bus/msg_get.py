@@ -37,7 +37,8 @@ class StoredMsg:
 
 
 class LeaderGet:
-    """Reads single messages of a stream from its leader; see the module doc."""
+    """Reads single messages of a stream from its leader through a
+    :class:`~bus.direct.Requester` (started on first use); see the module doc."""
 
     def __init__(self, requester: Requester, *, wait: float = JS_TIMEOUT) -> None:
         self._requester = requester
@@ -52,6 +53,7 @@ class LeaderGet:
         return await self._get(stream, {"seq": seq, "next_by_subj": subject})
 
     async def _get(self, stream: str, request: dict[str, Any]) -> StoredMsg | None:
+        await self._requester.ensure_started()
         msg = await self._requester.request(f"{API_PREFIX}.STREAM.MSG.GET.{stream}",
                                             orjson.dumps(request), wait=self._wait)
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:

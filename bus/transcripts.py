@@ -58,19 +58,21 @@ class StaleTranscriptError(Exception):
 
 
 class Transcripts:
-    """A session's turns on the ``TX`` stream. With the NATS connection, turns are
-    read with batched direct gets (``bus/batch_get.py``); without it, or when the
-    replica that answered lags, with an ordered consumer deleted after the read."""
+    """A session's turns on the ``TX`` stream. With the NATS connection, the last
+    turn is read from the leader (``bus/msg_get.py``) and the others with batched
+    direct gets (``bus/batch_get.py``); without it, or when the replica that
+    answered lags, with nats-py's ``get_msg`` and an ordered consumer deleted
+    after the read."""
 
     def __init__(self, js: JetStreamContext, nc: Client | None = None,
                  publisher: AckedPublisher | None = None) -> None:
         self._js = js
         self._nc = nc
-        # Batched reads share the publisher's reply subscription when there is one.
+        # Reads share the publisher's reply subscription when there is one.
         requester = publisher or (Requester(nc) if nc is not None else None)
         self._getter = BatchGetter(requester) if requester is not None else None
+        self._leader = LeaderGet(requester) if requester is not None else None
         self._publisher = publisher
-        self._leader = LeaderGet(publisher) if publisher is not None else None
 
     async def _last(self, token: str) -> StoredMsg | None:
         """The session's last turn, read from the stream leader (never stale)."""

@@ -44,12 +44,17 @@ def js(bus: tuple[Client, JetStreamContext]) -> JetStreamContext:
     return bus[1]
 
 
-@pytest.fixture(params=["worker's way", "ordered consumer, js.publish"])
+@pytest.fixture(params=["worker's way", "gateway's way", "ordered consumer, js.publish"])
 async def tx(request: pytest.FixtureRequest,
              bus: tuple[Client, JetStreamContext]) -> AsyncIterator[Transcripts]:
-    """Both ways of reading and writing: the worker's (batched direct gets,
-    bus.publish.AckedPublisher) and the fallbacks (an ordered consumer, js.publish)."""
+    """Every way of reading and writing: the worker's (leader and batched direct
+    gets, bus.publish.AckedPublisher), the gateway's (the same reads on a
+    connection of its own, js.publish) and the fallbacks (nats-py's get_msg, an
+    ordered consumer, js.publish)."""
     nc, js = bus
+    if request.param == "gateway's way":
+        yield Transcripts(js, nc)
+        return
     if request.param != "worker's way":
         yield Transcripts(js)
         return
