@@ -90,13 +90,11 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{q:.2f}×" if q < 10 else f"{q:.1f}×"
 
 
-def _pct_exact(value: float) -> str:
-    """A share as a percentage that never rounds a miss up to 100%."""
-    return "100%" if value >= 1.0 else f"{min(value * 100, 99.9):.1f}%"
-
-
 def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value * 100:.0f}%"
+    """A share as a percentage that never rounds a miss up to 100%."""
+    if value is None:
+        return "—"
+    return "100%" if value >= 1.0 else f"{min(value * 100, 99.9):.1f}%"
 
 
 def render(raw: dict[str, Any], json_path: str, command: str) -> str:
@@ -218,7 +216,7 @@ def _side_by_side(data: Data, plan: dict[str, Any], peer: bool,
         cells = []
         for system in ("upstream", "clawbus", "litellm"):
             frac = data.med(system, scenario, on_time)
-            cells.append("—" if frac is None else _pct_exact(frac))
+            cells.append(_pct(frac))
         ll_cell = cells[2] if peer else LITELLM_REF_TEXT.get(scenario, "—")
         row(f"held streams on time: {n} × (20 × 500 ms) opened at {plan['held_rate']:g}/s",
             cells[0], cells[1], ll_cell, "")
@@ -323,7 +321,7 @@ def _targets(data: Data, plan: dict[str, Any], peer: bool, add: Callable[[str], 
                     default=None)
         detail = (f" (worst stream {_num(worst, 0)} ms late; slack "
                   f"{_num(plan.get('slack_ms', 100.0), 0)} ms)" if worst is not None else "")
-        by_round = ", ".join(_pct_exact(rounds[r]) for r in sorted(rounds))
+        by_round = ", ".join(_pct(rounds[r]) for r in sorted(rounds))
         add(f"| 2,000 concurrent streams (20 × 500 ms) on time | {by_round} by round{detail} | "
             f"{verdict(min(rounds.values()) >= 1.0)} |")
     else:

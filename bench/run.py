@@ -289,9 +289,10 @@ class Runner:
         """Wait for the system, and the others sharing its core, to go idle after the
         previous run (a peer still draining a load it could not keep up with would
         otherwise take CPU from the next measurement); check the upstream."""
+        sharing = [system, *(s for s in neighbours if s is not system)]
+
         def pids() -> list[int]:
-            return [pid for s in {id(s): s for s in (system, *neighbours)}.values()
-                    for pid in s.pids()]
+            return [pid for s in sharing for pid in s.pids()]
         share = settle(pids, below=0.05, timeout=15.0)
         if share >= 0.05:
             log(f"WARNING the system core was still {share:.0%} busy before "
