@@ -19,7 +19,7 @@ WORKDIR /src
 # invalidate more layers than it must.
 COPY pyproject.toml README.md ./
 COPY bus ./bus
-COPY cli ./cli
+COPY clawbus ./clawbus
 COPY gateway ./gateway
 COPY workers ./workers
 RUN pip install . \

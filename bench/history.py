@@ -27,11 +27,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bus.config import BusConfig, SessionConfig
 from bus.connection import connect, ensure_bus
-from bus.embedded import NatsServer
 from bus.messages import Turn
 from bus.transcripts import Transcripts
+from clawbus.config import BusConfig, SessionConfig
+from clawbus.natsserver import NatsServer
 
 TOKEN = "benchhistory"
 

@@ -30,7 +30,7 @@ import nats
 import orjson
 from nats.aio.msg import Msg
 
-from bus.embedded import NatsServer
+from clawbus.natsserver import NatsServer
 
 GAPS = (0.0, 0.05, 0.3, 0.6)
 

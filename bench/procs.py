@@ -71,9 +71,11 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 
 def clawbus_subcommand(words: Sequence[str]) -> str | None:
     """The subcommand of a clawbus command line (``up``, ``gateway``, ``worker``, …):
-    the word after the ``clawbus`` script or after ``-m cli``; None for anything else."""
+    the word after the ``clawbus`` script or after ``-m clawbus`` (``-m cli`` in
+    checkouts from before the package took the product's name); None for anything else."""
     for i, word in enumerate(words[:-1]):
-        if Path(word).name == "clawbus" or (word == "cli" and i > 0 and words[i - 1] == "-m"):
+        module = i > 0 and words[i - 1] == "-m" and word in ("clawbus", "cli")
+        if Path(word).name == "clawbus" or module:
             return words[i + 1]
     return None
 
@@ -82,8 +84,8 @@ def process_role(pid: int) -> str:
     """A short name for what a process is (``gateway``, ``worker``, ``nats-server``, …).
 
     ``clawbus up`` serves one gateway itself and, with ``--gateways N``, starts
-    N − 1 more as ``python -m cli gateway …`` children: all of them are
-    ``gateway``; its ``python -m cli worker …`` children are ``worker``.
+    N − 1 more as ``python -m clawbus gateway …`` children: all of them are
+    ``gateway``; its ``python -m clawbus worker …`` children are ``worker``.
     """
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

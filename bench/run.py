@@ -193,7 +193,7 @@ def machine_info() -> dict[str, Any]:
     info["commit"] = _git("rev-parse", "--short", "HEAD")
     info["dirty"] = bool(_git("status", "--porcelain"))
     try:
-        from bus.embedded import find_nats_server
+        from clawbus.natsserver import find_nats_server
 
         out = subprocess.run([str(find_nats_server()), "--version"], capture_output=True,
                              text=True, check=False)

@@ -224,9 +224,15 @@ class Clawbus(ProcessSystem):
         config = run_dir / "clawbus.json5"
         config.write_bytes(orjson.dumps(self.config(), option=orjson.OPT_INDENT_2))
         exe = Path(sys.executable).with_name("clawbus")
-        base = [str(exe)] if exe.exists() and not self.source else [sys.executable, "-m", "cli"]
+        if self.source:
+            # A checkout from before the command-line package took the product's
+            # name runs it as ``-m cli``.
+            module = "clawbus" if (self.source / "clawbus" / "__main__.py").exists() else "cli"
+            base = [sys.executable, "-m", module]
+        else:
+            base = [str(exe)] if exe.exists() else [sys.executable, "-m", "clawbus"]
         env = {"CLAWBUS_STATE_DIR": str(state)}
-        if self.source:  # children (`python -m cli worker`) inherit it
+        if self.source:  # children (`python -m clawbus worker`) inherit it
             # The checkout first; a PYTHONPATH of the caller's (a profiling hook's
             # sitecustomize, say) still applies after it.
             env["PYTHONPATH"] = os.pathsep.join(

@@ -20,8 +20,9 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError
 
+from clawbus.config import BusConfig, SessionConfig
+
 from . import subjects
-from .config import BusConfig, SessionConfig
 
 log = logging.getLogger("clawbus.bus")
 

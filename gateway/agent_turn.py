@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bus.config import AGENT_ID_RE, Settings
+from clawbus.config import AGENT_ID_RE, Settings
 
 from .chat_request import MAX_SESSION_KEY, RESERVED_SESSION_KEY, is_reserved_session_key
 from .errors import invalid_request

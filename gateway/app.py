@@ -25,8 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from bus import subjects
-from bus.config import Settings
 from bus.connection import connect, ensure_bus
+from clawbus.config import Settings
 
 from . import errors
 from .auth import Authenticator

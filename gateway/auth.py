@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bus.config import Settings
+from clawbus.config import Settings
 from gateway.errors import rate_limited, unauthorized
 
 DEFAULT_MAX_TRACKED = 10_000

@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive
 
-from bus.config import Settings
+from clawbus.config import Settings
 
 from . import errors, openai_format
 from .auth import Authenticator

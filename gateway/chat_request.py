@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bus.config import AGENT_ID_RE, Settings
 from bus.messages import SamplingParams
+from clawbus.config import AGENT_ID_RE, Settings
 from gateway.errors import invalid_request
 
 DEFAULT_MODEL = "openclaw"

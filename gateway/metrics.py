@@ -16,8 +16,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from bus.gcstats import GCPauses
-from bus.prom import Children
+from clawbus.gcstats import GCPauses
+from clawbus.prom import Children
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0, 300.0, 600.0)

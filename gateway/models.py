@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bus.config import Settings
+from clawbus.config import Settings
 
 
 def model_ids(settings: Settings) -> list[str]:

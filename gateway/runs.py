@@ -28,10 +28,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus import subjects
-from bus.config import BusConfig
 from bus.connection import BUS_UNAVAILABLE
 from bus.direct import subscribe_direct
-from bus.logs import run_context
 from bus.messages import (
     REPLY_GONE,
     REPLY_OK,
@@ -46,6 +44,8 @@ from bus.messages import (
     decode_event,
 )
 from bus.publish import AckedPublisher
+from clawbus.config import BusConfig
+from clawbus.logs import run_context
 
 from .metrics import GatewayMetrics
 

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from bus.config import Settings
+from clawbus.config import Settings
 
 from . import errors
 from .agent_turn import agent_turn

@@ -14,7 +14,7 @@ import pytest
 import uvloop
 from nats.aio.client import Client
 
-from bus.embedded import NatsServer
+from clawbus.natsserver import NatsServer
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.natsfixtures import nats_cluster, nats_server, shared_nats  # noqa: F401
 from tests.procs import Gateway, Worker, write_config

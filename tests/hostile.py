@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import orjson
 from nats.aio.client import Client
 
-from bus.config import parse_settings
 from bus.connection import connect
+from clawbus.config import parse_settings
 from gateway.app import create_app
 from tests.schemas import validate
 from workers.worker import Worker

@@ -1,4 +1,4 @@
-"""Pytest fixtures that run real ``nats-server`` processes (see :mod:`bus.embedded`).
+"""Pytest fixtures that run real ``nats-server`` processes (see :mod:`clawbus.natsserver`).
 
 ``tests/conftest.py`` imports them. Every fixture stops its processes in ``finally``.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from bus.embedded import NatsServer, cluster
+from clawbus.natsserver import NatsServer, cluster
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     """A 3-node JetStream cluster on loopback (nodes n1..n3).
 
     The nodes accept clients, but JetStream may still be electing its meta
-    leader: await ``bus.embedded.wait_jetstream_ready`` before creating streams.
+    leader: await ``clawbus.natsserver.wait_jetstream_ready`` before creating streams.
     """
     servers: list[NatsServer] = []
     try:

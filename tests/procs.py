@@ -1,5 +1,5 @@
 """Real clawbus processes for end-to-end tests: gateways and workers started with
-``python -m cli`` exactly as a user would, on free loopback ports.
+``python -m clawbus`` exactly as a user would, on free loopback ports.
 
 Each process's output is drained by a thread (so pipes never fill) and kept for
 diagnostics; readiness is read from the process's own log lines, never guessed
@@ -42,7 +42,7 @@ class Proc:
         self._cond = threading.Condition()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
+            [sys.executable, "-m", "clawbus", *args], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, env=full_env)
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"{name}-log")
         self._reader.start()

@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from bus.config import Settings, parse_settings
+from clawbus.config import Settings, parse_settings
 from gateway import errors
 from gateway.auth import Authenticator, normalize_client_ip, parse_bearer, secrets_equal
 from gateway.errors import ApiError

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from bench import report, run, streamclient, upstream, wrk
-from bus.embedded import NatsServer
+from clawbus.natsserver import NatsServer
 from tests.schemas import validate
 
 

@@ -20,8 +20,8 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
-from bus.config import parse_settings
-from bus.embedded import NatsServer
+from clawbus.config import parse_settings
+from clawbus.natsserver import NatsServer
 from gateway.app import create_app
 from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.openai_upstream import FakeOpenAI

@@ -10,8 +10,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from bus.config import Settings, parse_settings
 from bus.messages import SamplingParams
+from clawbus.config import Settings, parse_settings
 from gateway.chat_request import ChatRequest, flatten_messages, parse_chat_request
 from gateway.errors import ApiError
 

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from bus.embedded import pid_alive, read_running
+from clawbus.statedir import pid_alive, read_running
 from tests.conftest import TOKEN, base_config
 from tests.procs import LISTENING, WORKER_READY, Proc, wait_until, write_config
 

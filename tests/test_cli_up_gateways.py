@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bus.embedded import pid_alive
+from clawbus.statedir import pid_alive
 from tests.conftest import TOKEN, base_config
 from tests.procs import LISTENING, Proc, wait_until, write_config
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from bus import subjects
-from bus.embedded import pid_alive, read_running
+from clawbus.statedir import pid_alive, read_running
 from tests.conftest import TOKEN, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.procs import Proc, wait_until, write_config

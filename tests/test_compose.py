@@ -24,9 +24,9 @@ import jsonschema
 import pytest
 import yaml
 
-from bus.config import ConfigError, check_gateway_startable, load_settings
-from bus.embedded import find_nats_server
-from cli.main import build_parser
+from clawbus.config import ConfigError, check_gateway_startable, load_settings
+from clawbus.main import build_parser
+from clawbus.natsserver import find_nats_server
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"

@@ -1,4 +1,4 @@
-"""Unit tests for bus.config (SPEC §1) and the `clawbus config check` command."""
+"""Unit tests for clawbus.config (SPEC §1) and the `clawbus config check` command."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bus.config import (
+from clawbus.config import (
     PASSWORD_ENV,
     TOKEN_ENV,
     ConfigError,
@@ -752,7 +752,7 @@ def run_check(tmp_path: Path, config: Path, **extra_env: str) -> subprocess.Comp
     env.update({"HOME": str(tmp_path / "home"),
                 "CLAWBUS_STATE_DIR": str(tmp_path / "state"), **extra_env})
     return subprocess.run(
-        [sys.executable, "-m", "cli", "config", "check", "--config", str(config)],
+        [sys.executable, "-m", "clawbus", "config", "check", "--config", str(config)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
     )
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 
 from bus.connection import BatchingClient
-from bus.embedded import NatsServer
+from clawbus.natsserver import NatsServer
 
 # Bytes that matter to the parser: separators, every kind of whitespace str.isspace
 # knows in ASCII, a non-ASCII lead byte, and ordinary token characters.

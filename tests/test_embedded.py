@@ -20,16 +20,8 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import StreamInfo
 
-from bus.embedded import (
-    NatsServer,
-    NatsServerError,
-    clear_running,
-    find_nats_server,
-    pid_alive,
-    read_running,
-    wait_jetstream_ready,
-    write_running,
-)
+from clawbus.natsserver import NatsServer, NatsServerError, find_nats_server, wait_jetstream_ready
+from clawbus.statedir import clear_running, pid_alive, read_running, write_running
 
 T = TypeVar("T")
 
@@ -165,7 +157,7 @@ def test_start_failure_reports_log_lines(tmp_path: Path) -> None:
 _CHILD = """
 import sys, time
 from pathlib import Path
-from bus.embedded import NatsServer
+from clawbus.natsserver import NatsServer
 server = NatsServer(Path(sys.argv[1])).start()
 print(server.pid, flush=True)
 while True:

@@ -22,7 +22,7 @@ import nats
 import pytest
 
 from bus import subjects
-from bus.embedded import NatsServer, cluster, wait_jetstream_ready
+from clawbus.natsserver import NatsServer, cluster, wait_jetstream_ready
 from tests.conftest import base_config
 from tests.faultkit import FaultyOpenAI, SseRun, StreamResult, body_text, last_user
 from tests.procs import Gateway, Worker, write_config

@@ -26,8 +26,8 @@ import httpx
 import orjson
 import pytest
 
-from bus.config import BusConfig
 from bus.messages import Accepted, Delta, Done, Failed, Heartbeat, Usage
+from clawbus.config import BusConfig
 from gateway.runs import RunClient, RunEvent, RunHandle
 from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.openai_upstream import default_reply

@@ -1,6 +1,6 @@
 """Fault injection against real worker and gateway processes (issue #4).
 
-Every test here runs real ``python -m cli gateway/worker`` processes on their own
+Every test here runs real ``python -m clawbus gateway/worker`` processes on their own
 ``nats-server`` with short bus timers (``ackWaitSeconds: 3``, ``heartbeatSeconds:
 0.5``) and kills, stops or starves them mid-run. The figures each test measures
 are printed (``-s`` shows them) and recorded in ``docs/RELIABILITY.md``.

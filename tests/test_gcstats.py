@@ -1,4 +1,4 @@
-"""bus.gcstats: every garbage collection lands in the pause histogram of each live
+"""clawbus.gcstats: every garbage collection lands in the pause histogram of each live
 registry, by generation, and a dropped one stops being fed."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import gc
 
 from prometheus_client import CollectorRegistry
 
-from bus.gcstats import GCPauses
+from clawbus.gcstats import GCPauses
 
 
 def counts(registry: CollectorRegistry) -> dict[str, float]:

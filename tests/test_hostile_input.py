@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from bus import subjects
-from bus.embedded import NatsServer
 from bus.transcripts import Transcripts
+from clawbus.natsserver import NatsServer
 from gateway import auth as auth_module
 from tests.conftest import TOKEN, base_config
 from tests.hostile import Headers, HttpResult, InProcess, check_http

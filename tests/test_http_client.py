@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trustme
 
-from bus.config import ProviderConfig
+from clawbus.config import ProviderConfig
 from workers.providers.http_client import (
     HIGH_WATER,
     ConnectError,

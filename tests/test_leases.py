@@ -11,12 +11,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus import subjects
-from bus.config import BusConfig, SessionConfig
 from bus.connection import connect, ensure_bus, lease_ttl_seconds
-from bus.embedded import NatsServer
 from bus.leases import FREE, Leases
 from bus.publish import AckedPublisher
 from bus.subjects import session_token
+from clawbus.config import BusConfig, SessionConfig
+from clawbus.natsserver import NatsServer
 
 BUS = BusConfig(ack_wait_seconds=3)
 TTL = lease_ttl_seconds(BUS)

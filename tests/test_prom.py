@@ -1,10 +1,10 @@
-"""bus.prom.Children: one child per label set, counting into the real metric."""
+"""clawbus.prom.Children: one child per label set, counting into the real metric."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from bus.prom import Children
+from clawbus.prom import Children
 
 
 def test_children_are_looked_up_once_and_count_into_the_metric() -> None:

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
-from bus.config import ProviderConfig
 from bus.messages import SamplingParams, Usage
+from clawbus.config import ProviderConfig
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.http_upstream import RequestRecord
 from workers.providers import ANTHROPIC_DEFAULT_BASE_URL, make_provider

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
-from bus.config import ProviderConfig
 from bus.messages import SamplingParams, Usage
+from clawbus.config import ProviderConfig
 from tests.fakes.openai_upstream import FakeOpenAI, RequestRecord
 from workers.providers import OPENAI_DEFAULT_BASE_URL, make_provider
 from workers.providers.base import (

@@ -14,8 +14,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
-from bus.embedded import NatsServer
 from bus.pull import PullConsumer
+from clawbus.natsserver import NatsServer
 
 
 @pytest.fixture

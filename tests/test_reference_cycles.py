@@ -27,8 +27,8 @@ import openai
 import pytest
 import uvicorn
 
-from bus.config import parse_settings
-from bus.embedded import NatsServer
+from clawbus.config import parse_settings
+from clawbus.natsserver import NatsServer
 from gateway.app import create_app
 from gateway.disconnect import CancelOnDisconnect
 from tests.conftest import TOKEN, base_config

@@ -14,13 +14,13 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus import subjects
-from bus.config import BusConfig, SessionConfig
 from bus.connection import connect, ensure_bus
-from bus.embedded import NatsServer
 from bus.messages import Turn, Usage
 from bus.publish import AckedPublisher
 from bus.subjects import session_token
 from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
+from clawbus.config import BusConfig, SessionConfig
+from clawbus.natsserver import NatsServer
 
 BUS = BusConfig(ack_wait_seconds=3)
 

@@ -267,7 +267,7 @@ def test_models_endpoint_with_the_sdk(stack: Stack) -> None:
 
 def agent_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli", "agent", "--config", str(stack.config),
+        [sys.executable, "-m", "clawbus", "agent", "--config", str(stack.config),
          "--bus-url", stack.nats.url, *args],
         capture_output=True, text=True, timeout=60, check=False)
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 from prometheus_client import start_http_server
 
-from bus.config import Settings
 from bus.connection import connect
+from clawbus.config import Settings
 
 from .worker import Worker
 

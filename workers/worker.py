@@ -39,15 +39,15 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from bus import subjects
-from bus.config import Settings
 from bus.connection import BUS_UNAVAILABLE, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases
-from bus.logs import run_context
 from bus.messages import RunRequest, Turn
 from bus.msg_get import LeaderGet
 from bus.publish import AckedPublisher
 from bus.pull import PullConsumer
 from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
+from clawbus.config import Settings
+from clawbus.logs import run_context
 
 from . import errors
 from .acceptance import ANNOUNCE_DELAY, Acceptance

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import assert_never
 
-from bus.config import ProviderConfig
+from clawbus.config import ProviderConfig
 
 from .anthropic_messages import AnthropicMessagesProvider
 from .base import Provider

@@ -27,15 +27,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from bus.config import ConfigError, Settings, check_gateway_startable, load_settings, masked
-from bus.logs import setup_logging
+from .children import spawn
+from .config import ConfigError, Settings, check_gateway_startable, masked
+from .launch import gateway_command, load, worker_command
+from .logs import setup_logging
+from .statedir import clear_running, read_running, write_running
 
 GC_GEN0_THRESHOLD = 20_000
 log = logging.getLogger("clawbus")
-
-
-def _load(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
 
 
 @contextlib.contextmanager
@@ -45,7 +44,7 @@ def _bus(settings: Settings, explicit_url: str | None, *, reuse_running: bool) -
     if url:
         yield url
         return
-    from bus.embedded import NatsServer, read_running
+    from .natsserver import NatsServer
 
     if reuse_running:
         running = read_running(settings.state_dir)
@@ -121,42 +120,15 @@ def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
     Server(config).run(sockets=[sock] if sock is not None else None)
 
 
-def _worker_command(args: argparse.Namespace, bus_url: str) -> list[str]:
-    cmd = [sys.executable, "-m", "cli", "worker", "--bus-url", bus_url,
-           "--log-level", args.log_level, "--log-format", args.log_format]
-    if args.config:
-        cmd += ["--config", str(args.config)]
-    return cmd
-
-
-def _gateway_command(args: argparse.Namespace, bus_url: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "cli", "gateway", "--bus-url", bus_url, "--port", str(port),
-           "--reuse-port", "--log-level", args.log_level, "--log-format", args.log_format]
-    if args.config:
-        cmd += ["--config", str(args.config)]
-    return cmd
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM if this process dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    os.setpgrp()  # a terminal's Ctrl-C reaches only us; we stop children in order
-
-
 def cmd_up(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = load(args)
     check_gateway_startable(settings)
     if not settings.gateway.http.endpoints.chat_completions.enabled:
         log.warning("gateway.http.endpoints.chatCompletions.enabled is false: "
                     "/v1/chat/completions answers 404")
-    from bus.embedded import clear_running, write_running
-
     with _bus(settings, args.bus_url, reuse_running=False) as bus_url:
-        workers = [subprocess.Popen(_worker_command(args, bus_url), preexec_fn=_die_with_parent)  # noqa: PLW1509
+        # Own process groups: a terminal's Ctrl-C reaches only us; we stop them in order.
+        workers = [spawn(worker_command(args, bus_url), process_group=0)
                    for _ in range(args.workers)]
         sock = None
         port = settings.gateway.port if args.port is None else args.port
@@ -165,10 +137,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             # they all use the one the first socket was given.
             sock = reuse_port_socket(settings.gateway.host, port)
             port = sock.getsockname()[1]
-            workers += [subprocess.Popen(
-                _gateway_command(args, bus_url, port),
-                preexec_fn=_die_with_parent)  # noqa: PLW1509
-                for _ in range(args.gateways - 1)]
+            workers += [spawn(gateway_command(args, bus_url, port, reuse_port=True),
+                              process_group=0)
+                        for _ in range(args.gateways - 1)]
         listening: list[str] = []
         try:
             write_running(settings.state_dir, {"bus_url": bus_url, "pid": os.getpid()})
@@ -188,7 +159,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = load(args)
     check_gateway_startable(settings)
     with _bus(settings, args.bus_url, reuse_running=True) as bus_url:
         sock = None
@@ -202,7 +173,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.main import serve
 
-    settings = _load(args)
+    settings = load(args)
     with _bus(settings, args.bus_url, reuse_running=True) as bus_url:
         coro = serve(settings, bus_url, grace_seconds=args.grace,
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host)
@@ -216,11 +187,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from bus.embedded import read_running
-
     from .agent import EXIT_USAGE, run_turn
 
-    settings = _load(args)
+    settings = load(args)
     bus_url = args.bus_url or settings.bus.url
     if not bus_url:
         running = read_running(settings.state_dir)
@@ -235,7 +204,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = load(args)
     print(json.dumps(masked(settings), indent=2))
     try:
         check_gateway_startable(settings)

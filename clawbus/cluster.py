@@ -10,7 +10,7 @@ every one pointed at the comma-separated URL list of all nodes, so streams and
 buckets get 3 replicas and every process fails over between nodes. Gateway URLs
 are printed once everything is ready. One Ctrl-C or SIGTERM stops it all:
 workers are drained first, then gateways, then NATS; a second one hurries
-(SIGKILL). Every child dies with this process (``PR_SET_PDEATHSIG``), so none is
+(SIGKILL). Every child dies with this process (:mod:`clawbus.children`), so none is
 left behind even if this one is killed.
 
 A child that exits on its own is reported and the rest keeps running (kill a
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -36,20 +35,17 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import IO, TextIO
 
-from bus.config import ConfigError, Settings, check_gateway_startable
-from bus.embedded import (
+from .children import spawn
+from .config import ConfigError, Settings, check_gateway_startable
+from .launch import gateway_command, load, worker_command
+from .natsserver import (
     NatsServer,
     NatsServerError,
     NatsServerNotFound,
-    _pdeathsig_preexec,
-    clear_running,
     cluster,
-    read_running,
     wait_jetstream_ready,
-    write_running,
 )
-
-from .main import _load, _worker_command
+from .statedir import clear_running, read_running, write_running
 
 log = logging.getLogger("clawbus.cluster")
 
@@ -61,14 +57,6 @@ GATEWAY_STOP_TIMEOUT = 10.0
 NATS_STOP_TIMEOUT = 5.0
 
 _output_lock = threading.Lock()
-
-
-@functools.cache
-def _pdeathsig() -> Callable[[], None] | None:
-    """The preexec that makes a child get SIGTERM when this process dies, crash or SIGKILL
-    included (Linux). The signal is tied to the forking thread: children are only started
-    from the main thread, which lives until everything is stopped."""
-    return _pdeathsig_preexec()
 
 
 def _write(stream: TextIO, text: str) -> None:
@@ -106,14 +94,11 @@ class _Child:
         self.ready_value: str | None = None
         self.exit_reported = False
         self._ready_re = ready
-        # Our output pumps are threads, so the child must not do anything between fork
-        # and exec that could need a lock: its own process group (a terminal's Ctrl-C
-        # reaches only us; we stop children in order) is set up by subprocess in C, and
-        # the preexec only calls prctl(PR_SET_PDEATHSIG), resolved in the parent.
-        self.proc = subprocess.Popen(
+        # Its own process group: a terminal's Ctrl-C reaches only us; we stop
+        # children in order.
+        self.proc = spawn(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, process_group=0,
-            preexec_fn=_pdeathsig())  # noqa: PLW1509 - see above
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, process_group=0)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._pumps = [
             threading.Thread(target=self._pump, args=(self.proc.stdout, sys.stdout),
@@ -202,17 +187,6 @@ def _gateway_ports(settings: Settings, base_port: int | None, count: int) -> lis
     return ports
 
 
-def _gateway_command(args: argparse.Namespace, bus_url: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "cli", "gateway", "--bus-url", bus_url, "--port", str(port),
-           "--log-level", args.log_level]
-    if args.config:
-        cmd += ["--config", str(args.config)]
-    log_format = getattr(args, "log_format", None)  # set when `common` offers it
-    if log_format:
-        cmd += ["--log-format", str(log_format)]
-    return cmd
-
-
 class _Cluster:
     def __init__(self, args: argparse.Namespace, settings: Settings, stop: _Stop) -> None:
         self.args = args
@@ -241,11 +215,11 @@ class _Cluster:
             return 0
 
         for i, port in enumerate(ports, start=1):
-            child = _Child("gateway", i, _gateway_command(self.args, bus_url, port),
+            child = _Child("gateway", i, gateway_command(self.args, bus_url, port),
                            GATEWAY_LISTENING)
             self.gateways.append(child)
             _say(f"gateway {i} (pid {child.pid}) starting")
-        worker_cmd = [*_worker_command(self.args, bus_url), "--grace", str(self.args.grace)]
+        worker_cmd = [*worker_command(self.args, bus_url), "--grace", str(self.args.grace)]
         for i in range(1, self.args.workers + 1):
             child = _Child("worker", i, worker_cmd, WORKER_READY)
             self.workers.append(child)
@@ -328,7 +302,7 @@ class _Cluster:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = load(args)
     check_gateway_startable(settings)
     if not settings.gateway.http.endpoints.chat_completions.enabled:
         log.warning("gateway.http.endpoints.chatCompletions.enabled is false: "
