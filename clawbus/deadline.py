@@ -53,9 +53,10 @@ class DeadlineWaiter:
             self._arm(deadline)
         waiter = self._waiter = self._loop.create_future()
         try:
-            return await waiter
+            woken: bool = await waiter
         finally:
             self._waiter = None
+        return woken
 
     def postpone(self, deadline: float) -> None:
         """Move the current wait's deadline (later only; the timer catches up)."""
