@@ -7,10 +7,9 @@ whichever process connects first (gateways and workers both call
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import re
+from typing import Any
 
 import nats
 import nats.errors
@@ -23,6 +22,7 @@ from nats.js.errors import BadRequestError
 from clawbus.config import BusConfig, SessionConfig
 
 from . import subjects
+from .nats_adapter import AckedPublisher, BatchingClient
 
 log = logging.getLogger("clawbus.bus")
 
@@ -36,73 +36,6 @@ BUS_UNAVAILABLE: tuple[type[Exception], ...] = (
     TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
     nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError)
-
-
-# A write this soon after the previous one waits for one more event-loop pass.
-WRITE_BATCH_SECONDS = 0.0005
-
-
-# A header name holding whitespace is skipped (as nats-py does: str.isspace, which
-# for ASCII also counts \x1c-\x1f).
-_NAME_SPACE = re.compile(rb"[\s\x1c-\x1f]")
-
-
-class BatchingClient(Client):
-    """nats-py's client with a flusher that batches under load: when the previous
-    socket write was less than :data:`WRITE_BATCH_SECONDS` ago, it lets the event
-    loop run one more pass (the I/O that just arrived, the callbacks it wakes)
-    before writing, so what they publish shares the write. A quiet connection
-    writes at once and never sleeps. Fewer system calls and wake-ups here, in
-    nats-server and in the receivers (issue #5, ``bench.profile --ab``: c=16
-    non-streaming CPU/request 0.94 and req/s 1.07; 2,000 held streams: CPU 0.94,
-    TTFT p99 0.48). The rest is nats-py's own flusher loop."""
-
-    _last_write = 0.0
-
-    @staticmethod
-    def _parse_header_lines(raw: bytes) -> dict[str, str]:
-        """nats-py's header-block parser, same results (tests/test_connection.py
-        compares them), without its per-character generator over every name: a
-        batched direct get answers ~10 headers a message, and a history read of
-        ~40 turns spent most of a stateful run's worker CPU here (issue #5)."""
-        out: dict[str, str] = {}
-        for line in raw.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            name = name.strip()
-            if _NAME_SPACE.search(name) is not None or not name.isascii():
-                continue
-            out[name.decode("ascii")] = value.strip().decode("utf-8", "replace")
-        return out
-
-    async def _flusher(self) -> None:
-        assert self._transport, "Client.connect must be called first"
-        assert self._flush_queue, "Client.connect must be called first"
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.is_connected or self.is_connecting:
-                break
-            future: asyncio.Future[None] = await self._flush_queue.get()
-            try:
-                if loop.time() - self._last_write < WRITE_BATCH_SECONDS:
-                    # Busy: let this loop pass's I/O callbacks publish first.
-                    await asyncio.sleep(0)
-                if self._pending_data_size > 0:
-                    self._transport.writelines(self._pending[:])
-                    self._pending = []
-                    self._pending_data_size = 0
-                    self._last_write = loop.time()
-                    await self._transport.drain()  # type: ignore[no-untyped-call]
-            except OSError as e:
-                await self._error_cb(e)
-                await self._process_op_err(e)
-                break
-            except (asyncio.CancelledError, RuntimeError, AttributeError):
-                break
-            finally:
-                if not future.done():
-                    future.set_result(None)
 
 
 async def connect(url: str, name: str) -> Client:
@@ -132,6 +65,18 @@ async def connect(url: str, name: str) -> Client:
         pending_size=64 * 1024 * 1024,
     )
     return nc
+
+
+async def stored_seq(js: JetStreamContext, publisher: AckedPublisher | None, subject: str,
+                     payload: bytes, headers: dict[str, str]) -> int:
+    """Publish to JetStream and return the stored message's sequence: through
+    ``publisher`` when there is one (a component that holds the connection), else
+    through nats-py's ``js.publish`` with the context's timeout."""
+    if publisher is not None:
+        ack: dict[str, Any] = await publisher.publish(subject, payload, ack_wait=JS_TIMEOUT,
+                                                      headers=headers)
+        return int(ack["seq"])
+    return int((await js.publish(subject, payload, headers=headers)).seq)
 
 
 def _cluster_size(nc: Client) -> int:

@@ -9,15 +9,22 @@ is a compare-and-set on the subject's last sequence (the revision), so:
   that stalled past the TTL finds out here and must stop emitting);
 - release writes the ``free`` marker at our revision (with a 1 s TTL, so idle
   sessions leave nothing behind) and can never clobber a newer holder.
+
+:class:`Leases` is the store; :class:`SessionLease` is one worker's hold on one
+session's lease while it runs a turn.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from . import subjects
-from .publish import AckedPublisher, stored_seq
+from .connection import stored_seq
+from .nats_adapter import AckedPublisher
 
 _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _TTL = "Nats-TTL"
@@ -30,6 +37,7 @@ class Leases:
                  publisher: AckedPublisher | None = None) -> None:
         self._js = js
         self._publisher = publisher
+        self.ttl_seconds = ttl_seconds
         self._ttl = str(ttl_seconds)
         self._stream = f"KV_{subjects.LEASES_BUCKET}"
 
@@ -65,4 +73,67 @@ class Leases:
         return await self._cas(token, owner, revision, self._ttl)
 
     async def release(self, token: str, revision: int) -> None:
+        """Mark the lease free, unless someone wrote since ``revision``."""
         await self._cas(token, FREE, revision, "1")
+
+
+class SessionLease:
+    """A session's lease, held by this worker: its revision, the time until which
+    it is certainly still ours, and the compare-and-set refresh.
+
+    Refreshes are serialised: two concurrent refreshes at one revision (the
+    keep-alive's and the one before storing a turn) would fence one of them for
+    nothing. A refresh that finds someone else wrote means the lease was lost:
+    :attr:`held` turns False for good, and :meth:`release` does nothing.
+    """
+
+    __slots__ = ("_leases", "_lock", "_owner", "deadline", "revision", "token")
+
+    def __init__(self, leases: Leases, token: str, owner: bytes, revision: int,
+                 written_after: float) -> None:
+        self._leases = leases
+        self._owner = owner
+        self._lock = asyncio.Lock()
+        self.token = token
+        self.revision: int | None = revision
+        # Monotonic: the lease was last written no earlier than this minus the TTL.
+        self.deadline = written_after + leases.ttl_seconds
+
+    @classmethod
+    async def acquire(cls, leases: Leases, token: str, owner: bytes) -> SessionLease | None:
+        """Take the session's lease, or None if another worker holds it."""
+        asked = time.monotonic()
+        revision = await leases.acquire(token, owner)
+        return None if revision is None else cls(leases, token, owner, revision, asked)
+
+    @property
+    def held(self) -> bool:
+        """False once a refresh found the lease lost, or after :meth:`release`."""
+        return self.revision is not None
+
+    async def refresh(self) -> bool:
+        """Extend the lease; False if it was lost. Bus errors propagate (the lease
+        may still be ours: try again while :attr:`deadline` allows)."""
+        async with self._lock:
+            if self.revision is None:
+                return False
+            asked = time.monotonic()
+            revision = await self._leases.refresh(self.token, self._owner, self.revision)
+            self.revision = revision
+            if revision is None:
+                return False
+            self.deadline = asked + self._leases.ttl_seconds
+            return True
+
+    async def confirm(self) -> bool:
+        """Refresh now: is the lease still ours? False also when the bus cannot say."""
+        try:
+            return await self.refresh()
+        except Exception:
+            return False
+
+    async def release(self) -> None:
+        """Give the lease up (a no-op once lost or released)."""
+        revision, self.revision = self.revision, None
+        if revision is not None:
+            await self._leases.release(self.token, revision)

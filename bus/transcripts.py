@@ -30,11 +30,16 @@ from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 
 from . import subjects
-from .batch_get import BatchGetter
-from .direct import Requester
+from .connection import JS_TIMEOUT, stored_seq
 from .messages import Turn
-from .msg_get import LeaderGet, StoredMsg
-from .publish import AckedPublisher, stored_seq
+from .nats_adapter import (
+    AckedPublisher,
+    BatchGetter,
+    LeaderGet,
+    Requester,
+    StoredMsg,
+    consumer_name,
+)
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 READ_TIMEOUT = 10.0
@@ -59,8 +64,8 @@ class StaleTranscriptError(Exception):
 
 class Transcripts:
     """A session's turns on the ``TX`` stream. With the NATS connection, the last
-    turn is read from the leader (``bus/msg_get.py``) and the others with batched
-    direct gets (``bus/batch_get.py``); without it, or when the replica that
+    turn is read from the leader and the others with batched direct gets
+    (:mod:`bus.nats_adapter`); without it, or when the replica that
     answered lags, with nats-py's ``get_msg`` and an ordered consumer deleted
     after the read."""
 
@@ -71,7 +76,7 @@ class Transcripts:
         # Reads share the publisher's reply subscription when there is one.
         requester = publisher or (Requester(nc) if nc is not None else None)
         self._getter = BatchGetter(requester) if requester is not None else None
-        self._leader = LeaderGet(requester) if requester is not None else None
+        self._leader = LeaderGet(requester, wait=JS_TIMEOUT) if requester is not None else None
         self._publisher = publisher
 
     async def _last(self, token: str) -> StoredMsg | None:
@@ -130,8 +135,10 @@ class Transcripts:
             await sub.unsubscribe()
             # Unsubscribing leaves the consumer on the server until it is reaped,
             # and JetStream refuses new ones past its limit: delete it now.
-            with contextlib.suppress(Exception):
-                await self._js.delete_consumer(subjects.TX_STREAM, sub._consumer)
+            name = consumer_name(sub)
+            if name is not None:
+                with contextlib.suppress(Exception):
+                    await self._js.delete_consumer(subjects.TX_STREAM, name)
 
     async def load_window(self, token: str, budget_chars: int) -> Window:
         """The turns a run sees (see the module doc), reading only those when the

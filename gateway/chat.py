@@ -20,7 +20,8 @@ from .chat_request import ChatRequest, parse_chat_request
 from .disconnect import CancelOnDisconnect
 from .errors import ApiError
 from .metrics import GatewayMetrics
-from .runs import NoWorkerError, RunClient, RunEvent, RunHandle, RunRejected, RunSpec
+from .runs import NoWorkerError, RunClient, RunHandle, RunRejected, RunSpec
+from .sequencer import RunEvent
 from .sse import SSEResponse
 
 

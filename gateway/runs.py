@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,7 +28,6 @@ from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.connection import BUS_UNAVAILABLE
-from bus.direct import subscribe_direct
 from bus.messages import (
     REPLY_GONE,
     REPLY_OK,
@@ -38,16 +36,17 @@ from bus.messages import (
     Done,
     Failed,
     Heartbeat,
-    Queued,
     RunRequest,
     SamplingParams,
     decode_event,
 )
-from bus.publish import AckedPublisher
+from bus.nats_adapter import AckedPublisher, subscribe_direct
 from clawbus.config import BusConfig
 from clawbus.logs import run_context
 
+from .event_queue import EventQueue
 from .metrics import GatewayMetrics
+from .sequencer import RunEvent, Sequencer, failure
 
 log = logging.getLogger("clawbus.gateway")
 
@@ -84,15 +83,9 @@ class RunSpec:
     stream: bool = True
 
 
-RunEvent = Accepted | Delta | Done | Failed | Heartbeat
 # What :meth:`RunHandle.events` yields, when asked to, after ``keepalive`` seconds
 # without yielding anything else (the SSE door turns it into ``: keep-alive``).
 KEEPALIVE = Heartbeat(seq=0, attempt=0)
-
-
-def _failed(status: int, error_type: str, message: str, code: str) -> Failed:
-    return Failed(seq=0, attempt=0, status=status, error_type=error_type, message=message,
-                  code=code)
 
 
 class RunHandle:
@@ -104,83 +97,53 @@ class RunHandle:
         self.door = door
         self.session_key = session_key
         self.created = time.time()
-        # The run's bounded event queue, read by events(): a deque and one waiter
-        # future, with one timer per run re-armed only when it fires — not an
-        # asyncio.Queue and an asyncio.timeout per event (issue #5: 2,000 held
-        # streams are ~4,000 events/s through this loop on one core).
-        self._pending: deque[bytes] = deque()
-        self._limit = client.bus.event_queue_size
-        self._waiter: asyncio.Future[None] | None = None
-        self._deadline = 0.0  # monotonic: when the current wait gives up
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self.overflowed = False
+        self._queue = EventQueue(client.bus.event_queue_size)
+        self._sequencer = Sequencer()
         self.finished = False  # nobody reads the events any more
         self.ended = False  # the run's last event (Done/Failed) arrived
-        self.accepted = False
-        self.streamed = False
         self.stream_seq: int | None = None
         self.queue_wait: float | None = None
         self._client = client
         self._cutting_off = False
-        self._attempt = 0
-        self._next_seq = 1
+        self._text_shown = False
 
     @property
     def wanted(self) -> bool:
         return not self.finished
 
+    @property
+    def accepted(self) -> bool:
+        """A worker took the run (its acceptance was shown)."""
+        return self._sequencer.accepted
+
+    @property
+    def streamed(self) -> bool:
+        """Reply text was shown to the client."""
+        return self._sequencer.streamed
+
     def offer(self, data: bytes) -> None:
         """Called from the subscription callback: enqueue without blocking."""
-        if self.finished or self.overflowed:
+        if self.finished or self._queue.offer(data) or not self._queue.overflowed:
             return
-        if len(self._pending) >= self._limit:
-            self.overflowed = True
-            self._pending.clear()
-            # The client stopped reading: its response may be stuck in a blocked
-            # send and never look at this queue again, so stop the run now rather
-            # than let the worker generate (and store) a reply nobody reads.
-            if not self._cutting_off and not self.ended:
-                self._cutting_off = True
-                self._client.in_background(self.cancel("slow_consumer"))
-        else:
-            self._pending.append(data)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        # The client stopped reading: its response may be stuck in a blocked
+        # send and never look at this queue again, so stop the run now rather
+        # than let the worker generate (and store) a reply nobody reads.
+        if not self._cutting_off and not self.ended:
+            self._cutting_off = True
+            self._client.in_background(self.cancel("slow_consumer"))
 
-    async def _next(self, deadline: float) -> bytes | None:
-        """The next event's data, or None once ``deadline`` (monotonic) passed or
-        the queue overflowed."""
-        while not self._pending and not self.overflowed:
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            self._deadline = deadline
-            if self._timer is None or self._timer_at > deadline:
-                if self._timer is not None:
-                    self._timer.cancel()
-                self._timer_at = deadline
-                self._timer = asyncio.get_running_loop().call_later(deadline - now,
-                                                                    self._on_timer)
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._pending.popleft() if self._pending else None
-
-    def _on_timer(self) -> None:
-        """Wake the waiter if its deadline passed; else wait on to the (later) deadline."""
-        self._timer = None
-        if self._waiter is None or self._waiter.done():
-            return  # nobody waits: the next wait arms a timer if it needs one
-        now = time.monotonic()
-        if now >= self._deadline:
-            self._waiter.set_result(None)
-        else:
-            self._timer_at = self._deadline
-            self._timer = asyncio.get_running_loop().call_later(self._deadline - now,
-                                                                self._on_timer)
+    def _timeout(self) -> float:
+        """How long the run may stay silent in its current phase."""
+        bus = self._client.bus
+        if not self._sequencer.accepted:
+            return bus.queue_timeout_seconds
+        idle = 3 * bus.heartbeat_seconds + 1.0
+        if self._sequencer.streamed:
+            return idle
+        # Before any text reached the client, a silent worker may be a dead one
+        # whose run JetStream redelivers after the ack wait: wait for that retry
+        # (it is transparent to the client) rather than failing at once.
+        return max(idle, bus.ack_wait_seconds + 2 * bus.heartbeat_seconds)
 
     async def events(self, keepalive: float | None = None) -> AsyncGenerator[RunEvent, None]:
         """Accepted, then Deltas, then exactly one Done or Failed (the last item).
@@ -188,112 +151,72 @@ class RunHandle:
         With ``keepalive``, :data:`KEEPALIVE` is also yielded whenever that long
         passed without anything else yielded (no extra task per event needed by
         the caller to time its keep-alives)."""
-        bus = self._client.bus
-        idle_timeout = 3 * bus.heartbeat_seconds + 1.0
-        # Before any text reached the client, a silent worker may be a dead one
-        # whose run JetStream redelivers after the ack wait: wait for that retry
-        # (it is transparent to the client) rather than failing at once.
-        redelivery_timeout = max(idle_timeout, bus.ack_wait_seconds + 2 * bus.heartbeat_seconds)
-        resync = False  # an event was lost: relay no more deltas, finish from the final text
-        sent = 0  # characters of reply text relayed so far
-        last_event = last_yield = time.monotonic()
+        queue = self._queue
+        sequencer = self._sequencer
+        last_event = last_yield = queue.time()
         try:
             while True:
-                if not self.accepted:
-                    timeout = bus.queue_timeout_seconds
-                elif self.streamed:
-                    timeout = idle_timeout
-                else:
-                    timeout = redelivery_timeout
                 # Any message (heartbeats and queued notices too) restarts the
                 # phase's timer; keep-alives count from the last thing yielded.
-                phase_deadline = last_event + timeout
-                tick_deadline = last_yield + keepalive if keepalive else phase_deadline
-                data = await self._next(min(phase_deadline, tick_deadline))
-                if data is None and not self.overflowed:
-                    if time.monotonic() < phase_deadline:
-                        last_yield = time.monotonic()
+                phase_deadline = last_event + self._timeout()
+                deadline = min(phase_deadline, last_yield + keepalive) if keepalive \
+                    else phase_deadline
+                data = await queue.get(deadline)
+                if data is None:
+                    if queue.overflowed:
+                        yield await self._give_up(
+                            "slow_consumer", "client too slow: event queue overflowed")
+                        return
+                    if queue.time() < phase_deadline:
+                        last_yield = queue.time()
                         yield KEEPALIVE
                         continue
-                    if not self.accepted:
+                    if not sequencer.accepted:
                         await self.cancel("no_worker")
                         raise NoWorkerError() from None
-                    await self.cancel("worker_lost")
-                    self._client.bus_error("worker_lost")
-                    yield _failed(503, "api_error", "agent worker stopped responding",
-                                  "worker_lost")
+                    yield await self._give_up("worker_lost", "agent worker stopped responding")
                     return
-                if self.overflowed:
-                    await self.cancel("slow_consumer")
-                    self._client.bus_error("slow_consumer")
-                    yield _failed(503, "api_error", "client too slow: event queue overflowed",
-                                  "slow_consumer")
-                    return
-                assert data is not None
-                last_event = time.monotonic()
-                event = decode_event(data)
-                if event.attempt < self._attempt:
-                    continue  # a stale attempt (its worker died or was fenced)
-                if event.attempt > self._attempt:
-                    if self.streamed:
-                        # Output was already sent: a retry would duplicate text.
+                last_event = queue.time()
+                gaps = sequencer.gaps
+                shown = sequencer.feed(decode_event(data))
+                if sequencer.gaps != gaps:
+                    self._client.bus_error("event_gap")
+                for event in shown:
+                    last_yield = queue.time()
+                    if isinstance(event, Accepted):
+                        self.queue_wait = time.time() - self.created
+                        self._client.observe("queue_wait", self.queue_wait)
+                    elif isinstance(event, Delta):
+                        if not self._text_shown:
+                            self._text_shown = True
+                            self._client.observe("ttft", time.time() - self.created)
+                    elif sequencer.interrupted:
                         await self.cancel("interrupted")
                         self._client.bus_error("interrupted")
-                        yield _failed(503, "api_error",
-                                      "agent run interrupted: its worker was lost mid-reply",
-                                      "interrupted")
-                        return
-                    self._attempt = event.attempt
-                    self._next_seq = 1
-                    resync = False
-                if isinstance(event, Queued | Heartbeat):
-                    continue
-                if event.seq != self._next_seq and not resync:
-                    # An event was lost on the way (core NATS is at most once: e.g. a
-                    # NATS node died with it in its buffers). The final event carries
-                    # the whole reply: relay no more deltas and send the missing tail
-                    # from it, so the client still gets the text exactly once.
-                    self._client.bus_error("event_gap")
-                    resync = True
-                self._next_seq = event.seq + 1
-                if not self.accepted:
-                    # A stateless run may skip its "accepted" notice: its first
-                    # text or its end says a worker took it (workers/acceptance.py).
-                    self.accepted = True
-                    self.queue_wait = time.time() - self.created
-                    self._client.observe("queue_wait", self.queue_wait)
-                    last_yield = time.monotonic()
-                    yield event if isinstance(event, Accepted) else Accepted(
-                        seq=event.seq, attempt=event.attempt, worker_id="")
-                if isinstance(event, Accepted):
-                    continue  # (also a notice that came after the text)
-                if isinstance(event, Delta):
-                    if resync:
-                        continue
-                    sent += len(event.text)
-                    if not self.streamed:
-                        self.streamed = True
-                        self._client.observe("ttft", time.time() - self.created)
-                    last_yield = time.monotonic()
+                    else:
+                        self._finish(event)
                     yield event
-                    continue
-                self.ended = True
-                elapsed = time.time() - self.created
-                if not self.streamed and isinstance(event, Done):
-                    self._client.observe("ttft", elapsed)  # its text arrives all at once
-                self._client.observe("run", elapsed)
-                self._client.outcome(self, "ok" if isinstance(event, Done) else "error")
-                if resync and isinstance(event, Done) and len(event.text) > sent:
-                    self.streamed = True
-                    yield Delta(seq=event.seq, attempt=event.attempt, text=event.text[sent:])
-                yield event
-                return
+                if sequencer.ended:
+                    return
         finally:
             self.finished = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            queue.close()
             self._client.forget(self)
+
+    def _finish(self, event: RunEvent) -> None:
+        """The run's final event arrived: its metrics."""
+        self.ended = True
+        elapsed = time.time() - self.created
+        if not self._text_shown and isinstance(event, Done):
+            self._client.observe("ttft", elapsed)  # its text arrives all at once
+        self._client.observe("run", elapsed)
+        self._client.outcome(self, "ok" if isinstance(event, Done) else "error")
+
+    async def _give_up(self, code: str, message: str) -> Failed:
+        """Stop the run on the gateway's side; the failure to show."""
+        await self.cancel(code)
+        self._client.bus_error(code)
+        return failure(503, "api_error", message, code)
 
     async def cancel(self, outcome: str = "cancelled") -> None:
         """Stop the run: tell its worker, and drop it from the queue if not started."""
@@ -322,7 +245,7 @@ class RunClient:
 
     async def start(self) -> None:
         await self._publisher.start()
-        # Handled synchronously from the connection's reader (bus/direct.py): one
+        # Handled synchronously from the connection's reader (subscribe_direct): one
         # message per streamed token, and the handler only files it.
         self._sub = await subscribe_direct(
             self.nc, subjects.events_all(self.gateway_id), self._on_event,

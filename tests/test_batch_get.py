@@ -1,4 +1,4 @@
-"""bus.batch_get.BatchGetter against a real nats-server: runs of one subject's
+"""bus.nats_adapter.BatchGetter against a real nats-server: runs of one subject's
 messages across several batches, interleaved subjects, and every way an answer
 can fall short (a lagging replica, a deleted message, a server without batched
 direct gets, a stream without direct gets)."""
@@ -13,8 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.batch_get import BatchGetter
-from bus.direct import Requester
+from bus.nats_adapter import BatchGetter, Requester
 from tests.natsfixtures import scratch_stream
 
 BOTH_LOOPS = True  # tests/conftest.py: asyncio and uvloop

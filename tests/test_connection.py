@@ -1,4 +1,4 @@
-"""bus.connection.BatchingClient's header parser gives exactly nats-py's results
+"""bus.nats_adapter.BatchingClient's header parser gives exactly nats-py's results
 (it replaces nats-py's on every message with headers), and a real round trip
 through nats-server keeps them."""
 
@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from bus.connection import BatchingClient
+from bus.nats_adapter import BatchingClient
 from clawbus.natsserver import NatsServer
 
 # Bytes that matter to the parser: separators, every kind of whitespace str.isspace

@@ -1,4 +1,4 @@
-"""bus.direct.subscribe_direct against a real nats-server: order, no loss across
+"""bus.nats_adapter.subscribe_direct against a real nats-server: order, no loss across
 the switch, unsubscribe and drain, a failing handler, and the nats-py internals it
 relies on (so an upgrade that changes them fails here, not in production)."""
 
@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus.direct import subscribe_direct
+from bus.nats_adapter import subscribe_direct
 
 BOTH_LOOPS = True  # tests/conftest.py: asyncio and uvloop
 

@@ -12,6 +12,7 @@ import asyncio
 import math
 import time
 import uuid
+from dataclasses import dataclass
 
 import nats
 import orjson
@@ -20,8 +21,18 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 from bus.messages import Usage
+from bus.nats_adapter import Requester
 from workers.events import Emitter
-from workers.probes import Probes
+
+
+@dataclass
+class StubLease:
+    deadline: float
+    still_ours: bool = True
+
+    async def confirm(self) -> bool:
+        return self.still_ours
+
 
 WINDOW = 0.2  # long enough that a loaded CI machine still sends a burst inside it
 
@@ -32,9 +43,9 @@ async def emitter_and_events(nc: Client, *, coalesce: float = WINDOW,
     subject = f"evt.test.{uuid.uuid4().hex}"
     sub = await nc.subscribe(subject)
     await nc.flush()
-    probes = Probes(nc)
-    await probes.start()
-    return Emitter(nc, probes, subject, attempt=1, coalesce_seconds=coalesce,
+    requests = Requester(nc)
+    await requests.start()
+    return Emitter(nc, requests, subject, attempt=1, coalesce_seconds=coalesce,
                    streaming=streaming), sub
 
 
@@ -106,11 +117,13 @@ async def test_done_comes_after_all_buffered_text(nc: Client) -> None:
 
 async def test_text_is_held_while_the_lease_may_have_lapsed(nc: Client) -> None:
     emitter, sub = await emitter_and_events(nc)
-    emitter.lease_deadline = time.monotonic() - 1.0  # e.g. thawed after a long stall
+    lease = StubLease(time.monotonic() - 1.0)  # e.g. thawed after a long stall
+    emitter.lease = lease
     await emitter.delta("late")
     with pytest.raises(nats.errors.TimeoutError):
         await next_event(sub, wait=WINDOW)
-    emitter.renew_lease(math.inf)  # a refresh proved the lease is still ours
+    lease.deadline = math.inf  # a refresh proved the lease is still ours
+    emitter.lease_renewed()
     event = await next_event(sub)
     assert event["text"] == "late" and event["seq"] == 1
     await emitter.aclose()

@@ -28,7 +28,8 @@ import pytest
 
 from bus.messages import Accepted, Delta, Done, Failed, Heartbeat, Usage
 from clawbus.config import BusConfig
-from gateway.runs import RunClient, RunEvent, RunHandle
+from gateway.runs import RunClient, RunHandle
+from gateway.sequencer import RunEvent
 from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.openai_upstream import default_reply
 from tests.faultkit import (

@@ -13,7 +13,7 @@ from nats.js.errors import NotFoundError
 from bus import subjects
 from bus.connection import connect, ensure_bus, lease_ttl_seconds
 from bus.leases import FREE, Leases
-from bus.publish import AckedPublisher
+from bus.nats_adapter import AckedPublisher
 from bus.subjects import session_token
 from clawbus.config import BusConfig, SessionConfig
 from clawbus.natsserver import NatsServer
@@ -37,7 +37,7 @@ async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
 @pytest.fixture(params=["AckedPublisher", "js.publish"])
 async def leases(request: pytest.FixtureRequest,
                  js: JetStreamContext) -> AsyncIterator[Leases]:
-    """Both ways of writing: bus.publish.AckedPublisher (the worker's) and nats-py's
+    """Both ways of writing: bus.nats_adapter.AckedPublisher (the worker's) and nats-py's
     js.publish: the CAS answers must be the same."""
     if request.param == "js.publish":
         yield Leases(js, TTL)

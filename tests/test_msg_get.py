@@ -1,4 +1,4 @@
-"""bus.msg_get.LeaderGet against a real nats-server: the same message, data and
+"""bus.nats_adapter.LeaderGet against a real nats-server: the same message, data and
 headers nats-py's get_msg returns, None where it raises NotFoundError, and
 nats-py's errors for everything else."""
 
@@ -15,10 +15,9 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus import msg_get
 from bus.connection import BUS_UNAVAILABLE
-from bus.direct import Requester
-from bus.msg_get import LeaderGet
+from bus.nats_adapter import LeaderGet, Requester
+from bus.nats_adapter import gets as msg_get
 from tests.natsfixtures import scratch_stream
 
 BOTH_LOOPS = True  # tests/conftest.py: asyncio and uvloop

@@ -1,4 +1,4 @@
-"""bus.publish.AckedPublisher against a real nats-server: the stored message and its
+"""bus.nats_adapter.AckedPublisher against a real nats-server: the stored message and its
 ack, de-duplication, and each failure raising the nats-py error that
 ``js.publish`` raises for it (callers' retry rules depend on those types)."""
 
@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus.connection import BUS_UNAVAILABLE
-from bus.publish import AckedPublisher
+from bus.nats_adapter import AckedPublisher
 from tests.natsfixtures import scratch_stream
 
 BOTH_LOOPS = True  # tests/conftest.py: asyncio and uvloop

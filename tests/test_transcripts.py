@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from bus import subjects
 from bus.connection import connect, ensure_bus
 from bus.messages import Turn, Usage
-from bus.publish import AckedPublisher
+from bus.nats_adapter import AckedPublisher
 from bus.subjects import session_token
 from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
 from clawbus.config import BusConfig, SessionConfig
@@ -48,7 +48,7 @@ def js(bus: tuple[Client, JetStreamContext]) -> JetStreamContext:
 async def tx(request: pytest.FixtureRequest,
              bus: tuple[Client, JetStreamContext]) -> AsyncIterator[Transcripts]:
     """Every way of reading and writing: the worker's (leader and batched direct
-    gets, bus.publish.AckedPublisher), the gateway's (the same reads on a
+    gets, bus.nats_adapter.AckedPublisher), the gateway's (the same reads on a
     connection of its own, js.publish) and the fallbacks (nats-py's get_msg, an
     ordered consumer, js.publish)."""
     nc, js = bus

@@ -169,22 +169,25 @@ async def test_wanted_run_completes_with_accepted_first(
 
 async def test_probe_answers_are_demultiplexed_and_time_out(nc: Client) -> None:
     """workers.probes on its own: each probe gets its own answer; none in time → None;
-    nobody listening → NO_RESPONDERS."""
-    from workers.probes import NO_RESPONDERS, Probes
+    nobody listening → NO_RESPONDERS; nothing is left waiting."""
+    from bus.nats_adapter import Requester
+    from workers.probes import NO_RESPONDERS, send_probe
 
-    probes = Probes(nc)
-    await probes.start()
+    requests = Requester(nc)
+    await requests.start()
     try:
         async def echo(msg: Msg) -> None:
             if msg.data != b"silent":
                 await nc.publish(msg.reply, b"re:" + msg.data)
 
         await nc.subscribe("probe.test", cb=echo)
-        sent = [await probes.send("probe.test", f"p{i}".encode(), 5.0) for i in range(20)]
+        sent = [await send_probe(requests, "probe.test", f"p{i}".encode(), 5.0)
+                for i in range(20)]
         answers = [await p.reply() for p in sent]
         assert answers == [f"re:p{i}".encode() for i in range(20)]
-        assert await (await probes.send("probe.test", b"silent", 0.2)).reply() is None
-        assert await (await probes.send("probe.nobody", b"x", 5.0)).reply() == NO_RESPONDERS
-        assert probes.waiting == 0
+        assert await (await send_probe(requests, "probe.test", b"silent", 0.2)).reply() is None
+        assert await (await send_probe(requests, "probe.nobody", b"x", 5.0)).reply() \
+            == NO_RESPONDERS
+        assert requests.waiting == 0
     finally:
-        await probes.stop()
+        await requests.close()

@@ -26,7 +26,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Protocol
 
 from nats.aio.client import Client
 
@@ -40,8 +41,9 @@ from bus.messages import (
     Usage,
     encode_delta,
 )
+from bus.nats_adapter import Requester
 
-from .probes import NO_RESPONDERS, Probe, Probes
+from .probes import NO_RESPONDERS, Probe, send_probe
 
 log = logging.getLogger("clawbus.worker")
 
@@ -51,6 +53,17 @@ COALESCE_MAX_CHARS = 4096
 # at the window's rate tolerates half a window of jitter.
 PACING_BURST = 1.5
 PROBE_TIMEOUT = 5.0
+
+
+class Lease(Protocol):
+    """What the emitter needs of the run's session lease (bus.leases.SessionLease)."""
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time until which the lease is certainly still ours."""
+
+    async def confirm(self) -> bool:
+        """Refresh now: is the lease still ours?"""
 
 
 class RunAbandoned(Exception):
@@ -67,10 +80,10 @@ def _abandoned(reply: bytes | None) -> str | None:
 
 
 class Emitter:
-    def __init__(self, nc: Client, probes: Probes, subject: str, attempt: int,
+    def __init__(self, nc: Client, requests: Requester, subject: str, attempt: int,
                  coalesce_seconds: float = COALESCE_SECONDS, *, streaming: bool = True) -> None:
         self._nc = nc
-        self._probes = probes
+        self._requests = requests
         self._subject = subject
         self.attempt = attempt
         self._seq = 0
@@ -86,14 +99,9 @@ class Emitter:
         self._flush_task: asyncio.Task[None] | None = None
         self.fenced = False
         self.sent_text = False
-        # Monotonic time until which our session lease is certainly still ours
-        # (renewed on every successful acquire/refresh; inf: no lease).
-        self.lease_deadline = math.inf
-        # Set by the worker for a leased run: refreshes the lease now and says
-        # whether it is still ours (asked before a failure once the lease lapsed).
-        # It is handed this emitter rather than holding it: a callback holding
-        # its holder is a reference cycle per run (issue #5).
-        self.confirm_lease: Callable[[Emitter], Awaitable[bool]] | None = None
+        # The run's session lease (None: an ephemeral session has none). Text
+        # flows only until its deadline unless a refresh renews it.
+        self.lease: Lease | None = None
         self.last_probe = time.monotonic()
 
     def _next_seq(self) -> int:
@@ -109,7 +117,7 @@ class Emitter:
         if self.fenced:
             raise RunAbandoned("fenced")
         self.last_probe = time.monotonic()
-        return await self._probes.send(self._subject, data, PROBE_TIMEOUT)
+        return await send_probe(self._requests, self._subject, data, PROBE_TIMEOUT)
 
     async def _probe(self, data: bytes) -> None:
         """Send an event as a request: raises RunAbandoned if the gateway let go."""
@@ -132,11 +140,11 @@ class Emitter:
         event = Accepted(seq=self._next_seq(), attempt=self.attempt, worker_id=worker_id)
         probe = await self._send_probe(event.model_dump_json().encode())
 
-        def answered(future: asyncio.Future[bytes]) -> None:
-            if not future.cancelled() and _abandoned(future.result()) is not None:
+        def answered(reply: bytes | None) -> None:
+            if _abandoned(reply) is not None:
                 on_abandoned()
 
-        probe.future.add_done_callback(answered)
+        probe.on_answer(answered)
         return probe
 
     async def heartbeat(self) -> None:
@@ -176,11 +184,15 @@ class Emitter:
         if self._buffer and (self._flush_task is None or self._flush_task.done()):
             self._flush_task = asyncio.create_task(self._flush(), name="emitter-flush")
 
-    def renew_lease(self, deadline: float) -> None:
-        """The lease was (re)written at a time ≥ ``deadline`` - TTL: text may flow until then."""
-        self.lease_deadline = deadline
+    @property
+    def lease_deadline(self) -> float:
+        """Monotonic time until which the run's lease is certainly still ours."""
+        return math.inf if self.lease is None else self.lease.deadline
+
+    def lease_renewed(self) -> None:
+        """The lease was refreshed: text held while it could have lapsed may go."""
         if self._timer is None:
-            self._flush_soon()  # text held while the lease could have lapsed
+            self._flush_soon()
 
     async def _flush(self) -> None:
         # Fencing by the clock: past the lease deadline (the worker stalled, e.g.
@@ -226,8 +238,9 @@ class Emitter:
     async def failed(self, event_fields: dict[str, object]) -> None:
         # A failure noticed after a stall (e.g. the provider's timeout firing as a
         # thawed worker resumes) must not end a run another worker now owns.
-        if time.monotonic() >= self.lease_deadline and self.confirm_lease is not None \
-                and not await self.confirm_lease(self):
+        lease = self.lease
+        if lease is not None and time.monotonic() >= lease.deadline \
+                and not await lease.confirm():
             log.warning("run lost its session lease; its failure is not reported")
             self.fenced = True
             return

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -28,7 +27,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import orjson
@@ -39,11 +38,10 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from bus import subjects
-from bus.connection import BUS_UNAVAILABLE, ensure_bus, lease_ttl_seconds
-from bus.leases import Leases
+from bus.connection import BUS_UNAVAILABLE, JS_TIMEOUT, ensure_bus, lease_ttl_seconds
+from bus.leases import Leases, SessionLease
 from bus.messages import RunRequest, Turn
-from bus.msg_get import LeaderGet
-from bus.publish import AckedPublisher
+from bus.nats_adapter import AckedPublisher, LeaderGet
 from bus.pull import PullConsumer
 from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
 from clawbus.config import Settings
@@ -54,7 +52,6 @@ from .acceptance import ANNOUNCE_DELAY, Acceptance
 from .deferred import Deferred
 from .events import Emitter, RunAbandoned
 from .metrics import WorkerMetrics
-from .probes import Probes
 from .providers import make_provider
 from .providers.base import Provider, ProviderError
 from .run import Reply, build_request, generate
@@ -81,9 +78,6 @@ class Execution:
     reason: StopReason | None = None
     timeout: float = 0.0
     ended: bool = False  # the attempt is over: its keep-alive must stop
-    # Serialises the lease CAS writes of the keep-alive and the final refresh: two
-    # concurrent refreshes at one revision would fence one of them for nothing.
-    lease_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def stop(self, reason: StopReason) -> None:
         if self.reason is None:
@@ -118,7 +112,8 @@ class Worker:
         self._system_prompts: dict[str, str] = {}
         self._js: JetStreamContext | None = None
         self._puller: PullConsumer | None = None
-        self._probes = Probes(nc)
+        # The worker's one request inbox: JetStream acks, leader gets, probes.
+        self._requests = AckedPublisher(nc)
         self._leases: Leases | None = None
         self._leader: LeaderGet | None = None
         self._transcripts: Transcripts | None = None
@@ -135,14 +130,11 @@ class Worker:
         bus = self.settings.bus
         js = await ensure_bus(self.nc, bus, self.settings.session)
         self._js = js
-        # Lease writes and turn appends wait for JetStream's ack on one reply
-        # subscription (bus/publish.py), not through nats-py's request path.
-        publisher = AckedPublisher(self.nc)
+        publisher = self._requests
         await publisher.start()
-        self._leader = LeaderGet(publisher)
+        self._leader = LeaderGet(publisher, wait=JS_TIMEOUT)
         self._leases = Leases(js, lease_ttl_seconds(bus), publisher)
         self._transcripts = Transcripts(js, self.nc, publisher)
-        await self._probes.start()
         cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
         done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
@@ -170,8 +162,6 @@ class Worker:
             for sub in (cancel_sub, done_sub):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            with contextlib.suppress(Exception):
-                await self._probes.stop()
             with contextlib.suppress(Exception):
                 await publisher.close()
             for provider in self._providers.values():
@@ -268,7 +258,7 @@ class Worker:
     async def _serve_run(self, msg: Msg, run: RunRequest) -> None:
         token = subjects.last_token(msg.subject)
         meta = msg.metadata
-        emitter = Emitter(self.nc, self._probes, run.events_subject, attempt=meta.num_delivered,
+        emitter = Emitter(self.nc, self._requests, run.events_subject, attempt=meta.num_delivered,
                           streaming=run.stream)
         try:
             if run.ephemeral:
@@ -279,11 +269,11 @@ class Worker:
                     return
                 await self._execute(msg, run, token, None, emitter)
                 return
-            revision = await self._wait_turn(msg, run, token, meta.sequence.stream, emitter)
-            if revision is None:
+            lease = await self._wait_turn(msg, run, token, meta.sequence.stream, emitter)
+            if lease is None:
                 return
             try:
-                await self._execute(msg, run, token, revision, emitter)
+                await self._execute(msg, run, token, lease, emitter)
             finally:
                 await self.nc.publish(subjects.session_done(token), b"")
         except Exception as exc:
@@ -334,9 +324,9 @@ class Worker:
         return None if head is None else head.seq
 
     async def _wait_turn(self, msg: Msg, run: RunRequest, token: str, seq: int,
-                         emitter: Emitter) -> int | None:
-        """Wait until this run heads its session and we hold the lease; the lease
-        revision, or None if the run was handed back (naked) or dropped."""
+                         emitter: Emitter) -> SessionLease | None:
+        """Wait until this run heads its session and we hold the lease; the lease,
+        or None if the run was handed back (naked) or dropped."""
         assert self._leases is not None
         holding = False
         next_probe = 0.0
@@ -351,11 +341,10 @@ class Worker:
                     await msg.term()
                     return None
                 if head == seq:
-                    asked = time.monotonic()
-                    revision = await self._leases.acquire(token, self._owner)
-                    if revision is not None:
-                        emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
-                        return revision
+                    lease = await SessionLease.acquire(self._leases, token, self._owner)
+                    if lease is not None:
+                        emitter.lease = lease
+                        return lease
                 if self._stopping.is_set():
                     await msg.nak()
                     return None
@@ -382,13 +371,16 @@ class Worker:
             if holding:
                 self._holds -= 1
 
-    async def _execute(self, msg: Msg, run: RunRequest, token: str, revision: int | None,
-                       emitter: Emitter) -> None:
-        """Run an attempt; ``revision`` is our session lease (None: ephemeral session)."""
-        assert self._leases is not None and self._transcripts is not None
+    async def _execute(self, msg: Msg, run: RunRequest, token: str,
+                       lease: SessionLease | None, emitter: Emitter) -> None:
+        """Run an attempt; ``lease`` is our session lease (None: ephemeral session).
+
+        Phases: announce the run → read the history window → generate → confirm
+        the gateway still wants it → store the turn and report it done. The lease
+        (if any) is released at the end unless it was lost."""
+        assert self._transcripts is not None
         execution = Execution(run.run_id)
         self._active[run.run_id] = execution
-        lease: list[int | None] = [revision]
         started = time.monotonic()
         # The keep-alive's first duty (a lease refresh, an in_progress ack or a
         # liveness probe) is due after min(ackWait/3, heartbeat) at the earliest:
@@ -396,73 +388,36 @@ class Worker:
         bus = self.settings.bus
         keeper = Deferred(
             min(bus.ack_wait_seconds / 3, bus.heartbeat_seconds) / 2,
-            lambda: self._keep_alive(msg, token, lease, emitter, execution, started=started),
+            lambda: self._keep_alive(msg, lease, emitter, execution, started=started),
             "run-keepalive")
-        if revision is not None:
-            emitter.confirm_lease = functools.partial(
-                self._confirm_lease, token, lease, execution)
-        outcome = "failed"
-        # The gateway's answer to "accepted" travels while the run goes on (off
-        # the critical path); it is awaited before anything durable, and an answer
-        # that the run is unwanted stops the provider call at once. A stateless
-        # run defers the notice (see workers/acceptance.py).
         acceptance = Acceptance(emitter, self.worker_id,
                                 on_abandoned=lambda: execution.stop("abandoned"))
+        outcome = "failed"
 
         def cancelled() -> bool:
             return run.run_id in self._cancelled
 
         try:
             log.debug("run attempt %d started", emitter.attempt)
-            if run.ephemeral:
-                budget = run.created + bus.queue_timeout_seconds - time.time()
-                acceptance.announce_later(max(0.0, min(ANNOUNCE_DELAY, budget / 2)))
-            else:
-                await acceptance.announce_now()
+            await self._announce(run, acceptance)
             # Only the turns the history budget lets the agent see are read.
-            window = Window() if run.ephemeral else await self._transcripts.load_window(
+            window = Window() if lease is None else await self._transcripts.load_window(
                 token, self.settings.session.history_budget_chars)
             if window.last is not None and window.last.run_id == run.run_id:
                 # Completed before (the ack was lost): report, never run twice.
                 await acceptance.confirm(cancelled)
-                done = window.last
-                await emitter.done(done.assistant, done.usage, "stop")
+                await emitter.done(window.last.assistant, window.last.usage, "stop")
                 await msg.ack()
                 outcome = "completed"
                 return
             reply = await self._generate(run, window.turns, emitter, execution)
-            if reply is not None:
-                self._observe(run, reply)
             if reply is None:
                 outcome = await self._stopped(msg, emitter, execution)
                 return
+            self._observe(run, reply)
             await acceptance.confirm(cancelled)  # nothing is stored for an unwanted run
-            turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
-                        assistant=reply.text, ts=time.time(), usage=reply.usage)
-            if lease[0] is None:
-                # Ephemeral: nobody can read this session back through the API, so
-                # the turn is recorded without waiting for the store's ack.
-                await self._transcripts.record(token, turn)
-                await emitter.done(reply.text, reply.usage, reply.finish_reason)
-                await msg.ack()
-                outcome = "completed"
-                return
-            # Fencing: only the lease holder may append (and the append itself is
-            # conditional on the transcript being as we read it).
-            try:
-                if not await self._store_turn(token, turn, window, lease=lease,
-                                              emitter=emitter, execution=execution):
-                    emitter.fenced = True
-                    outcome = "fenced"
-                    return
-            except StaleTranscriptError:
-                await emitter.failed(errors.internal(
-                    "session changed while the run was in progress; the turn was not saved"))
-                await msg.term()
-                return
-            await emitter.done(reply.text, reply.usage, reply.finish_reason)
-            await msg.ack()
-            outcome = "completed"
+            outcome = await self._store(msg, run, token, lease=lease, window=window,
+                                        reply=reply, emitter=emitter)
         except RunAbandoned:
             outcome = "abandoned"
             await msg.term()
@@ -475,57 +430,67 @@ class Worker:
             execution.ended = True  # (in case the cancel below is swallowed: see run())
             await acceptance.aclose()
             await keeper.aclose()
-            held = lease[0]
-            if outcome != "fenced" and held is not None:
+            if lease is not None and outcome != "fenced":
                 with contextlib.suppress(Exception):
-                    await self._leases.release(token, held)
+                    await lease.release()
             self.metrics.runs_by(outcome).inc()
             log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
 
-    async def _confirm_lease(self, token: str, lease: list[int | None],
-                             execution: Execution, emitter: Emitter) -> bool:
-        """Refresh the lease now: is it still ours? (False also when the bus cannot say.)"""
-        assert self._leases is not None
-        try:
-            async with execution.lease_lock:
-                held = lease[0]
-                if held is None:
-                    return False
-                asked = time.monotonic()
-                new_rev = await self._leases.refresh(token, self._owner, held)
-                if new_rev is None:
-                    return False
-                lease[0] = new_rev
-        except Exception:
-            return False
-        emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
-        return True
+    async def _announce(self, run: RunRequest, acceptance: Acceptance) -> None:
+        """Tell the gateway a worker took the run. A stateless run defers the
+        notice (its first text says as much; see workers/acceptance.py); a leased
+        run sends it now, its answer guarding the transcript."""
+        if run.ephemeral:
+            budget = run.created + self.settings.bus.queue_timeout_seconds - time.time()
+            acceptance.announce_later(max(0.0, min(ANNOUNCE_DELAY, budget / 2)))
+        else:
+            await acceptance.announce_now()
 
-    async def _store_turn(self, token: str, turn: Turn, window: Window, *,
-                          lease: list[int | None], emitter: Emitter,
-                          execution: Execution) -> bool:
+    async def _store(self, msg: Msg, run: RunRequest, token: str, *,
+                     lease: SessionLease | None, window: Window, reply: Reply,
+                     emitter: Emitter) -> str:
+        """Store the turn, then report it done and ack the run; the outcome."""
+        assert self._transcripts is not None
+        turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
+                    assistant=reply.text, ts=time.time(), usage=reply.usage)
+        if lease is None:
+            # Ephemeral: nobody can read this session back through the API, so
+            # the turn is recorded without waiting for the store's ack.
+            await self._transcripts.record(token, turn)
+        else:
+            # Fencing: only the lease holder may append (and the append itself is
+            # conditional on the transcript being as we read it).
+            try:
+                if not await self._append(lease, turn, window, emitter):
+                    emitter.fenced = True
+                    return "fenced"
+            except StaleTranscriptError:
+                await emitter.failed(errors.internal(
+                    "session changed while the run was in progress; the turn was not saved"))
+                await msg.term()
+                return "failed"
+        await emitter.done(reply.text, reply.usage, reply.finish_reason)
+        await msg.ack()
+        return "completed"
+
+    async def _append(self, lease: SessionLease, turn: Turn, window: Window,
+                      emitter: Emitter) -> bool:
         """Refresh our lease (False: it was lost, we are fenced), then append the turn.
         Both are retried while the bus is briefly unavailable and the lease cannot
         have expired yet; a retried append is deduplicated by its run id."""
-        assert self._leases is not None and self._transcripts is not None
+        assert self._transcripts is not None
         refreshed = False
         while True:
             try:
                 if not refreshed:
-                    async with execution.lease_lock:
-                        held = lease[0]
-                        assert held is not None
-                        asked = time.monotonic()
-                        new_rev = await self._leases.refresh(token, self._owner, held)
-                        if new_rev is None:
-                            return False
-                        lease[0] = new_rev
-                    emitter.renew_lease(asked + lease_ttl_seconds(self.settings.bus))
+                    if not await lease.refresh():
+                        return False
+                    emitter.lease_renewed()
                     refreshed = True
-                await self._transcripts.append(token, turn, window.last_seq, window)
+                await self._transcripts.append(lease.token, turn, window.last_seq, window)
                 return True
             except BUS_UNAVAILABLE:
-                if time.monotonic() + BUS_RETRY_DELAY >= emitter.lease_deadline:
+                if time.monotonic() + BUS_RETRY_DELAY >= lease.deadline:
                     raise
                 await asyncio.sleep(BUS_RETRY_DELAY)
 
@@ -581,12 +546,11 @@ class Worker:
         await msg.term()
         return "cancelled"
 
-    async def _keep_alive(self, msg: Msg, token: str, lease: list[int | None],
-                          emitter: Emitter, execution: Execution, *, started: float) -> None:
+    async def _keep_alive(self, msg: Msg, lease: SessionLease | None, emitter: Emitter,
+                          execution: Execution, *, started: float) -> None:
         """in_progress acks + fenced lease refresh every ackWait/3, and a liveness
         probe to the gateway every heartbeat interval (also while text flows, so a
         dead gateway is noticed mid-stream)."""
-        assert self._leases is not None
         bus = self.settings.bus
         refresh_every = bus.ack_wait_seconds / 3
         beat_every = bus.heartbeat_seconds
@@ -600,24 +564,18 @@ class Worker:
                 next_refresh = now + refresh_every
                 try:
                     await msg.in_progress()
-                    if lease[0] is None:
-                        continue
-                    async with execution.lease_lock:
-                        held = lease[0]
-                        assert held is not None
-                        asked = time.monotonic()
-                        new_rev = await self._leases.refresh(token, self._owner, held)
-                        if new_rev is not None:
-                            lease[0] = new_rev
+                    kept = lease is None or await lease.refresh()
                 except Exception as exc:  # the bus is unreachable: try again next round
                     log.warning("lease refresh for run %s failed: %s", execution.run_id, exc)
-                    continue
-                if new_rev is None:
+                    kept = True
+                else:
+                    if lease is not None and kept:
+                        emitter.lease_renewed()
+                if not kept:
                     log.warning("run %s lost its session lease; stopping it", execution.run_id)
                     emitter.fenced = True
                     execution.stop("fenced")
                     return
-                emitter.renew_lease(asked + lease_ttl_seconds(bus))
             if now - emitter.last_probe >= beat_every:
                 try:
                     await emitter.heartbeat()

@@ -1,6 +1,9 @@
-"""Reading a run of one subject's messages with JetStream's batched direct get.
+"""Reading stored messages: single messages from the stream leader, and runs of
+one subject's messages with JetStream's batched direct get.
 
-``$JS.API.DIRECT.GET.<stream>`` with ``{"seq": S, "next_by_subj": subject,
+:class:`LeaderGet` reads one message from the stream leader (never stale).
+
+:class:`BatchGetter`: ``$JS.API.DIRECT.GET.<stream>`` with ``{"seq": S, "next_by_subj": subject,
 "batch": N}`` (nats-server 2.11+, streams with ``allow_direct``) answers with up
 to N messages of that subject from sequence S on, then an end-of-batch status
 (``204 EOB``, with ``Nats-Num-Pending``: how many are left), or ``404`` when
@@ -20,13 +23,78 @@ again from the next sequence.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats.errors
+import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 
-from .direct import Requester
+from .client import parse_header_block
+from .requests import NO_RESPONDERS, Requester, api_answer
+
+API_PREFIX = "$JS.API"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMsg:
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+class LeaderGet:
+    """Reads single messages of a stream from its leader through a
+    :class:`Requester` (started on first use).
+
+    ``STREAM.MSG.GET`` is answered by the stream's leader, so never stale.
+    nats-py's ``JetStreamManager.get_msg`` costs a nats-py request, ``json.loads``
+    and an ``email.parser`` pass over the headers; this decodes the answer with
+    orjson, base64 and :func:`parse_header_block`. Not-found is ``None``; other
+    errors are nats-py's, as :func:`api_answer` raises them."""
+
+    def __init__(self, requester: Requester, *, wait: float) -> None:
+        self._requester = requester
+        self._wait = wait
+
+    async def last(self, stream: str, subject: str) -> StoredMsg | None:
+        """The newest message on ``subject``, or None."""
+        return await self._get(stream, {"last_by_subj": subject})
+
+    async def next(self, stream: str, seq: int, subject: str) -> StoredMsg | None:
+        """The first message on ``subject`` at or after sequence ``seq``, or None."""
+        return await self._get(stream, {"seq": seq, "next_by_subj": subject})
+
+    async def _get(self, stream: str, request: dict[str, Any]) -> StoredMsg | None:
+        await self._requester.ensure_started()
+        msg = await self._requester.request(f"{API_PREFIX}.STREAM.MSG.GET.{stream}",
+                                            orjson.dumps(request), wait=self._wait)
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+            raise nats.js.errors.ServiceUnavailableError  # as nats-py: no JetStream
+        try:
+            answer = api_answer(msg.data)
+        except nats.js.errors.NotFoundError:
+            return None
+        return _stored(answer.get("message"))
+
+
+def _stored(raw: object) -> StoredMsg:
+    if not isinstance(raw, dict):
+        raise nats.js.errors.APIError(description="JetStream answer without a message")
+    try:
+        seq = int(raw["seq"])
+        subject = str(raw["subject"])
+        data = base64.b64decode(raw.get("data") or b"", validate=True)
+        hdrs = base64.b64decode(raw.get("hdrs") or b"", validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise nats.js.errors.APIError(
+            description=f"unreadable JetStream message: {exc!r}"[:300]) from None
+    return StoredMsg(seq, subject, data, parse_header_block(hdrs))
+
 
 BATCH = 256
 

@@ -1,0 +1,97 @@
+"""What a client is shown of one run's events, in order: a pure state machine.
+
+A run's events arrive over core NATS (at most once) from whichever worker runs
+the current attempt. :class:`Sequencer` turns them into what the client sees:
+exactly one ``Accepted``, then text ``Delta``s, then exactly one ``Done`` or
+``Failed``. It needs no bus and no clock, so every case is tested on its own
+(``tests/test_sequencer.py``):
+
+- **Attempts.** Each event carries the attempt (the delivery count of the run
+  message). Events of an older attempt are dropped (its worker died or was
+  fenced). A newer attempt before any text reached the client replaces the
+  old one transparently; after text was shown, it would duplicate text, so the
+  run fails as interrupted.
+- **Gaps.** Events of an attempt are numbered from 1 (heartbeats and queued
+  notices carry 0 and are not numbered). A missing number means an event was
+  lost on the way (e.g. a NATS node died with it in its buffers): no more
+  deltas are relayed, and the final ``Done``, which carries the whole reply,
+  supplies the missing tail, so the client still gets the text exactly once.
+- **Acceptance.** A stateless run may skip its ``accepted`` notice: its first
+  text or its end says a worker took it, and an ``Accepted`` is shown first.
+"""
+
+from __future__ import annotations
+
+from bus.messages import Accepted, Delta, Done, Failed, Heartbeat, Queued
+
+RunEvent = Accepted | Delta | Done | Failed | Heartbeat
+
+_NOTHING: tuple[RunEvent, ...] = ()
+
+
+def failure(status: int, error_type: str, message: str, code: str) -> Failed:
+    """A failure the gateway itself reports for a run (not sent by a worker)."""
+    return Failed(seq=0, attempt=0, status=status, error_type=error_type, message=message,
+                  code=code)
+
+
+class Sequencer:
+    """Feeds on one run's events (:meth:`feed`); see the module doc."""
+
+    __slots__ = ("_next_seq", "accepted", "attempt", "ended", "gaps", "interrupted",
+                 "resync", "sent", "streamed")
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self._next_seq = 1
+        self.accepted = False  # an Accepted was shown
+        self.streamed = False  # text was shown
+        self.ended = False  # the final event was shown
+        self.interrupted = False  # a newer attempt came after text was shown
+        self.resync = False  # an event was lost: finish from the final text
+        self.gaps = 0
+        self.sent = 0  # characters of reply text shown
+
+    def feed(self, event: RunEvent | Queued) -> tuple[RunEvent, ...]:
+        """What to show the client for ``event``, in order (often nothing or the
+        event itself). After a final event (``Done``/``Failed``), feed no more."""
+        if event.attempt < self.attempt:
+            return _NOTHING  # a stale attempt
+        if event.attempt > self.attempt:
+            if self.streamed:
+                self.interrupted = self.ended = True
+                return (failure(503, "api_error",
+                                "agent run interrupted: its worker was lost mid-reply",
+                                "interrupted"),)
+            self.attempt = event.attempt
+            self._next_seq = 1
+            self.resync = False
+        if isinstance(event, Queued | Heartbeat):
+            return _NOTHING
+        if event.seq != self._next_seq and not self.resync:
+            self.resync = True
+            self.gaps += 1
+        self._next_seq = event.seq + 1
+        if not self.accepted:
+            self.accepted = True
+            if isinstance(event, Accepted):
+                return (event,)
+            first = Accepted(seq=event.seq, attempt=event.attempt, worker_id="")
+            return (first, *self._show(event))
+        if isinstance(event, Accepted):
+            return _NOTHING  # a notice that came after the text
+        return self._show(event)
+
+    def _show(self, event: Delta | Done | Failed) -> tuple[RunEvent, ...]:
+        if isinstance(event, Delta):
+            if self.resync:
+                return _NOTHING
+            self.sent += len(event.text)
+            self.streamed = True
+            return (event,)
+        self.ended = True
+        if self.resync and isinstance(event, Done) and len(event.text) > self.sent:
+            self.streamed = True
+            tail = Delta(seq=event.seq, attempt=event.attempt, text=event.text[self.sent:])
+            return (tail, event)
+        return (event,)
