@@ -12,7 +12,7 @@ from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.connection import connect, ensure_bus, lease_ttl_seconds
-from bus.leases import FREE, Leases
+from bus.leases import FREE, Leases, SessionLease
 from bus.nats_adapter import AckedPublisher
 from bus.subjects import session_token
 from clawbus.config import BusConfig, SessionConfig
@@ -198,3 +198,68 @@ async def test_lease_expires_by_ttl(js: JetStreamContext, leases: Leases) -> Non
     await leases.release(token, rev_a)
     assert await stored(js, token) == B
     assert await leases.refresh(token, B, rev_b) is not None
+
+
+# -- SessionLease: one worker's hold on a lease -----------------------------------
+
+
+async def test_session_lease_acquire_refresh_release(leases: Leases,
+                                                     js: JetStreamContext) -> None:
+    token = session_token("agent:main:session-lease")
+    before = asyncio.get_running_loop().time()
+    lease = await SessionLease.acquire(leases, token, A)
+    assert lease is not None and lease.held and lease.token == token
+    assert lease.deadline >= before + TTL
+    assert await SessionLease.acquire(leases, token, B) is None  # held
+    first = lease.revision
+    deadline = lease.deadline
+    assert await lease.refresh()
+    assert lease.revision is not None and first is not None and lease.revision > first
+    assert lease.deadline >= deadline
+    await lease.release()
+    assert not lease.held
+    assert await stored(js, token) == FREE
+    await lease.release()  # idempotent: no second write
+    assert await SessionLease.acquire(leases, token, B) is not None
+
+
+async def test_a_lost_session_lease_stays_lost_and_is_never_released(
+        leases: Leases, js: JetStreamContext) -> None:
+    token = session_token("agent:main:session-lease-lost")
+    lease = await SessionLease.acquire(leases, token, A)
+    assert lease is not None and lease.revision is not None
+    # Someone else wrote (e.g. our lease expired while we stalled and B took it).
+    taken = await leases.refresh(token, B, lease.revision)
+    assert taken is not None
+    assert not await lease.refresh()
+    assert not lease.held
+    assert not await lease.confirm()
+    await lease.release()  # must not clobber B's lease
+    assert await stored(js, token) == B
+
+
+async def test_concurrent_refreshes_never_fence_each_other(leases: Leases) -> None:
+    token = session_token("agent:main:session-lease-concurrent")
+    lease = await SessionLease.acquire(leases, token, A)
+    assert lease is not None
+    # The keep-alive and the refresh before storing a turn may meet: both must
+    # succeed (unserialised, the second CAS at the same revision would fail).
+    assert await asyncio.gather(*(lease.refresh() for _ in range(5))) == [True] * 5
+    assert lease.held
+    await lease.release()
+
+
+async def test_confirm_says_false_when_the_bus_cannot_answer(leases: Leases) -> None:
+    class Unreachable(Leases):
+        async def refresh(self, token: str, owner: bytes, revision: int) -> int | None:
+            raise TimeoutError
+
+    token = session_token("agent:main:session-lease-unreachable")
+    held = await SessionLease.acquire(leases, token, A)
+    assert held is not None and held.revision is not None
+    lease = SessionLease(Unreachable(leases._js, TTL), token, A, held.revision, 0.0)
+    with pytest.raises(TimeoutError):
+        await lease.refresh()  # the caller decides (retry while the deadline allows)
+    assert lease.held  # it may still be ours
+    assert not await lease.confirm()
+    await held.release()
