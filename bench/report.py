@@ -139,7 +139,7 @@ def render(raw: dict[str, Any], json_path: str, command: str) -> str:
 def _side_by_side(data: Data, plan: dict[str, Any], peer: bool,
                   add: Callable[[str], None]) -> None:
     """The main table: every scenario of the rounds, system next to system."""
-    ref_note = "" if peer else " (issue #5, another run)"
+    ref_note = "" if peer else " (reference figure, another run)"
     add(f"| scenario | upstream alone | clawbus | LiteLLM{ref_note} | clawbus ÷ LiteLLM |")
     add("|---|---:|---:|---:|---:|")
 
@@ -286,9 +286,9 @@ def _side_by_side(data: Data, plan: dict[str, Any], peer: bool,
 
 
 def _targets(data: Data, plan: dict[str, Any], peer: bool, add: Callable[[str], None]) -> None:
-    add("**Targets (issue #5)**" + ("" if peer else
-                                    " — without `--peer litellm` the throughput target is "
-                                    "checked against the issue's LiteLLM figure"))
+    add("**Targets**" + ("" if peer else
+                         " — without `--peer litellm` the throughput target is "
+                         "checked against the reference LiteLLM figure"))
     add("")
     add("| target | measured | met |")
     add("|---|---|:-:|")

@@ -1,4 +1,4 @@
-"""One command for the issue #5 benchmark::
+"""One command for the benchmark (docs/BENCHMARKS.md)::
 
     python -m bench.run [--quick] [--peer litellm] [--repeat N] [--scaling 1x1,2x2]
                         [--only rounds|scaling] [--out docs/BENCHMARKS.md]
@@ -547,7 +547,7 @@ def update_doc(path: Path, markdown: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run",
-                                     description="clawbus benchmark (issue #5)")
+                                     description="clawbus benchmark")
     parser.add_argument("--quick", action="store_true",
                         help="short runs, 1 round, held streams 50 and 250 (a few minutes)")
     parser.add_argument("--peer", choices=["litellm"], default=None,

@@ -4,8 +4,8 @@ arrive, as many in flight as the caller has room for.
 Why not nats-py's ``PullSubscription.fetch``: ``fetch(batch=n)`` returns a batch,
 and when its first probe finds nothing it waits for the *whole* batch (or its
 timeout) before returning what it already holds. With several workers sharing
-the consumer, a run regularly sat in a worker's hands for the full fetch timeout
-(~1 s at the 99th percentile in the benchmark). Here every message goes to the
+the consumer, a run can sit in a worker's hands for the full fetch timeout.
+Here every message goes to the
 callback the moment it arrives (like nats.go's ``Consume``):
 
 - pull requests (``$JS.API.CONSUMER.MSG.NEXT``) ask for exactly the free room,

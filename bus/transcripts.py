@@ -12,8 +12,7 @@ turn a worker appends carries, in headers, where the window that ends with it
 starts (``Clawbus-Window-Start``: the stream sequence of its oldest turn, 0 when
 the new turn is the whole window) and for which budget (``Clawbus-Window-Budget``).
 The next run reads the last turn, then only from that sequence on: a run's cost
-no longer grows with the session's length (a 1,000-turn session read all 1,000
-turns, ~39 ms, for every run). Turns without the headers (written by an older
+does not grow with the session's length. Turns without the headers (written by an older
 version, or by :meth:`Transcripts.record`), or a budget larger than the one
 recorded, fall back to reading the whole transcript.
 """

@@ -1,9 +1,8 @@
 """Garbage-collector pauses as a Prometheus histogram.
 
 A collection stops the process: a young one walks what was allocated since the
-last (15–25 ms in a worker holding 2,000 streams), a full one every tracked
-object (80–115 ms with 2,000 live streams), and a pause is a stall for every
-stream the process serves (issue #5). ``prometheus-client``'s ``python_gc_*`` metrics count
+last, a full one every tracked object, and a pause is a stall for every stream
+the process serves. ``prometheus-client``'s ``python_gc_*`` metrics count
 collections but not their length: :class:`GCPauses` adds
 ``clawbus_gc_pause_seconds{generation}``, timed from ``gc.callbacks`` (wall time:
 on a shared core, the time the process could not serve).

@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def tune_gc() -> None:
-    """Fewer garbage collections on the hot path (issue #5).
+    """Fewer garbage collections on the hot path.
 
     A request allocates a few hundred container objects (ASGI scopes, dicts of
     parsed JSON, pydantic models, futures): with CPython's default first-generation
@@ -287,9 +287,7 @@ def tune_gc() -> None:
     ``gc.freeze()`` moves what start-up created (modules, config, app) out of the
     collector's sight, and a larger first-generation threshold makes collections
     rarer (memory stays bounded: reference counting frees almost everything;
-    only cycles wait for a collection). Measured with ``bench.profile held --ab``
-    (2,000 held streams on one core): TTFT p99 1.0 s → 0.2 s, on time 0% → 89%;
-    CPU per request unchanged.
+    only cycles wait for a collection). What it buys is in docs/BENCHMARKS.md.
     """
     gc.collect()
     gc.freeze()

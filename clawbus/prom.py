@@ -2,8 +2,8 @@
 
 ``metric.labels(*values)`` validates the values, takes a lock and builds a key on
 every call; the label sets here are few and fixed (endpoints, statuses, outcomes,
-provider names), so each child is kept after its first use (issue #5: a handful of
-lookups per request on the hot path)."""
+provider names), so each child is kept after its first use (a handful of lookups
+per request on the hot path)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ class SecurityHeaders:
 class GatewayApp(FastAPI):
     """FastAPI, except that ``/v1/chat/completions`` — the hot path — goes straight
     to its handler instead of through the framework's stack of middleware and
-    routing (about ten nested ASGI layers and a send wrapper each; issue #5). It
+    routing (about ten nested ASGI layers and a send wrapper each). It
     keeps what those layers gave it: the security headers and request metrics
     (:class:`SecuredSend`) and a 500 envelope, never a traceback, on a bug."""
 

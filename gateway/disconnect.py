@@ -1,5 +1,5 @@
 """Cancelling a request's work when its client disconnects, without a task for the
-work itself (issue #5's hot path).
+work itself (this is on every streamed request's path).
 
 ``async with CancelOnDisconnect(receive) as watch:`` runs its body in the
 calling task while one watcher task waits for ``http.disconnect`` and, if the
@@ -49,7 +49,7 @@ class CancelOnDisconnect:
         # a traceback whose frame holds this object, so watcher → error → frame →
         # self → watcher would be a reference cycle per request: kept in memory
         # until a full collection, which then stalls every stream for as long
-        # as it takes to free them all (issue #5: ~100 ms after 2,000 streams).
+        # as it takes to free them all.
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()

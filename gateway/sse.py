@@ -4,14 +4,14 @@ Starlette's ``StreamingResponse`` runs every response in an anyio task group wit
 two tasks (one sends, one listens for the disconnect). An SSE stream here sends
 from the calling task, and one small watcher task cancels it when the client
 leaves — a task and a task group fewer per stream, and fewer wrappers per frame
-(issue #5: 2,000 held streams and bursts of stream opens on one core).
+(thousands of held streams share one core).
 
 When the client disconnects, the frames iterator is cancelled where it waits and
 then closed, so its ``finally`` (which cancels the run) always runs.
 
 A frame that ends with ``data: [DONE]`` is the last: it goes out in the same write
-as the end of the chunked body (issue #5: one write instead of four at the end of
-every stream).
+as the end of the chunked body (one write instead of four at the end of every
+stream).
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ For a leased run (a session that continues) the notice goes out as the run start
 (a session nobody can continue) it is deferred (:meth:`announce_later`): the
 run's first text or its final event tells the gateway the run was taken just as
 well, so a run that ends sooner — most stateless non-streaming calls — costs no
-probe round trip at all (issue #5: ~4 of ~11 bus hops of such a call, all on
-one core). A longer run still sends it then, so a dead gateway is noticed within
+probe round trip at all. A longer run still sends it then, so a dead gateway is noticed within
 the deferral plus a round trip. Such a run may go on for up to the deferral
 after its client left; the gateway's ``cancel`` still stops it, and a run
 cancelled before its end stores nothing.

@@ -2,8 +2,7 @@
 and runs the coroutine as a task after ``delay`` seconds, unless stopped first.
 
 Most runs (short non-streaming calls) end before their keep-alive or their
-deferred ``accepted`` notice is due: they then cost a timer, not a task
-(issue #5)."""
+deferred ``accepted`` notice is due: they then cost a timer, not a task."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ class Deferred:
                  name: str) -> None:
         # Dropped once used or unwanted: ``make`` is often a bound method of the
         # object holding this Deferred, a reference cycle per run otherwise (left
-        # for the garbage collector's full collections; issue #5).
+        # for the garbage collector's full collections).
         self._make: Callable[[], Coroutine[Any, Any, None]] | None = make
         self._name = name
         self.task: asyncio.Task[None] | None = None

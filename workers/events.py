@@ -8,12 +8,11 @@ wants the run).
 
 Pacing is a token bucket: one credit per window, up to :data:`PACING_BURST`
 credits, one spent per text event. Text arriving once per window — a provider
-streaming at exactly that rate, with up to half a window of jitter (peak to peak) — always
-finds a credit and goes out at once. (A fixed window from the last send, as
-before, made such a stream fall behind: each token that came a little early
-waited for the window, the next window started late, and the lag grew by the
-timer's lateness on every token — up to a whole window — with a timer and a
-task per token. Issue #5, c=64 TTFT profile.)
+streaming at exactly that rate, with up to half a window of jitter (peak to
+peak) — always finds a credit and goes out at once. (A fixed window from the
+last send would make such a stream fall behind: each token that came a little
+early would wait for the window, the next window would start late, and the lag
+would grow by the timer's lateness on every token.)
 
 The ``accepted`` event is a probe whose answer the worker awaits only before
 anything durable (see :mod:`workers.probes`); heartbeats and ``queued`` notices
@@ -91,7 +90,7 @@ class Emitter:
         self._streaming = streaming
         self._buffer: list[str] = []
         self._buffered = 0
-        # Pacing without a task or timer per token (issue #5): text published
+        # Pacing without a task or timer per token: text published
         # inline while there is credit; a timer only when text waits for some.
         self._credit = PACING_BURST  # text events allowed now (see PACING_BURST)
         self._credit_at = 0.0  # monotonic time _credit was last brought up to date

@@ -60,8 +60,8 @@ log = logging.getLogger("clawbus.worker")
 
 BUS_RETRY_DELAY = 0.5
 # Pull credit is topped up this many runs at a time (bus/pull.py): few enough that
-# a credit estimate drifting above the server's cannot starve the worker (with a
-# quarter of 4,096 slots it did, for the 5 s the silence check takes).
+# a credit estimate drifting above the server's cannot starve the worker until
+# the silence check notices (a batch of a quarter of a large worker's slots can).
 PULL_MIN_BATCH = 16
 NAK_DELAY = 0.25
 CANCELLED_MEMORY = 10_000
