@@ -211,7 +211,18 @@ def pinned(cmd: Sequence[str], cpus: str | None) -> list[str]:
 
 
 class Process:
-    """A child process whose stdout+stderr go to a log file."""
+    """A child process whose stdout+stderr go to a log file.
+
+    The benchmark keeps this runner rather than :class:`clawbus.watched.WatchedProcess`
+    (the line-watching runner of ``clawbus cluster`` and the tests) on purpose: the
+    processes it starts are what it measures, so their output goes straight into a
+    file by the kernel. With a pipe, a reader thread in this harness (pinned to the
+    harness CPU beside the load generators and the fake upstream) would spend that
+    CPU on every log line, and a harness slow to drain would block the measured
+    process on its writes. The file also keeps the whole log of a run on disk for
+    the problem-line scan and for reading afterwards. Readiness is therefore read
+    from the file (:meth:`wait_for`) or asked over HTTP (:meth:`wait_until`).
+    """
 
     def __init__(self, name: str, cmd: Sequence[str], log_path: Path, *,
                  env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:

@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import IO, TextIO
 
-from .children import spawn
 from .config import ConfigError, Settings, check_gateway_startable
 from .launch import gateway_command, load, worker_command
 from .natsserver import (
@@ -46,6 +42,7 @@ from .natsserver import (
     wait_jetstream_ready,
 )
 from .statedir import clear_running, read_running, write_running
+from .watched import WatchedProcess, write_line
 
 log = logging.getLogger("clawbus.cluster")
 
@@ -56,18 +53,8 @@ START_TIMEOUT = 60.0
 GATEWAY_STOP_TIMEOUT = 10.0
 NATS_STOP_TIMEOUT = 5.0
 
-_output_lock = threading.Lock()
-
-
-def _write(stream: TextIO, text: str) -> None:
-    """One whole line at a time, so children's lines never interleave mid-line."""
-    with _output_lock, contextlib.suppress(OSError, ValueError):  # our stdout went away
-        stream.write(text)
-        stream.flush()
-
-
 def _say(message: str) -> None:
-    _write(sys.stdout, f"{PREFIX} {message}\n")
+    write_line(sys.stdout, f"{PREFIX} {message}\n")  # never mid-line into a child's line
 
 
 class _Stop:
@@ -83,68 +70,22 @@ class _Stop:
         self.requested.set()
 
 
-class _Child:
+class _Child(WatchedProcess):
     """A gateway or worker process; its stdout and stderr are passed through line by
     line (to ours), watching for the line that says it is ready."""
 
     def __init__(self, role: str, index: int, cmd: list[str], ready: re.Pattern[str]) -> None:
         self.role = role
         self.index = index
-        self.ready = threading.Event()
-        self.ready_value: str | None = None
         self.exit_reported = False
-        self._ready_re = ready
         # Its own process group: a terminal's Ctrl-C reaches only us; we stop
-        # children in order.
-        self.proc = spawn(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, process_group=0)
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._pumps = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, sys.stdout),
-                             name=f"{self.name}-stdout", daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, sys.stderr),
-                             name=f"{self.name}-stderr", daemon=True),
-        ]
-        for pump in self._pumps:
-            pump.start()
+        # children in order. Nothing is kept: every line is passed through.
+        super().__init__(cmd, name=f"{role} {index}", merge_stderr=False, echo=True,
+                         ready=ready, keep=0, own_group=True)
 
     @property
-    def name(self) -> str:
-        return f"{self.role} {self.index}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def _pump(self, source: IO[bytes], sink: TextIO) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            for raw in source:
-                line = raw.decode("utf-8", "replace")
-                if not self.ready.is_set() and (match := self._ready_re.search(line)):
-                    self.ready_value = match.group(1)
-                    self.ready.set()
-                _write(sink, line if line.endswith("\n") else line + "\n")
-        with contextlib.suppress(OSError):
-            source.close()
-
-    def terminate(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if self.alive:
-                self.proc.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if self.alive:
-                self.proc.kill()
-
-    def join_output(self) -> None:
-        for pump in self._pumps:
-            pump.join(timeout=2.0)
+    def ready_value(self) -> str | None:
+        return None if self.ready_match is None else self.ready_match.group(1)
 
 
 def _wait_all(children: Sequence[_Child], timeout: float, hurry: threading.Event) -> None:
@@ -156,12 +97,12 @@ def _wait_all(children: Sequence[_Child], timeout: float, hurry: threading.Event
                 if child.alive:
                     log.warning("%s (pid %d) did not stop in time: killing it", child.name,
                                 child.pid)
-                    child.kill()
+                    child.signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     for child in children:
-        child.proc.wait()
-        child.join_output()
+        child.popen.wait()
+        child.join_output(timeout=2.0)
 
 
 def _count(n: int, noun: str) -> str:
@@ -247,9 +188,9 @@ class _Cluster:
                 return False
             for child in children:
                 if not child.alive and not child.ready.is_set():
-                    child.join_output()
+                    child.join_output(timeout=2.0)
                     log.error("%s (pid %d) exited with code %s while starting", child.name,
-                              child.pid, child.proc.returncode)
+                              child.pid, child.popen.returncode)
                     return False
             if time.monotonic() >= deadline:
                 late = ", ".join(c.name for c in children if not c.ready.is_set())
@@ -265,7 +206,7 @@ class _Cluster:
                 if not child.alive and not child.exit_reported:
                     child.exit_reported = True
                     log.warning("%s (pid %d) exited with code %s", child.name, child.pid,
-                                child.proc.returncode)
+                                child.popen.returncode)
             for server in self.servers:
                 if not server.running and server.name not in reported_nats:
                     reported_nats.add(server.name)
