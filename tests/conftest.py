@@ -1,13 +1,13 @@
-"""Shared fixtures: a real nats-server, a fake OpenAI upstream (a real HTTP
-server), and real clawbus gateway/worker processes on free loopback ports."""
+"""Shared fixtures and hooks: a real nats-server, a fake OpenAI upstream (a real
+HTTP server), and real clawbus gateway/worker processes on free loopback ports.
+
+Only fixtures and hooks live here; what tests import (the token, the config,
+:class:`~tests.helpers.Stack`) is in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
@@ -16,78 +16,8 @@ from nats.aio.client import Client
 
 from clawbus.natsserver import NatsServer
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import Stack, base_config
 from tests.natsfixtures import nats_cluster, nats_server, shared_nats  # noqa: F401
-from tests.procs import Gateway, Worker, write_config
-
-TOKEN = "test-token-123"
-
-
-def base_config(upstream: FakeOpenAI | None, **bus: Any) -> dict[str, Any]:
-    """A config with the endpoint on, two agents on the fake upstream, short bus timers."""
-    providers: dict[str, Any] = {"echo": {"api": "echo"}}
-    model = "echo/echo"
-    if upstream is not None:
-        providers["fake"] = {"api": "openai-completions", "baseUrl": upstream.base_url,
-                             "apiKey": "sk-upstream", "timeoutSeconds": 5,
-                             "connectTimeoutSeconds": 2}
-        model = "fake/gpt-test"
-    return {
-        "gateway": {"auth": {"token": TOKEN}, "keepaliveSeconds": 0.3,
-                    "http": {"endpoints": {"chatCompletions": {"enabled": True}}}},
-        "agents": {
-            "defaults": {"model": model, "timeoutSeconds": 30},
-            "list": [{"id": "main", "default": True, "systemPrompt": "You are main."},
-                     {"id": "beta", "systemPrompt": "You are beta."}],
-        },
-        "models": {"providers": providers},
-        "bus": {"queueTimeoutSeconds": 5, "heartbeatSeconds": 1, "ackWaitSeconds": 6, **bus},
-    }
-
-
-@dataclass
-class Stack:
-    """Processes sharing one NATS of their own (so stacks with different configs
-    never serve each other's runs): gateways, workers and the fake upstream."""
-
-    nats: NatsServer
-    upstream: FakeOpenAI
-    config: Path
-    gateways: list[Gateway] = field(default_factory=list)
-    workers: list[Worker] = field(default_factory=list)
-
-    @classmethod
-    def start(cls, directory: Path, upstream: FakeOpenAI, config: dict[str, Any], *,
-              gateways: int = 1, workers: int = 1) -> Stack:
-        nats = NatsServer(store_dir=directory / "nats").start()
-        st = cls(nats, upstream, write_config(directory / "clawbus.json5", config))
-        try:
-            for _ in range(gateways):
-                st.add_gateway()
-            for _ in range(workers):
-                st.add_worker()
-        except BaseException:
-            st.stop()
-            raise
-        return st
-
-    @property
-    def url(self) -> str:
-        return self.gateways[0].url
-
-    def add_gateway(self) -> Gateway:
-        gw = Gateway(self.config, self.nats.url, name=f"gateway{len(self.gateways)}")
-        self.gateways.append(gw)
-        return gw
-
-    def add_worker(self, grace: float = 10.0) -> Worker:
-        wk = Worker(self.config, self.nats.url, grace=grace, name=f"worker{len(self.workers)}")
-        self.workers.append(wk)
-        return wk
-
-    def stop(self) -> None:
-        for proc in [*self.workers, *self.gateways]:
-            proc.stop()
-        self.nats.stop()
 
 
 @pytest.fixture(scope="module")

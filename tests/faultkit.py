@@ -31,9 +31,9 @@ from nats.aio.msg import Msg
 from bus import subjects
 from bus.messages import Turn, decode_event
 from bus.transcripts import Transcripts
-from tests.conftest import TOKEN
 from tests.fakes.http_upstream import RequestRecord, forever, send_chunk
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import TOKEN
 
 URL = "/v1/chat/completions"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

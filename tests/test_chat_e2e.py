@@ -13,8 +13,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import TOKEN, Stack
 from tests.fakes.openai_upstream import FakeOpenAI, RequestRecord
+from tests.helpers import TOKEN, Stack
 from tests.schemas import validate
 
 

@@ -23,8 +23,8 @@ from fastapi import FastAPI
 from clawbus.config import parse_settings
 from clawbus.natsserver import NatsServer
 from gateway.app import create_app
-from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import TOKEN, Stack, base_config
 from tests.schemas import validate
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

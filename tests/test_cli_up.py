@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from clawbus.statedir import pid_alive, read_running
-from tests.conftest import TOKEN, base_config
+from tests.helpers import TOKEN, base_config
 from tests.procs import LISTENING, WORKER_READY, Proc, wait_until, write_config
 
 NATS_STARTED = re.compile(r"embedded nats-server (\d+) on (nats://\S+)")

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from clawbus.statedir import pid_alive
-from tests.conftest import TOKEN, base_config
+from tests.helpers import TOKEN, base_config
 from tests.procs import LISTENING, Proc, wait_until, write_config
 
 

@@ -24,8 +24,8 @@ import pytest
 from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 
-from tests.conftest import TOKEN, Stack
 from tests.fakes.openai_upstream import FakeOpenAI, RequestRecord
+from tests.helpers import TOKEN, Stack
 
 # npm failures that mean "no registry here" (offline machine, proxy, DNS), not a bug.
 NPM_OFFLINE = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT",

@@ -19,8 +19,8 @@ import pytest
 
 from bus import subjects
 from clawbus.statedir import pid_alive, read_running
-from tests.conftest import TOKEN, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import TOKEN, base_config
 from tests.procs import Proc, wait_until, write_config
 
 STARTED = re.compile(r"^clawbus cluster: (nats n\d+|gateway \d+|worker \d+) \(pid (\d+)\)")

@@ -23,8 +23,8 @@ import pytest
 
 from bus import subjects
 from clawbus.natsserver import NatsServer, cluster, wait_jetstream_ready
-from tests.conftest import base_config
 from tests.faultkit import FaultyOpenAI, SseRun, StreamResult, body_text, last_user
+from tests.helpers import base_config
 from tests.procs import Gateway, Worker, write_config
 
 STREAMS = (subjects.RUNS_STREAM, subjects.TX_STREAM, f"KV_{subjects.LEASES_BUCKET}",

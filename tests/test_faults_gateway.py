@@ -30,7 +30,6 @@ from bus.messages import Accepted, Delta, Done, Failed, Heartbeat, Usage
 from clawbus.config import BusConfig
 from gateway.runs import RunClient, RunHandle
 from gateway.sequencer import RunEvent
-from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.openai_upstream import default_reply
 from tests.faultkit import (
     FaultyOpenAI,
@@ -40,6 +39,7 @@ from tests.faultkit import (
     session_turns,
     stream_once,
 )
+from tests.helpers import TOKEN, Stack, base_config
 from tests.schemas import validate
 
 FAST_BUS = {"ackWaitSeconds": 3, "heartbeatSeconds": 0.5}

@@ -27,7 +27,6 @@ import nats
 import orjson
 import pytest
 
-from tests.conftest import Stack, base_config
 from tests.faultkit import (
     AUTH,
     URL,
@@ -41,6 +40,7 @@ from tests.faultkit import (
     session_turns,
     stream_once,
 )
+from tests.helpers import Stack, base_config
 
 FAST_BUS = {"ackWaitSeconds": 3, "heartbeatSeconds": 0.5}
 

@@ -17,8 +17,8 @@ import pytest
 from bus import subjects
 from bus.messages import Turn
 from bus.transcripts import WINDOW_BUDGET, WINDOW_START, within_budget
-from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import TOKEN, Stack, base_config
 
 BUDGET = 100  # characters of user + assistant text: two of this test's turns fit
 

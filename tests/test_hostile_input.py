@@ -33,7 +33,7 @@ from bus import subjects
 from bus.transcripts import Transcripts
 from clawbus.natsserver import NatsServer
 from gateway import auth as auth_module
-from tests.conftest import TOKEN, base_config
+from tests.helpers import TOKEN, base_config
 from tests.hostile import Headers, HttpResult, InProcess, check_http
 from tests.schemas import validate
 

@@ -12,8 +12,8 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import TOKEN, Stack, base_config
 from tests.procs import Worker, wait_until
 
 METRICS_URL = re.compile(r"worker metrics on (http://\S+/metrics)")

@@ -31,8 +31,8 @@ from clawbus.config import parse_settings
 from clawbus.natsserver import NatsServer
 from gateway.app import create_app
 from gateway.disconnect import CancelOnDisconnect
-from tests.conftest import TOKEN, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import TOKEN, base_config
 from workers.acceptance import Acceptance
 from workers.deferred import Deferred
 from workers.worker import Worker

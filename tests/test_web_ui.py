@@ -24,9 +24,9 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import TOKEN, Stack, base_config
 from tests.fakes.http_upstream import text_of
 from tests.fakes.openai_upstream import FakeOpenAI, RequestRecord, default_reply
+from tests.helpers import TOKEN, Stack, base_config
 from tests.procs import Gateway, write_config
 
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed")

@@ -26,8 +26,8 @@ from nats.js.errors import NotFoundError
 
 from bus import subjects
 from bus.messages import REPLY_GONE, REPLY_OK, RunRequest
-from tests.conftest import Stack, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.helpers import Stack, base_config
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from tests.conftest import TOKEN, Stack
 from tests.fakes.openai_upstream import RequestRecord
+from tests.helpers import TOKEN, Stack
 
 _ids = itertools.count(1)
 
