@@ -14,10 +14,9 @@ import pytest
 import uvloop
 from nats.aio.client import Client
 
-from clawbus.natsserver import NatsServer
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import Stack, base_config
-from tests.natsfixtures import nats_cluster, nats_server, shared_nats  # noqa: F401
+from tests.natsfixtures import SingleNats, nats_cluster, nats_server, shared_nats  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def _reset_upstream(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture
-async def nc(shared_nats: NatsServer) -> AsyncIterator[Client]:  # noqa: F811 (a fixture)
+async def nc(shared_nats: SingleNats) -> AsyncIterator[Client]:  # noqa: F811 (a fixture)
     """A NATS client on the session's shared server (modules may override it)."""
     client = await nats.connect(shared_nats.url)
     try:

@@ -1,9 +1,12 @@
 """Helpers the tests import (``tests/conftest.py`` holds only fixtures and hooks):
-the test token and config, and a :class:`Stack` of real processes on a NATS of
-its own."""
+the test token and config, a :class:`Stack` of real processes on a NATS of its
+own, and whether a Docker engine answers (for the container-backed tests)."""
 
 from __future__ import annotations
 
+import functools
+import gc
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,10 @@ def base_config(upstream: FakeOpenAI | None, **bus: Any) -> dict[str, Any]:
 @dataclass
 class Stack:
     """Processes sharing one NATS of their own (so stacks with different configs
-    never serve each other's runs): gateways, workers and the fake upstream."""
+    never serve each other's runs): gateways, workers and the fake upstream.
+
+    The NATS is always a local ``nats-server`` process, whatever
+    ``CLAWBUS_TEST_NATS`` says (see ``tests/natsfixtures.py``)."""
 
     nats: NatsServer
     upstream: FakeOpenAI
@@ -81,3 +87,31 @@ class Stack:
         for proc in [*self.workers, *self.gateways]:
             proc.stop()
         self.nats.stop()
+
+
+@functools.cache
+def docker_engine_problem() -> str | None:
+    """None when a Docker engine answers a ping (asked the way testcontainers asks:
+    ``DOCKER_HOST``, the Docker context, ``~/.testcontainers.properties``), else why not.
+
+    Asked once per session. A failed ping leaves an unclosed socket behind in the
+    Docker SDK: it is collected here, with its ResourceWarning ignored, so that it
+    does not fail whichever test happens to run the garbage collector next."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            from testcontainers.core.docker_client import DockerClient
+        except ImportError as exc:
+            return f"testcontainers is not installed ({exc}): pip install -e '.[test]'"
+        try:
+            client = DockerClient(timeout=5)
+            try:
+                client.client.ping()
+            finally:
+                client.client.close()
+        except Exception as exc:  # the SDK raises DockerException, requests' errors, OSError
+            problem: str | None = f"{type(exc).__name__}: {exc}"
+        else:
+            problem = None
+        gc.collect()
+    return problem
