@@ -61,12 +61,14 @@ async def test_first_text_goes_at_once_then_a_burst_is_one_event(nc: Client) -> 
     await emitter.delta("Hello")
     first = await next_event(sub)
     assert first == {"v": 1, "seq": 1, "attempt": 1, "type": "delta", "text": "Hello"}
+    # A behaviour check, not a speed check: held text would wait out the window.
     assert time.monotonic() - started < WINDOW  # not held for a window
     for word in (" big", " wide", " world"):  # right after "Hello" spent the credit
         await emitter.delta(word)
     burst = await next_event(sub)
     assert burst["text"] == " big wide world" and burst["seq"] == 2
-    # waited for the credit: half a window (the bucket's slack is half a credit)
+    # waited for the credit: half a window (the bucket's slack is half a credit);
+    # lower bounds check the pacing, and a slow machine can only add to them
     assert time.monotonic() - started >= WINDOW * 0.45
     for word in (" again", " and", " again"):
         await emitter.delta(word)

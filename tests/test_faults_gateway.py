@@ -141,7 +141,10 @@ def test_stalled_sse_client_is_cut_off(upstream: FaultyOpenAI, tmp_path: Path) -
     assert b"client too slow: event queue overflowed" in tail
     assert tail.index(b"slow_consumer") < tail.index(b"data: [DONE]")
     assert turns == []
-    assert max(during) <= 2 * max(baseline) + 1.0, (baseline, during)
+    # A behaviour check, not a speed check: the other streams keep going beside the
+    # stalled client instead of waiting on it. The bound is loose on purpose; how
+    # fast streams go is measured by bench/, never asserted.
+    assert max(during) <= 3 * max(baseline) + 2.0, (baseline, during)
     print(f"\nstalled client: run cut {cut_after:.2f} s into a 6 MB reply; other streams "
           f"{statistics.median(baseline):.2f} s alone vs {statistics.median(during):.2f} s "
           f"beside it (median of 3, 300 tokens each)")
@@ -316,5 +319,7 @@ def test_provider_faults(faulty_stack: Stack, fault: dict[str, Any], status: int
         assert resp.json()["error"]["message"].startswith(message)
         if status == 429:
             assert resp.headers["retry-after"] == "1"
+    # A behaviour check, not a speed check: the fault ends the request through the
+    # provider timeout (1 s here), not by hanging until the client's 30 s timeout.
     assert took < 15, took
     assert asyncio.run(session_turns(faulty_stack.nats.url, key)) == []

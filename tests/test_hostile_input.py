@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -479,12 +478,9 @@ def test_huge_number_of_messages(roomy: InProcess) -> None:
     many = [{"role": "user" if i % 2 else "assistant", "content": f"m{i}"}
             for i in range(20_000)]
     body = orjson.dumps({"model": "openclaw", "messages": many})
-    t0 = time.monotonic()
     resp = post(roomy, body)
-    took = time.monotonic() - t0
     assert check_http(resp) == "200 json"
     assert resp.json()["choices"][0]["message"]["content"].endswith("User: m19999")
-    assert took < 20, took
 
 
 @pytest.mark.parametrize("key", [

@@ -320,6 +320,8 @@ async def test_cancellation_disconnects_upstream(up: FakeOpenAI,
     await wait_for(up, last_disconnected, within=1.0)
     rec = up.requests[-1]
     assert not rec.completed
+    # A behaviour check, not a speed check: the whole reply takes 10 s; ending
+    # within half of it means the cancel cut the call.
     assert rec.ended is not None and rec.ended - rec.started < 5
 
 
