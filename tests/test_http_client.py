@@ -14,6 +14,7 @@ import pytest
 import trustme
 
 from clawbus.config import ProviderConfig
+from tests.fakes.connect_proxy import ConnectProxy
 from workers.providers.http_client import (
     HIGH_WATER,
     ConnectError,
@@ -225,7 +226,7 @@ async def test_cancelling_a_connect_leaves_no_connection(http: HTTPClient) -> No
         with pytest.raises(asyncio.CancelledError):
             await attempt
         await asyncio.wait_for(closed.wait(), 5)
-        assert not http._live
+        assert http.connections == 0
 
 
 async def test_silence_before_or_after_the_head_is_a_read_timeout() -> None:
@@ -590,3 +591,58 @@ async def test_https_through_a_proxy_tunnels(
     assert headers["proxy-authorization"] == "Basic " + base64.b64encode(b"u:p").decode()
     assert seen[0][0] == b"POST /v1/x HTTP/1.1", "the origin sees the origin form"
     assert "proxy-authorization" not in seen[0][1], "credentials stay with the proxy"
+
+
+async def test_https_through_an_https_proxy_is_tls_inside_tls(
+        tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """TLS to the proxy, CONNECT, then TLS to the origin inside it; keep-alive holds."""
+    server_ctx, client_ctx = tls
+    seen: list[tuple[bytes, dict[str, str], bytes]] = []
+    async with Server(lambda r, w: keep_alive_replies(r, w, seen), server_ctx) as origin, \
+            ConnectProxy(server_ctx, credentials=("u", "p")) as proxy:
+        http = client(ssl_context=client_ctx, proxy=proxy.url)
+        try:
+            for n in (1, 2):
+                response = await http.post(origin.url("/v1/x", scheme="https"), b"{}")
+                assert await response.read() == b"reply %d" % n
+                response.release()
+        finally:
+            await http.aclose()
+        assert (proxy.connections, origin.connections) == (1, 1)
+    assert proxy.tunnels[0].target == f"127.0.0.1:{origin.port}"
+    assert seen[0][0] == b"POST /v1/x HTTP/1.1"
+
+
+async def test_an_https_proxy_with_an_untrusted_certificate_is_a_connect_error(
+        tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_ctx, _ = tls
+    async with Server(keep_alive_replies, server_ctx) as origin, \
+            ConnectProxy(server_ctx) as proxy:
+        http = client(proxy=proxy.url)  # the system's trust store: no test CA
+        try:
+            with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await http.post(origin.url(scheme="https"), b"{}")
+        finally:
+            await http.aclose()
+        assert proxy.tunnels == [], "refused before CONNECT"
+
+
+async def test_http_through_an_https_proxy(
+        tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_ctx, client_ctx = tls
+    seen: list[tuple[bytes, dict[str, str], bytes]] = []
+    async with Server(lambda r, w: keep_alive_replies(r, w, seen), server_ctx) as proxy:
+        http = client(ssl_context=client_ctx, proxy=f"https://127.0.0.1:{proxy.port}")
+        try:
+            response = await http.post("http://upstream.invalid/v1/chat", b"{}")
+            assert await response.read() == b"reply 1"
+            response.release()
+        finally:
+            await http.aclose()
+    assert seen[0][0] == b"POST http://upstream.invalid/v1/chat HTTP/1.1"
+
+
+def test_unsupported_proxies_are_refused() -> None:
+    for proxy in ("socks5://127.0.0.1:1080", "http://127.0.0.1:port", "http://"):
+        with pytest.raises(ValueError, match="proxy"):
+            HTTPClient({}, read_timeout=1, connect_timeout=1, proxy=proxy)
