@@ -356,6 +356,89 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n  ".join([f"invalid configuration in {source}:", *problems])
 
 
+# What the providers' HTTP client can speak to a proxy (workers/providers/http_client).
+PROXY_SCHEMES = ("http", "https")
+
+
+def env_proxies(env: Mapping[str, str]) -> dict[str, str]:
+    """``{scheme: proxy URL}`` from the ``<scheme>_proxy`` variables of ``env``, read
+    as :func:`urllib.request.getproxies_environment` reads ``os.environ``: lower-case
+    names win, ``no`` holds ``NO_PROXY``, and a CGI request's ``HTTP_PROXY`` is
+    ignored."""
+    proxies: dict[str, str] = {}
+    for name, value in env.items():
+        if value and name.lower().endswith("_proxy"):
+            proxies[name.lower()[:-6]] = value
+    if "REQUEST_METHOD" in env:  # httpoxy: a client's "Proxy:" header, not a setting
+        proxies.pop("http", None)
+    for name, value in env.items():
+        if name.endswith("_proxy"):
+            if value:
+                proxies[name[:-6]] = value
+            else:
+                proxies.pop(name[:-6], None)
+    return proxies
+
+
+def proxy_for(url: str, env: Mapping[str, str]) -> str | None:
+    """The proxy for requests to ``url``: ``<SCHEME>_PROXY`` or ``ALL_PROXY``, unless
+    ``NO_PROXY`` exempts its host; None to connect directly."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = env_proxies(env)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or (parts.hostname and _no_proxy(parts.hostname, proxies.get("no", ""))):
+        return None
+    return proxy
+
+
+def _no_proxy(host: str, no_proxy: str) -> bool:
+    """``NO_PROXY`` (``*`` or comma-separated domain suffixes) exempts ``host``."""
+    if no_proxy.strip() == "*":
+        return True
+    host = host.lower()
+    for entry in no_proxy.split(","):
+        name = entry.strip().lstrip(".").lower()
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
+def proxy_problem(proxy: str) -> str | None:
+    """Why the providers' HTTP client cannot use the proxy URL ``proxy``; None if it can."""
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"  # without credentials
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        return f"{shown}: {exc}"
+    if parts.scheme not in PROXY_SCHEMES:
+        return f"{shown}: only http:// and https:// proxies are supported"
+    if not parts.hostname:
+        return f"{shown}: no host"
+    return None
+
+
+def _check_proxies(settings: Settings, env: Mapping[str, str]) -> list[str]:
+    """What is wrong with the proxy each HTTP provider would use, found when the
+    settings are loaded rather than on a worker's first run."""
+    proxies = env_proxies(env)
+    problems = []
+    for name, provider in settings.models.providers.items():
+        if provider.api == "echo":
+            continue
+        # Without a baseUrl a provider calls its vendor's https:// API, whose host
+        # only the workers know: NO_PROXY is not consulted for it here.
+        url = provider.base_url or "https://"
+        proxy = proxy_for(url, env)
+        problem = proxy_problem(proxy) if proxy else None
+        if problem is not None:
+            scheme = urllib.parse.urlsplit(url).scheme
+            variable = f"{scheme}_proxy" if proxies.get(scheme) else "all_proxy"
+            problems.append(f"models.providers.{name}: the proxy in {variable.upper()} "
+                            f"cannot be used: {problem}")
+    return problems
+
+
 def parse_settings(raw: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None,
                    config_dir: Path | None = None) -> Settings:
     """Validate an already-parsed config document and fold in env secrets and paths."""
@@ -371,6 +454,9 @@ def parse_settings(raw: Any, *, source: str = "<config>", env: Mapping[str, str]
         settings = Settings.model_validate(raw, by_alias=True, by_name=False)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+    problems = _check_proxies(settings, env)
+    if problems:
+        raise ConfigError("\n  ".join([f"invalid proxy settings for {source}:", *problems]))
     auth = settings.gateway.auth
     auth = auth.model_copy(update={
         "token": auth.token or env.get(TOKEN_ENV) or None,

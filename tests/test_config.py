@@ -17,9 +17,11 @@ from clawbus.config import (
     ConfigError,
     Settings,
     check_gateway_startable,
+    env_proxies,
     load_settings,
     masked,
     parse_settings,
+    proxy_for,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -817,3 +819,74 @@ def test_cli_config_check_unstartable_warns(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert json.loads(proc.stdout)["gateway"]["bind"] == "lan"
     assert "0.0.0.0" in proc.stderr
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+def openai_provider(**extra: Any) -> dict[str, Any]:
+    return {"models": {"providers": {"up": {"api": "openai-completions", **extra}}}}
+
+
+def test_env_proxies_read_as_urllib_reads_them() -> None:
+    env = {"HTTPS_PROXY": "http://upper:1", "https_proxy": "http://lower:1",
+           "HTTP_PROXY": "http://h:1", "ALL_PROXY": "http://a:1", "no_proxy": "x",
+           "FTP_PROXY": "", "ftp_proxy": "http://f:1", "NOT_A_PROXY_VAR": "v"}
+    assert env_proxies(env) == {"https": "http://lower:1", "http": "http://h:1",
+                                "all": "http://a:1", "no": "x", "ftp": "http://f:1"}
+    assert "http" not in env_proxies({"HTTP_PROXY": "http://h:1", "REQUEST_METHOD": "GET"})
+
+
+def test_proxy_for_a_url() -> None:
+    env = {"HTTPS_PROXY": "http://p:3128", "ALL_PROXY": "http://all:1",
+           "NO_PROXY": "localhost, .internal.example"}
+    assert proxy_for("https://api.example/v1", env) == "http://p:3128"
+    assert proxy_for("http://api.example/v1", env) == "http://all:1"
+    assert proxy_for("https://localhost:8000/v1", env) is None
+    assert proxy_for("https://llm.internal.example/v1", env) is None
+    assert proxy_for("https://internal.example/v1", env) is None
+    assert proxy_for("https://notinternal.example/v1", env) == "http://p:3128"
+    assert proxy_for("https://api.example/v1", {**env, "NO_PROXY": "*"}) is None
+    assert proxy_for("https://api.example/v1", {}) is None
+
+
+@pytest.mark.parametrize("proxy", ["http://proxy:3128", "https://u:p@proxy:443", "proxy:3128"])
+def test_http_and_https_proxies_are_accepted(proxy: str) -> None:
+    parse(openai_provider(), HTTPS_PROXY=proxy)
+    parse(openai_provider(baseUrl="http://llm.example/v1"), HTTP_PROXY=proxy)
+
+
+@pytest.mark.parametrize(("variable", "base_url"), [
+    ("HTTPS_PROXY", None), ("HTTPS_PROXY", "https://llm.example/v1"),
+    ("HTTP_PROXY", "http://llm.example/v1"), ("ALL_PROXY", None)])
+def test_an_unusable_proxy_is_a_config_error(variable: str, base_url: str | None) -> None:
+    raw = openai_provider(**({"baseUrl": base_url} if base_url else {}))
+    message = config_error(raw, **{variable: "socks5h://user:s3cret@proxy:1080"})
+    assert f"models.providers.up: the proxy in {variable}" in message
+    assert "socks5h://proxy:1080: only http:// and https:// proxies are supported" in message
+    assert "s3cret" not in message
+
+
+def test_a_malformed_proxy_is_a_config_error() -> None:
+    message = config_error(openai_provider(), https_proxy="http://proxy:port")
+    assert "the proxy in HTTPS_PROXY cannot be used: http://proxy:port" in message
+
+
+def test_proxies_that_no_provider_uses_are_not_checked() -> None:
+    socks = "socks5://proxy:1080"
+    parse({}, HTTPS_PROXY=socks)  # echo only
+    parse(openai_provider(baseUrl="https://llm.example/v1"), HTTP_PROXY=socks)
+    parse(openai_provider(baseUrl="https://llm.example/v1"), HTTPS_PROXY=socks,
+          NO_PROXY="example")
+
+
+def test_cli_config_check_reports_an_unusable_proxy(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.json5", """{
+      models: { providers: { claude: { api: "anthropic-messages" } } },
+      agents: { defaults: { model: "claude/claude-x" } },
+    }""")
+    proc = run_check(tmp_path, config, HTTPS_PROXY="socks5://proxy:1080")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert "models.providers.claude: the proxy in HTTPS_PROXY cannot be used" in proc.stderr

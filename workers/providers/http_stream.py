@@ -2,9 +2,9 @@
 ``anthropic-messages``): the pooled HTTP client, SSE line splitting, draining,
 ``Retry-After`` parsing and the translation of HTTP failures into :class:`ProviderError`.
 
-The client is :mod:`.http_client` (asyncio + httptools), not aiohttp or httpx: it
-costs a third of aiohttp's CPU per streamed request, and httpx/httpcore/anyio cost
-more than aiohttp (see that module).
+The client is :mod:`.http_client` (asyncio + httptools), not aiohttp or httpx:
+their per-request and per-read machinery costs a worker several times its CPU
+(see that package).
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import email.utils
 import importlib.metadata
+import os
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import orjson
+
+from clawbus.config import proxy_for
 
 from .base import ProviderError
 from .http_client import HTTPClient, HTTPError, Response
@@ -55,14 +56,9 @@ def request_headers(defaults: Mapping[str, str],
 
 
 def env_proxy(url: str) -> str | None:
-    """The proxy for ``url`` from ``HTTP(S)_PROXY`` / ``ALL_PROXY`` minus ``NO_PROXY``
-    (httpx honoured them too), read once rather than per request."""
-    parts = urllib.parse.urlsplit(url)
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if not proxy or (parts.hostname and urllib.request.proxy_bypass(parts.hostname)):
-        return None
-    return proxy
+    """The proxy for ``url`` from ``HTTP(S)_PROXY`` / ``ALL_PROXY`` minus ``NO_PROXY``,
+    read once rather than per request (loading the settings checked it is usable)."""
+    return proxy_for(url, os.environ)
 
 
 def upstream_client(headers: Mapping[str, str], timeout_seconds: float,
