@@ -2,8 +2,7 @@
 nats-py (so an upgrade that changes them fails here, not in production), and the
 adapter's own behaviour against a real nats-server.
 
-The other guards: tests/test_connection.py (the header parser), tests/test_direct.py
-(subscribe_direct)."""
+The other guard: tests/test_direct.py (subscribe_direct)."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
-from bus.nats_adapter import BatchingClient, consumer_name
-from bus.nats_adapter.client import parse_header_block
+from bus.nats_adapter import BatchingClient, consumer_name, parse_header_block
 from clawbus.natsserver import NatsServer
 from tests.natsfixtures import scratch_stream
 
@@ -46,11 +44,6 @@ def test_the_flusher_we_replace_is_the_loop_we_copied() -> None:
     # Who fills the buffer the flusher writes out:
     assert "self._pending.append(" in inspect.getsource(Client._send_command)
     assert "self._pending_data_size +=" in inspect.getsource(Client._send_command)
-
-
-def test_the_header_parser_we_replace_is_a_static_method_of_the_client() -> None:
-    assert isinstance(inspect.getattr_static(Client, "_parse_header_lines"), staticmethod)
-    assert "self._parse_header_lines(" in inspect.getsource(Client._process_headers)
 
 
 def test_parse_header_block() -> None:

@@ -13,10 +13,6 @@ Internals touched (all in :mod:`.client`):
   :class:`BatchingClient` writes what one event-loop pass published in one
   socket write under load: fewer system calls and wake-ups here, in
   nats-server and in the receivers. Guarded by ``tests/test_nats_adapter.py``.
-- ``Client._parse_header_lines``: :class:`BatchingClient` parses header blocks
-  without nats-py's per-character generator over every name; every delivered
-  run and every message of a history read carries a header block. Guarded by
-  ``tests/test_connection.py`` (hypothesis: the same results as nats-py's).
 - ``Subscription._pending_queue``, ``_pending_size``, ``_wait_for_msgs_task``:
   :func:`subscribe_direct` hands each message to a plain function from the
   connection's reader (no queue put, task wake-up and coroutine per message):
@@ -35,14 +31,15 @@ Hand-rolled protocol paths (public nats-py API plus :func:`subscribe_direct`):
   the workers' liveness probes whose answer is awaited later. nats-py's
   ``request`` costs a NUID, two futures, ``wait_for`` and a queue hop per call.
 - :mod:`.gets` — :class:`LeaderGet` (``STREAM.MSG.GET`` from the stream leader,
-  decoded with orjson and the fast header parser) and :class:`BatchGetter`
+  decoded with orjson and a header parser that gives nats-py's results,
+  ``tests/test_connection.py``) and :class:`BatchGetter`
   (JetStream's batched direct get, which nats-py does not offer).
 
 Figures for what each one buys are in ``docs/BENCHMARKS.md``.
 """
 
-from .client import BatchingClient, consumer_name, parse_header_block, subscribe_direct
-from .gets import BatchGetter, LeaderGet, StoredMsg
+from .client import BatchingClient, consumer_name, subscribe_direct
+from .gets import BatchGetter, LeaderGet, StoredMsg, parse_header_block
 from .requests import NO_RESPONDERS, AckedPublisher, Requester, api_answer
 
 __all__ = [

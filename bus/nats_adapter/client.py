@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,48 +18,14 @@ log = logging.getLogger("clawbus.bus")
 # A write this soon after the previous one waits for one more event-loop pass.
 WRITE_BATCH_SECONDS = 0.0005
 
-# A header name holding whitespace is skipped (as nats-py does: str.isspace, which
-# for ASCII also counts \x1c-\x1f).
-_NAME_SPACE = re.compile(rb"[\s\x1c-\x1f]")
-_HEADER_LINE = b"NATS/1.0"
-
-
-def _parse_header_lines(raw: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in raw.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        name = name.strip()
-        if _NAME_SPACE.search(name) is not None or not name.isascii():
-            continue
-        out[name.decode("ascii")] = value.strip().decode("utf-8", "replace")
-    return out
-
-
-def parse_header_block(raw: bytes) -> dict[str, str]:
-    """The headers of a ``NATS/1.0`` header block (as JetStream returns them in a
-    stored message's ``hdrs``), parsed as nats-py parses delivered messages'."""
-    if not raw.startswith(_HEADER_LINE):
-        return {}
-    return _parse_header_lines(raw.partition(b"\r\n")[2])
-
-
 class BatchingClient(Client):
-    """nats-py's client with two of its internals replaced:
-
-    - its flusher batches under load: when the previous socket write was less
-      than :data:`WRITE_BATCH_SECONDS` ago, it lets the event loop run one more
-      pass (the I/O that just arrived, the callbacks it wakes) before writing,
-      so what they publish shares the write. A quiet connection writes at once
-      and never sleeps. The rest is nats-py's own flusher loop.
-    - its header parser gives nats-py's results without its per-character
-      generator over every header name.
-    """
+    """nats-py's client whose flusher batches under load: when the previous socket
+    write was less than :data:`WRITE_BATCH_SECONDS` ago, it lets the event loop
+    run one more pass (the I/O that just arrived, the callbacks it wakes) before
+    writing, so what they publish shares the write. A quiet connection writes at
+    once and never sleeps. The rest is nats-py's own flusher loop."""
 
     _last_write = 0.0
-
-    _parse_header_lines = staticmethod(_parse_header_lines)
 
     async def _flusher(self) -> None:
         assert self._transport, "Client.connect must be called first"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +34,37 @@ import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 
-from .client import parse_header_block
 from .requests import NO_RESPONDERS, Requester, api_answer
 
 API_PREFIX = "$JS.API"
+
+# A header name holding whitespace is skipped (as nats-py does: str.isspace, which
+# for ASCII also counts \x1c-\x1f).
+_NAME_SPACE = re.compile(rb"[\s\x1c-\x1f]")
+_HEADER_LINE = b"NATS/1.0"
+
+
+def parse_header_lines(raw: bytes) -> dict[str, str]:
+    """Header lines (after the ``NATS/1.0`` line) as nats-py parses a delivered
+    message's (tests/test_connection.py compares the two)."""
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip()
+        if _NAME_SPACE.search(name) is not None or not name.isascii():
+            continue
+        out[name.decode("ascii")] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+def parse_header_block(raw: bytes) -> dict[str, str]:
+    """The headers of a ``NATS/1.0`` header block (as JetStream returns them in a
+    stored message's ``hdrs``), parsed as nats-py parses delivered messages'."""
+    if not raw.startswith(_HEADER_LINE):
+        return {}
+    return parse_header_lines(raw.partition(b"\r\n")[2])
 
 
 @dataclass(frozen=True, slots=True)
