@@ -4,20 +4,21 @@ waits for that response."""
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 
 from clawbus.deadline import DeadlineWaiter
 
 from .errors import ConnectError, ConnectTimeout, HTTPError, ReadTimeout, ResponseError, cause
-from .flow import ReadFlow
+from .flow import HIGH_WATER, ReadFlow
 from .parser import ResponseParser
 from .tunnel import TunnelReply
 
 
 class Connection(asyncio.Protocol):
-    """One exchange at a time: :meth:`start` sends a request, :meth:`wait` and
-    :meth:`take` read its response, :meth:`end_exchange` ends it. ``key`` names the
-    pool it belongs to."""
+    """One exchange at a time: :meth:`start` sends a request, :meth:`wait_head`,
+    :meth:`take` and :meth:`wait` read its response, :meth:`end_exchange` ends it.
+    ``key`` names the pool it belongs to."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float,
                  key: tuple[str, str, int]) -> None:
@@ -61,21 +62,22 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._waiter.postpone(self._loop.time() + self._read_timeout)
+        waiter = self._waiter
+        waiter.postpone(self._loop.time() + self._read_timeout)
         if self._tunnel is not None:
             self._tunnel_data(data)
             return
         response = self._response
-        if not response.active:  # bytes nobody asked for: not reusable
-            self.close()
+        if not response.expecting or response.complete:  # bytes nobody asked for
+            self.close()  # not reusable
             return
         response.feed(data)
         if response.error is not None:
             self.close()
-        elif response.buffered:
+        elif response.buffered > HIGH_WATER:  # the reader is behind
             assert self.transport is not None
-            self._flow.received(self.transport, response.buffered)
-        self._waiter.wake()
+            self._flow.pause(self.transport)
+        waiter.wake()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -101,22 +103,35 @@ class Connection(asyncio.Protocol):
         """Until the response's head has arrived; the exchange's error, if it failed."""
         response = self._response
         while not response.headers_done and response.error is None:
-            await self.wait()
+            if not await self.wait():
+                self.timed_out()
         return response.error
 
-    async def wait(self) -> None:
-        """Until something happens on the exchange; after the read timeout of silence
-        the exchange fails with :class:`ReadTimeout`."""
-        if not await self._waiter.wait(self._loop.time() + self._read_timeout):
-            self._fail(ReadTimeout(f"no data from upstream for {self._read_timeout:g} s"))
+    def wait(self) -> Coroutine[Any, Any, bool]:
+        """Until something happens on the exchange (True), or until the read timeout
+        of silence (False: then :meth:`timed_out`). The waiter's own coroutine: no
+        frame of this one per read."""
+        return self._waiter.wait(self._loop.time() + self._read_timeout)
+
+    def timed_out(self) -> None:
+        """The upstream was silent for the read timeout: the exchange fails."""
+        self._fail(ReadTimeout(f"no data from upstream for {self._read_timeout:g} s"))
 
     def take(self) -> bytes | None:
         """The body bytes buffered so far; b"" at the end; None if none yet.
         Raises the exchange's error."""
-        data = self._response.take()
-        if data and self._flow.paused and self.transport is not None:
-            self._flow.taken(self.transport)
-        return data
+        response = self._response
+        chunks = response.chunks
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()  # the same list: no new one per read kept while waiting
+            response.buffered = 0
+            if self._flow.paused and self.transport is not None:
+                self._flow.resume(self.transport)
+            return data
+        if response.error is not None:
+            raise response.error
+        return b"" if response.complete else None
 
     def end_exchange(self) -> bool:
         """The exchange is over (read or abandoned); True if the connection may carry

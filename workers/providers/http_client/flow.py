@@ -9,21 +9,21 @@ HIGH_WATER = 1 << 20
 
 
 class ReadFlow:
-    """Pauses and resumes reading on one connection's transport."""
+    """Whether reading is paused on one connection's transport: paused once over
+    :data:`HIGH_WATER` bytes are buffered (the connection checks after each read),
+    resumed once the reader has taken them."""
 
     __slots__ = ("paused",)
 
     def __init__(self) -> None:
         self.paused = False
 
-    def received(self, transport: asyncio.Transport, buffered: int) -> None:
-        """After a read: pause if the reader is over :data:`HIGH_WATER` bytes behind."""
-        if buffered > HIGH_WATER and not self.paused:
+    def pause(self, transport: asyncio.Transport) -> None:
+        if not self.paused:
             self.paused = True
             transport.pause_reading()
 
-    def taken(self, transport: asyncio.Transport) -> None:
-        """The reader took everything buffered: read again."""
+    def resume(self, transport: asyncio.Transport) -> None:
         if self.paused:
             self.paused = False
             if not transport.is_closing():

@@ -1,5 +1,5 @@
 """httptools' callbacks for the response in flight on a connection: its head, its
-decoded body chunks until they are taken, and how it ended."""
+decoded body chunks until the reader takes them, and how it ended."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ class ResponseParser:
     :attr:`error` for the connection to act on (close) and the reader to raise."""
 
     __slots__ = ("_decoder", "_head_size", "_parser", "_until_close", "buffered", "chunks",
-                 "complete", "error", "got_bytes", "headers", "headers_done", "keep_alive",
-                 "reason", "status")
+                 "complete", "error", "expecting", "got_bytes", "headers", "headers_done",
+                 "keep_alive", "reason", "status")
 
     def __init__(self) -> None:
         self._parser: httptools.HttpResponseParser | None = None
+        self.expecting = False  # between begin() and end()
         self._decoder: zlib._Decompress | None = None
         self._until_close = False  # no framing: the body ends when the connection does
         self._head_size = 0
@@ -34,17 +35,13 @@ class ResponseParser:
         self.keep_alive = False
         self.got_bytes = False
         self.error: HTTPError | None = None
-        self.chunks: list[bytes] = []  # decoded body bytes not taken yet
+        self.chunks: list[bytes] = []  # decoded body bytes the reader has not taken
         self.buffered = 0  # their length
-
-    @property
-    def active(self) -> bool:
-        """A response is expected or being read."""
-        return self._parser is not None and not self.complete
 
     def begin(self) -> None:
         """Expect a new response."""
         self._parser = httptools.HttpResponseParser(self)
+        self.expecting = True
         self.status, self.reason, self.headers = 0, "", {}
         self.headers_done = self.complete = self.keep_alive = self.got_bytes = False
         self._until_close = False
@@ -57,6 +54,7 @@ class ResponseParser:
         """The exchange is over: the httptools parser (which refers back to this
         object) goes."""
         self._parser = None
+        self.expecting = False
 
     def feed(self, data: bytes) -> None:
         assert self._parser is not None
@@ -70,7 +68,7 @@ class ResponseParser:
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection closed: the end of a body framed by the close, else an error."""
-        if not self.active or self.error is not None:
+        if not self.expecting or self.complete or self.error is not None:
             return
         if self.headers_done and self._until_close:
             self._finish()
@@ -78,21 +76,6 @@ class ResponseParser:
             self.fail(ResponseError(f"connection closed mid-response{cause(exc)}"))
         else:
             self.fail(ResponseError(f"connection closed before the response{cause(exc)}"))
-
-    def take(self) -> bytes | None:
-        """The body bytes buffered so far; b"" at the end; None if none yet.
-        Raises the response's error."""
-        chunks = self.chunks
-        if chunks:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()  # the same list: no new one per read kept while waiting
-            self.buffered = 0
-            return data
-        if self.error is not None:
-            raise self.error
-        if self.complete:
-            return b""
-        return None
 
     def fail(self, error: HTTPError) -> None:
         """Record ``error`` unless the response already ended or failed."""

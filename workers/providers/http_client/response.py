@@ -36,7 +36,8 @@ class Response:
         if conn is None:
             return b""
         while (data := conn.take()) is None:
-            await conn.wait()
+            if not await conn.wait():
+                conn.timed_out()
         return data
 
     async def read(self, limit: int = MAX_READ) -> bytes:
