@@ -19,12 +19,19 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from . import subjects
 from .connection import stored_seq
 from .nats_adapter import AckedPublisher
+
+
+def lease_owner(worker_id: str) -> bytes:
+    """What a worker writes into the leases it holds."""
+    return orjson.dumps({"worker": worker_id})
+
 
 _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _TTL = "Nats-TTL"
@@ -75,6 +82,18 @@ class Leases:
     async def release(self, token: str, revision: int) -> None:
         """Mark the lease free, unless someone wrote since ``revision``."""
         await self._cas(token, FREE, revision, "1")
+
+    async def free_if_held_by(self, token: str, owner: bytes) -> bool:
+        """Free the session's lease if ``owner`` holds it (a worker taken for dead):
+        a compare-and-set on what was read, so a live holder is never clobbered."""
+        try:
+            current = await self._js.get_msg(
+                self._stream, subject=self._subject(token), direct=False)
+        except NotFoundError:
+            return False
+        if current.data != owner or current.seq is None:
+            return False
+        return await self._cas(token, FREE, int(current.seq), "1") is not None
 
 
 class SessionLease:

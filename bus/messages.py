@@ -80,13 +80,19 @@ class Queued(_Event):
     """
 
     type: Literal["queued"] = "queued"
+    # Who holds the run, and its JetStream delivery's reply subject: if that
+    # worker dies, the run's gateway hands the run back (a nak) on its behalf.
+    worker_id: str = ""
+    ack: str = ""
 
 
 class Accepted(_Event):
-    """A worker owns the run and has started it."""
+    """A worker owns the run and has started it (``worker_id``, ``ack``: as for
+    :class:`Queued`)."""
 
     type: Literal["accepted"] = "accepted"
     worker_id: str
+    ack: str = ""
 
 
 class Delta(_Event):
@@ -130,6 +136,9 @@ EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 REPLY_OK = b"ok"
 REPLY_GONE = b"gone"
+# The gateway moved on from this attempt (its worker was taken for dead and the
+# run handed to another): stop it, and leave its JetStream message alone.
+REPLY_STALE = b"stale"
 
 
 def decode_event(data: bytes) -> Event:

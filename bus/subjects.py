@@ -34,6 +34,11 @@ def session_key_from_token(token: str) -> str:
     return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8", "surrogatepass")
 
 
+def workers_registry_all() -> str:
+    """Every worker's heartbeat entry in the ``WORKERS`` KV bucket (puts and deletes)."""
+    return f"$KV.{WORKERS_BUCKET}.>"
+
+
 def runs_all() -> str:
     return "runs.>"
 

@@ -60,7 +60,8 @@ class DeadlineWaiter:
 
     def postpone(self, deadline: float) -> None:
         """Move the current wait's deadline (later only; the timer catches up)."""
-        self.deadline = max(self.deadline, deadline)
+        if deadline > self.deadline:  # noqa: PLR1730 - called per read: cheaper than max()
+            self.deadline = deadline
 
     def wake(self) -> None:
         """End the wait in progress, if any, with True."""

@@ -7,7 +7,6 @@ typed :class:`Gateway` object.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -24,7 +23,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from bus import subjects
 from bus.connection import connect, ensure_bus
 from clawbus.config import Settings
 
@@ -142,13 +140,8 @@ class Gateway:
     metrics: GatewayMetrics
 
     async def workers_alive(self) -> int:
-        try:
-            kv = await self.js.key_value(subjects.WORKERS_BUCKET)
-            async with asyncio.timeout(READY_TIMEOUT):
-                keys = await kv.keys()
-        except Exception:
-            return 0
-        return len(keys)
+        """Workers that take runs (heard from lately, not draining)."""
+        return self.runs.workers_alive()
 
     async def health(self) -> dict[str, object]:
         """Readiness: the bus is connected and at least one worker is alive."""

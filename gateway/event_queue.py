@@ -18,13 +18,14 @@ class EventQueue:
     :class:`~clawbus.deadline.DeadlineWaiter` (one timer per run, not one per
     event)."""
 
-    __slots__ = ("_items", "_limit", "_waiter", "overflowed")
+    __slots__ = ("_items", "_limit", "_waiter", "overflowed", "stopped")
 
     def __init__(self, limit: int) -> None:
         self._items: deque[bytes] = deque()
         self._limit = limit
         self._waiter = DeadlineWaiter()
         self.overflowed = False
+        self.stopped = False
 
     def time(self) -> float:
         """Now, on the clock read deadlines are given in."""
@@ -44,12 +45,17 @@ class EventQueue:
         return True
 
     async def get(self, deadline: float) -> bytes | None:
-        """The next item; None once ``deadline`` (see :meth:`time`) passed, or
-        when the queue overflowed."""
+        """The next item; None once ``deadline`` (see :meth:`time`) passed, when
+        the queue overflowed, or after :meth:`stop` once it is empty."""
         while not self._items:
-            if self.overflowed or not await self._waiter.wait(deadline):
+            if self.overflowed or self.stopped or not await self._waiter.wait(deadline):
                 return None
         return self._items.popleft()
+
+    def stop(self) -> None:
+        """End reads: what is queued is still read, then reads return None at once."""
+        self.stopped = True
+        self._waiter.wake()
 
     def close(self) -> None:
         """Drop the timer (the queue may still be read; waits then end only by

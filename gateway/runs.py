@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -27,20 +28,24 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus import subjects
-from bus.connection import BUS_UNAVAILABLE
+from bus.connection import BUS_UNAVAILABLE, lease_ttl_seconds
+from bus.leases import Leases, lease_owner
 from bus.messages import (
     REPLY_GONE,
     REPLY_OK,
+    REPLY_STALE,
     Accepted,
     Delta,
     Done,
     Failed,
     Heartbeat,
+    Queued,
     RunRequest,
     SamplingParams,
     decode_event,
 )
 from bus.nats_adapter import AckedPublisher, subscribe_direct
+from bus.registry import WorkerWatch, dead_after
 from clawbus.config import BusConfig
 from clawbus.logs import run_context
 
@@ -92,10 +97,12 @@ class RunHandle:
     """One submitted run. Iterate :meth:`events` once; call :meth:`cancel` when the
     client goes away (safe to call at any time, any number of times)."""
 
-    def __init__(self, client: RunClient, run_id: str, session_key: str, door: str) -> None:
+    def __init__(self, client: RunClient, run_id: str, session_key: str, door: str, *,
+                 ephemeral: bool = False) -> None:
         self.run_id = run_id
         self.door = door
         self.session_key = session_key
+        self.ephemeral = ephemeral
         self.created = time.time()
         self._queue = EventQueue(client.bus.event_queue_size)
         self._sequencer = Sequencer()
@@ -106,6 +113,13 @@ class RunHandle:
         self._client = client
         self._cutting_off = False
         self._text_shown = False
+        # The worker that holds the run's current attempt (from its Accepted or
+        # Queued notice), the attempt, and the reply subject to hand it back with.
+        self.holder = ""
+        self._holder_attempt = 0
+        self._holder_ack = ""
+        self._holder_lost = False  # after text was shown: the run fails
+        self.handed_back_below = 0  # attempts below this were handed to others
 
     @property
     def wanted(self) -> bool:
@@ -163,6 +177,10 @@ class RunHandle:
                     else phase_deadline
                 data = await queue.get(deadline)
                 if data is None:
+                    if self._holder_lost:
+                        yield await self._give_up("worker_lost",
+                                                  "agent worker was lost mid-reply")
+                        return
                     if queue.overflowed:
                         yield await self._give_up(
                             "slow_consumer", "client too slow: event queue overflowed")
@@ -172,13 +190,21 @@ class RunHandle:
                         yield KEEPALIVE
                         continue
                     if not sequencer.accepted:
+                        if self._client.workers_alive():
+                            # A live worker may still take it (the session's earlier
+                            # run is long, or being recovered): keep waiting.
+                            last_event = queue.time()
+                            continue
                         await self.cancel("no_worker")
                         raise NoWorkerError() from None
                     yield await self._give_up("worker_lost", "agent worker stopped responding")
                     return
                 last_event = queue.time()
+                event = decode_event(data)
+                if isinstance(event, Accepted | Queued):
+                    self._track_holder(event)
                 gaps = sequencer.gaps
-                shown = sequencer.feed(decode_event(data))
+                shown = sequencer.feed(event)
                 if sequencer.gaps != gaps:
                     self._client.bus_error("event_gap")
                 for event in shown:
@@ -202,6 +228,32 @@ class RunHandle:
             self.finished = True
             queue.close()
             self._client.forget(self)
+
+    def _track_holder(self, event: Accepted | Queued) -> None:
+        if event.attempt < max(self._holder_attempt, self.handed_back_below) \
+                or not event.worker_id:
+            return
+        self.holder = event.worker_id
+        self._holder_attempt = event.attempt
+        self._holder_ack = event.ack
+        self._client.worker_seen(event.worker_id)
+
+    def holder_lost(self) -> None:
+        """The worker holding the run was taken for dead: before any text, the run
+        goes to a live worker at once (handed back on the dead one's behalf);
+        after, it fails as interrupted (a retry would repeat text)."""
+        if self.finished or self.ended:
+            return
+        worker, attempt, ack = self.holder, self._holder_attempt, self._holder_ack
+        self.holder = ""
+        if self._sequencer.streamed:
+            self._holder_lost = True
+            self._queue.stop()
+            return
+        self.handed_back_below = attempt + 1
+        self._sequencer.retire(attempt)
+        if ack:
+            self._client.in_background(self._client.hand_back(self, worker, ack))
 
     def _finish(self, event: RunEvent) -> None:
         """The run's final event arrived: its metrics."""
@@ -228,6 +280,21 @@ class RunHandle:
             await self._client.cancel(self)
 
 
+def _probe_answer(handle: RunHandle | None, data: bytes) -> bytes:
+    """Whether a worker should go on with the run it asks about: no (gone) once
+    the client left; no (stale) if its attempt was handed to another worker."""
+    if handle is None or not handle.wanted:
+        return REPLY_GONE
+    if handle.handed_back_below:
+        try:
+            attempt = int(orjson.loads(data)["attempt"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return REPLY_OK
+        if attempt < handle.handed_back_below:
+            return REPLY_STALE
+    return REPLY_OK
+
+
 class RunClient:
     """Owns the event subscription of one gateway process and submits runs."""
 
@@ -242,9 +309,47 @@ class RunClient:
         self._background: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
         self._publisher = AckedPublisher(nc)
+        self._leases = Leases(js, lease_ttl_seconds(bus), self._publisher)
+        self._workers = WorkerWatch(nc, js, bus.heartbeat_seconds, self._worker_lost)
+        # Handing a run back is safe only while JetStream has not redelivered it
+        # by itself, which it does an ack wait after the dead worker's last
+        # progress report (every ackWait/3): death must be noticed well before.
+        self._may_hand_back = (dead_after(bus.heartbeat_seconds) * 1.5 + 1.0
+                               < bus.ack_wait_seconds * 2 / 3)
+
+    def workers_alive(self) -> int:
+        """Workers heard from lately (their registry heartbeats or events)."""
+        return self._workers.alive
+
+    def worker_seen(self, worker_id: str) -> None:
+        self._workers.seen(worker_id)
+
+    def _worker_lost(self, worker_id: str) -> None:
+        for handle in list(self._runs.values()):
+            if handle.holder == worker_id:
+                handle.holder_lost()
+
+    async def hand_back(self, handle: RunHandle, worker_id: str, ack: str) -> None:
+        """Give a dead worker's run to a live one: free the session's lease if the
+        dead worker holds it (compare-and-set: a live holder is never touched),
+        then nak the dead worker's delivery so JetStream redelivers it now."""
+        if not self._may_hand_back:
+            return  # JetStream redelivers about as soon, and a nak could race it
+        with run_context(handle.run_id, handle.session_key):
+            log.warning("worker %s was lost; its run goes to another worker", worker_id)
+            try:
+                if not handle.ephemeral:
+                    await self._leases.free_if_held_by(
+                        subjects.session_token(handle.session_key), lease_owner(worker_id))
+                await self.nc.publish(ack, b"-NAK")
+            except Exception as exc:  # JetStream's own redelivery comes later anyway
+                log.warning("could not hand the run back: %r", exc)
+                return
+        self.bus_error("handed_back")
 
     async def start(self) -> None:
         await self._publisher.start()
+        await self._workers.start()
         # Handled synchronously from the connection's reader (subscribe_direct): one
         # message per streamed token, and the handler only files it.
         self._sub = await subscribe_direct(
@@ -268,6 +373,7 @@ class RunClient:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+        await self._workers.close()
         with contextlib.suppress(Exception):
             await self._publisher.close()
 
@@ -278,8 +384,7 @@ class RunClient:
     def _on_event(self, msg: Msg) -> None:
         handle = self._runs.get(subjects.last_token(msg.subject))
         if msg.reply:  # a probe (accepted, heartbeat, queued): rare
-            self.in_background(self.nc.publish(
-                msg.reply, REPLY_OK if handle and handle.wanted else REPLY_GONE))
+            self.in_background(self.nc.publish(msg.reply, _probe_answer(handle, msg.data)))
         if handle is not None:
             handle.offer(msg.data)
 
@@ -312,7 +417,7 @@ class RunClient:
     async def submit(self, spec: RunSpec, door: str = "http") -> RunHandle:
         """Queue a run on its session's subject; raises RunRejected if the bus refuses."""
         run_id = spec.run_id or f"chatcmpl_{uuid.uuid4()}"
-        handle = RunHandle(self, run_id, spec.session_key, door)
+        handle = RunHandle(self, run_id, spec.session_key, door, ephemeral=spec.ephemeral)
         request = RunRequest(
             run_id=run_id, session_key=spec.session_key, agent_id=spec.agent_id,
             message=spec.message, extra_system_prompt=spec.extra_system_prompt,

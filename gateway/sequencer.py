@@ -10,7 +10,8 @@ exactly one ``Accepted``, then text ``Delta``s, then exactly one ``Done`` or
   message). Events of an older attempt are dropped (its worker died or was
   fenced). A newer attempt before any text reached the client replaces the
   old one transparently; after text was shown, it would duplicate text, so the
-  run fails as interrupted.
+  run fails as interrupted. Only an attempt that started (its ``Accepted``,
+  text or end) takes over: ``Queued`` notices and heartbeats never do.
 - **Gaps.** Events of an attempt are numbered from 1 (heartbeats and queued
   notices carry 0 and are not numbered). A missing number means an event was
   lost on the way (e.g. a NATS node died with it in its buffers): no more
@@ -57,6 +58,11 @@ class Sequencer:
         event itself). After a final event (``Done``/``Failed``), feed no more."""
         if event.attempt < self.attempt:
             return _NOTHING  # a stale attempt
+        if isinstance(event, Queued | Heartbeat):
+            # Signs of life, never the switch to a newer attempt: a copy of the
+            # run that a worker holds but has not started (it may be a duplicate
+            # delivery that will never run) must not end the attempt that does.
+            return _NOTHING
         if event.attempt > self.attempt:
             if self.streamed:
                 self.interrupted = self.ended = True
@@ -66,8 +72,6 @@ class Sequencer:
             self.attempt = event.attempt
             self._next_seq = 1
             self.resync = False
-        if isinstance(event, Queued | Heartbeat):
-            return _NOTHING
         if event.seq != self._next_seq and not self.resync:
             self.resync = True
             self.gaps += 1
@@ -81,6 +85,14 @@ class Sequencer:
         if isinstance(event, Accepted):
             return _NOTHING  # a notice that came after the text
         return self._show(event)
+
+    def retire(self, attempt: int) -> None:
+        """``attempt`` was handed to another worker before it showed any text: its
+        late events are dropped from now on, and the next attempt starts afresh."""
+        if attempt >= self.attempt and not self.streamed:
+            self.attempt = attempt + 1
+            self._next_seq = 1
+            self.resync = False
 
     def _show(self, event: Delta | Done | Failed) -> tuple[RunEvent, ...]:
         if isinstance(event, Delta):

@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus import subjects
-from bus.messages import Turn, decode_event
+from bus.messages import Accepted, Turn, decode_event
 from bus.transcripts import Transcripts
 from tests.fakes.http_upstream import RequestRecord, forever, send_chunk
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -264,7 +264,9 @@ class EventTap:
     async def _on_msg(self, msg: Msg) -> None:
         event = decode_event(msg.data)
         rec = TapRecord(time.monotonic(), subjects.last_token(msg.subject), event.type,
-                        event.attempt, event.seq, getattr(event, "worker_id", None))
+                        event.attempt, event.seq,
+                        # the worker that started it (a queued notice names a holder)
+                        event.worker_id if isinstance(event, Accepted) else None)
         with self._lock:
             self.records.append(rec)
 

@@ -120,12 +120,16 @@ async def test_deferred_that_ran_is_freed_without_the_collector(no_gc: None) -> 
 
 
 class _Emitter:
-    async def accepted(self, worker_id: str, on_abandoned: Any) -> None:
+    async def accepted(self, worker_id: str, ack: str, on_abandoned: Any) -> None:
+        return None
+
+    async def confirm_ours(self) -> None:
         return None
 
 
 async def test_stateless_acceptance_is_freed_without_the_collector(no_gc: None) -> None:
-    acceptance = Acceptance(_Emitter(), "w-test", on_abandoned=lambda: None)  # type: ignore[arg-type]
+    acceptance = Acceptance(_Emitter(), "w-test",  # type: ignore[arg-type]
+                            on_abandoned=lambda superseded: None)
     acceptance.announce_later(3600.0)
     await acceptance.confirm(lambda: False)
     await acceptance.aclose()

@@ -119,3 +119,14 @@ def test_the_client_always_gets_the_whole_text_once(text: str, cuts: list[int],
     assert "".join(t for kind, t in got if kind == "Delta") == text
     assert got[0][0] == "Accepted" and got[-1] == ("Done", text)
     assert [kind for kind, _ in got].count("Done") == 1
+
+
+def test_a_newer_attempt_that_only_queues_never_ends_the_running_one() -> None:
+    """A duplicate delivery held by another worker (waiting for the session's
+    lease) sends queued notices of a newer attempt: the text goes on."""
+    seq = Sequencer()
+    shown(seq, acc(1, attempt=1), delta(2, "one "))
+    assert shown(seq, Queued(seq=0, attempt=2), Heartbeat(seq=0, attempt=2)) == []
+    assert shown(seq, delta(3, "two"), done(4, "one two")) == [
+        ("Delta", "two"), ("Done", "one two")]
+    assert not seq.interrupted and seq.attempt == 1

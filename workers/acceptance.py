@@ -31,15 +31,17 @@ ANNOUNCE_DELAY = 0.05
 
 class Acceptance:
     def __init__(self, emitter: Emitter, worker_id: str,
-                 on_abandoned: Callable[[], None]) -> None:
+                 on_abandoned: Callable[[bool], None], ack: str = "") -> None:
         self._emitter = emitter
         self._worker_id = worker_id
         self._on_abandoned = on_abandoned
+        self._ack = ack
         self._probe: Probe | None = None
         self._later: Deferred | None = None
 
     async def announce_now(self) -> None:
-        self._probe = await self._emitter.accepted(self._worker_id, self._on_abandoned)
+        self._probe = await self._emitter.accepted(self._worker_id, self._ack,
+                                                   self._on_abandoned)
 
     def announce_later(self, delay: float) -> None:
         self._later = Deferred(delay, self.announce_now, "run-accepted")
@@ -55,6 +57,8 @@ class Acceptance:
             await self._emitter.confirm(self._probe)
         elif cancelled():
             raise RunAbandoned("cancelled")
+        # Taken for dead meanwhile? Then the run may be another worker's now.
+        await self._emitter.confirm_ours()
 
     async def aclose(self) -> None:
         if self._later is not None:

@@ -32,6 +32,7 @@ from nats.aio.client import Client
 
 from bus.messages import (
     REPLY_GONE,
+    REPLY_STALE,
     Accepted,
     Done,
     Failed,
@@ -42,6 +43,7 @@ from bus.messages import (
 )
 from bus.nats_adapter import Requester
 
+from .liveness import Liveness
 from .probes import NO_RESPONDERS, Probe, send_probe
 
 log = logging.getLogger("clawbus.worker")
@@ -66,7 +68,13 @@ class Lease(Protocol):
 
 
 class RunAbandoned(Exception):
-    """The gateway no longer wants this run (client gone, or gateway gone)."""
+    """The gateway no longer wants this run (client gone, or gateway gone), or
+    gave it to another worker (``superseded``: its message must be left alone,
+    since it now belongs to that other delivery)."""
+
+    def __init__(self, why: str, *, superseded: bool = False) -> None:
+        super().__init__(why)
+        self.superseded = superseded
 
 
 def _abandoned(reply: bytes | None) -> str | None:
@@ -75,12 +83,15 @@ def _abandoned(reply: bytes | None) -> str | None:
         return "gateway gone"
     if reply == REPLY_GONE:
         return "client gone"
+    if reply == REPLY_STALE:
+        return "superseded"
     return None  # ok, or no answer in time: a busy gateway is not a dead one
 
 
 class Emitter:
     def __init__(self, nc: Client, requests: Requester, subject: str, attempt: int,
-                 coalesce_seconds: float = COALESCE_SECONDS, *, streaming: bool = True) -> None:
+                 coalesce_seconds: float = COALESCE_SECONDS, *, streaming: bool = True,
+                 liveness: Liveness | None = None) -> None:
         self._nc = nc
         self._requests = requests
         self._subject = subject
@@ -101,6 +112,10 @@ class Emitter:
         # The run's session lease (None: an ephemeral session has none). Text
         # flows only until its deadline unless a refresh renews it.
         self.lease: Lease | None = None
+        # The worker's liveness and the lapse count when this attempt started (or
+        # was last confirmed by its gateway): text waits while they disagree.
+        self._liveness = liveness
+        self._epoch = liveness.epoch if liveness is not None else 0
         self.last_probe = time.monotonic()
 
     def _next_seq(self) -> int:
@@ -127,21 +142,41 @@ class Emitter:
         """Wait for a probe's answer: raises RunAbandoned if the gateway let go."""
         why = _abandoned(await probe.reply())
         if why is not None:
-            raise RunAbandoned(why)
+            raise RunAbandoned(why, superseded=why == "superseded")
 
-    async def queued(self) -> None:
-        await self._probe(Queued(seq=0, attempt=self.attempt).model_dump_json().encode())
+    @property
+    def sure(self) -> bool:
+        """Certainly not taken for dead since this attempt was last confirmed."""
+        return self._liveness is None or self._liveness.sure(self._epoch)
 
-    async def accepted(self, worker_id: str, on_abandoned: Callable[[], None]) -> Probe:
-        """Tell the gateway the run started, without waiting for its answer: the
-        caller works meanwhile and awaits :meth:`confirm` before anything durable.
-        ``on_abandoned`` is called as soon as an answer says the run is unwanted."""
-        event = Accepted(seq=self._next_seq(), attempt=self.attempt, worker_id=worker_id)
+    async def confirm_ours(self) -> None:
+        """Unless :attr:`sure`, ask the gateway whether the run is still ours (a
+        heartbeat probe): raises RunAbandoned if not; then text may flow again."""
+        if self.sure or self._liveness is None:
+            return
+        epoch = self._liveness.epoch
+        await self.heartbeat()
+        self._epoch = epoch
+        self.lease_renewed()
+
+    async def queued(self, worker_id: str, ack: str) -> None:
+        event = Queued(seq=0, attempt=self.attempt, worker_id=worker_id, ack=ack)
+        await self._probe(event.model_dump_json().encode())
+
+    async def accepted(self, worker_id: str, ack: str,
+                       on_abandoned: Callable[[bool], None]) -> Probe:
+        """Tell the gateway the run started (and how to hand it back if this worker
+        dies), without waiting for its answer: the caller works meanwhile and
+        awaits :meth:`confirm` before anything durable. ``on_abandoned(superseded)``
+        is called as soon as an answer says the run is unwanted."""
+        event = Accepted(seq=self._next_seq(), attempt=self.attempt, worker_id=worker_id,
+                         ack=ack)
         probe = await self._send_probe(event.model_dump_json().encode())
 
         def answered(reply: bytes | None) -> None:
-            if _abandoned(reply) is not None:
-                on_abandoned()
+            why = _abandoned(reply)
+            if why is not None:
+                on_abandoned(why == "superseded")
 
         probe.on_answer(answered)
         return probe
@@ -197,7 +232,7 @@ class Emitter:
         # Fencing by the clock: past the lease deadline (the worker stalled, e.g.
         # SIGSTOP or a long GC pause) another worker may own the session, so text
         # is held until a refresh proves the lease is still ours (or it is fenced).
-        if not self._buffer or time.monotonic() >= self.lease_deadline:
+        if not self._buffer or time.monotonic() >= self.lease_deadline or not self.sure:
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -35,14 +35,16 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from bus import subjects
 from bus.connection import BUS_UNAVAILABLE, JS_TIMEOUT, ensure_bus, lease_ttl_seconds
-from bus.leases import Leases, SessionLease
+from bus.leases import Leases, SessionLease, lease_owner
 from bus.messages import RunRequest, Turn
 from bus.nats_adapter import AckedPublisher, LeaderGet
 from bus.pull import PullConsumer
+from bus.registry import beat_period
 from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
 from clawbus.config import Settings
 from clawbus.logs import run_context
@@ -51,6 +53,7 @@ from . import errors
 from .acceptance import ANNOUNCE_DELAY, Acceptance
 from .deferred import Deferred
 from .events import Emitter, RunAbandoned
+from .liveness import Liveness
 from .metrics import WorkerMetrics
 from .providers import make_provider
 from .providers.base import Provider, ProviderError
@@ -66,7 +69,7 @@ PULL_MIN_BATCH = 16
 NAK_DELAY = 0.25
 CANCELLED_MEMORY = 10_000
 
-StopReason = Literal["cancelled", "fenced", "abandoned", "shutdown", "timeout"]
+StopReason = Literal["cancelled", "fenced", "abandoned", "superseded", "shutdown", "timeout"]
 
 
 @dataclass(slots=True)
@@ -101,8 +104,10 @@ class Worker:
         self.metrics = WorkerMetrics()
         self.metrics.active.set_function(lambda: len(self._active))
         self.metrics.held.set_function(lambda: self._holds)
-        self._owner = orjson.dumps({"worker": self.worker_id})
+        self._owner = lease_owner(self.worker_id)
+        self.liveness = Liveness(settings.bus.heartbeat_seconds)
         self._stopping = asyncio.Event()
+        self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._holds = 0
         self._active: dict[str, Execution] = {}
@@ -139,6 +144,9 @@ class Worker:
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
         done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
                                            pending_msgs_limit=-1, pending_bytes_limit=-1)
+        # Advertised before the first run: gateways know us, and our runs start
+        # with a known liveness.
+        await self._advertise(await js.key_value(subjects.WORKERS_BUCKET))
         puller = PullConsumer(self.nc, subjects.RUNS_STREAM, subjects.RUNS_CONSUMER,
                               self._take, lambda: self.max_concurrent - len(self._tasks),
                               min_batch=max(1, min(PULL_MIN_BATCH, self.max_concurrent // 4)))
@@ -152,8 +160,9 @@ class Worker:
         finally:
             await puller.stop()
             await self._drain()
-            # The registry ends by itself once stopping is set. Never wait on a
-            # cancel alone: Python 3.11's asyncio.wait_for (inside every nats-py
+            self._drained.set()
+            # The registry ends by itself once drained. Never wait on a cancel
+            # alone: Python 3.11's asyncio.wait_for (inside every nats-py
             # request) swallows a cancel that arrives as its reply does, and the
             # worker then never exited on SIGTERM.
             registry.cancel()
@@ -185,9 +194,11 @@ class Worker:
             log.error("run task crashed", exc_info=task.exception())
 
     async def _wait_either(self, event: asyncio.Event, seconds: float) -> None:
-        """Wait for ``event`` or stop(), at most ``seconds``."""
-        waiters = [asyncio.ensure_future(event.wait()),
-                   asyncio.ensure_future(self._stopping.wait())]
+        """Wait for ``event`` or stop(), at most ``seconds`` (or for ``event`` alone
+        when it is the drain's end)."""
+        waiters = [asyncio.ensure_future(event.wait())]
+        if event is not self._drained:
+            waiters.append(asyncio.ensure_future(self._stopping.wait()))
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -210,16 +221,26 @@ class Worker:
 
     async def _registry_loop(self, js: JetStreamContext) -> None:
         kv = await js.key_value(subjects.WORKERS_BUCKET)
-        period = self.settings.bus.heartbeat_seconds
-        while not self._stopping.is_set():  # a draining worker no longer advertises itself
-            info = {"id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
-                    "running": len(self._active), "maxConcurrent": self.max_concurrent,
-                    "ts": time.time()}
-            try:
-                await kv.put(subjects.session_token(self.worker_id), orjson.dumps(info))
-            except Exception as exc:
-                log.warning("worker heartbeat failed: %s", exc)
-            await self._wait_either(self._stopping, period)
+        period = beat_period(self.settings.bus.heartbeat_seconds)
+        # A draining worker goes on advertising itself, marked as draining (it
+        # takes no new runs), until its runs are done: it is not dead.
+        while not self._drained.is_set():
+            await self._advertise(kv)
+            await self._wait_either(self._drained, period)
+
+    async def _advertise(self, kv: KeyValue) -> None:
+        """Write our registry entry (bus/registry.py): gateways take a worker that
+        stops writing it for dead."""
+        info = {"id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+                "running": len(self._active), "maxConcurrent": self.max_concurrent,
+                "draining": self._stopping.is_set(), "ts": time.time()}
+        asked = time.monotonic()
+        try:
+            await kv.put(subjects.session_token(self.worker_id), orjson.dumps(info))
+        except Exception as exc:
+            log.warning("worker heartbeat failed: %s", exc)
+        else:
+            self.liveness.wrote(asked)
 
     async def _deregister(self, js: JetStreamContext) -> None:
         with contextlib.suppress(Exception):
@@ -259,7 +280,7 @@ class Worker:
         token = subjects.last_token(msg.subject)
         meta = msg.metadata
         emitter = Emitter(self.nc, self._requests, run.events_subject, attempt=meta.num_delivered,
-                          streaming=run.stream)
+                          streaming=run.stream, liveness=self.liveness)
         try:
             if run.ephemeral:
                 # A gateway-generated stateless session: this is its only run, so
@@ -358,9 +379,10 @@ class Worker:
                 now = time.monotonic()
                 if now >= next_probe:
                     try:
-                        await emitter.queued()
-                    except RunAbandoned:
-                        await msg.term()
+                        await emitter.queued(self.worker_id, msg.reply)
+                    except RunAbandoned as exc:
+                        if not exc.superseded:  # (else the message is another's now)
+                            await msg.term()
                         return None
                     await msg.in_progress()
                     next_probe = now + min(self.settings.bus.heartbeat_seconds,
@@ -390,8 +412,10 @@ class Worker:
             min(bus.ack_wait_seconds / 3, bus.heartbeat_seconds) / 2,
             lambda: self._keep_alive(msg, lease, emitter, execution, started=started),
             "run-keepalive")
-        acceptance = Acceptance(emitter, self.worker_id,
-                                on_abandoned=lambda: execution.stop("abandoned"))
+        acceptance = Acceptance(
+            emitter, self.worker_id, ack=msg.reply,
+            on_abandoned=lambda superseded: execution.stop(
+                "superseded" if superseded else "abandoned"))
         outcome = "failed"
 
         def cancelled() -> bool:
@@ -418,9 +442,12 @@ class Worker:
             await acceptance.confirm(cancelled)  # nothing is stored for an unwanted run
             outcome = await self._store(msg, run, token, lease=lease, window=window,
                                         reply=reply, emitter=emitter)
-        except RunAbandoned:
-            outcome = "abandoned"
-            await msg.term()
+        except RunAbandoned as exc:
+            if exc.superseded:  # handed to another worker: its message is theirs now
+                outcome = "superseded"
+            else:
+                outcome = "abandoned"
+                await msg.term()
         except ProviderError as exc:
             self.metrics.errors_by(self._provider_name(run), exc.kind).inc()
             await emitter.failed(errors.provider_failure(exc))
@@ -542,6 +569,8 @@ class Worker:
         if reason == "abandoned":
             await msg.term()
             return "abandoned"
+        if reason == "superseded":
+            return "superseded"
         # cancelled by the client, or the gateway is gone
         await msg.term()
         return "cancelled"
@@ -576,11 +605,14 @@ class Worker:
                     emitter.fenced = True
                     execution.stop("fenced")
                     return
-            if now - emitter.last_probe >= beat_every:
+            if now - emitter.last_probe >= beat_every or not emitter.sure:
                 try:
-                    await emitter.heartbeat()
-                except RunAbandoned:
-                    execution.stop("abandoned")
+                    if emitter.sure:
+                        await emitter.heartbeat()
+                    else:
+                        await emitter.confirm_ours()
+                except RunAbandoned as exc:
+                    execution.stop("superseded" if exc.superseded else "abandoned")
                     return
 
     def _provider_name(self, run: RunRequest) -> str:

@@ -64,12 +64,12 @@ class OpenAICompletionsProvider:
             lines = SSELines(response)
             while not state.done and (batch := await lines.read()) is not None:
                 # One TextDelta per network read, not per SSE event: what arrived
-                # together travels together (issue #5: the per-event generator
-                # round trip was most of a worker's CPU on a 32-token reply).
+                # together travels together (a generator round trip per SSE event
+                # costs more than the parsing).
                 text, failure = _parse_batch(batch, state)
                 # Nothing of this read outlives it while the next one is awaited
-                # (issue #5: with thousands of streams waiting, what a generator
-                # frame keeps between tokens is what every young collection walks).
+                # (with thousands of streams waiting, what a generator frame keeps
+                # between tokens is what every young collection walks).
                 del batch
                 if text:
                     yield TextDelta(text)
