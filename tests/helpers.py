@@ -4,9 +4,11 @@ own, and whether a Docker engine answers (for the container-backed tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,3 +117,11 @@ def docker_engine_problem() -> str | None:
             problem = None
         gc.collect()
     return problem
+
+
+async def eventually(predicate: Callable[[], bool], within: float) -> None:
+    """Until ``predicate()`` holds: state of other processes or of a subscription's
+    callback, with no event to await (``within`` seconds at most)."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - polled state, no event to await
+            await asyncio.sleep(0.02)

@@ -15,7 +15,7 @@ import signal
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from tests.faultkit import (
     body_text,
     session_turns,
 )
-from tests.helpers import Stack, base_config
+from tests.helpers import Stack, base_config, eventually
 
 HEARTBEAT = 5.0  # the default heartbeatSeconds
 ACK_WAIT = 30.0  # the default ackWaitSeconds
@@ -217,13 +217,6 @@ def test_a_frozen_worker_is_taken_for_dead_and_does_nothing_when_it_thaws(
           f"(3 s of it the upstream's own delay); nothing from the thawed worker")
     # Behaviour: without the hand-back the run would wait for the 30 s ack wait.
     assert took < 3 * HEARTBEAT + 3 + 3, took
-
-
-async def eventually(predicate: Callable[[], bool], within: float) -> None:
-    """Until ``predicate()`` holds: state of other processes, with no event to wait on."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - polled state, no event to await
-            await asyncio.sleep(0.05)
 
 
 async def _settled(nats_url: str, worker_id: str, since: float) -> None:
