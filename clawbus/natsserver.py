@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -30,8 +31,9 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +48,7 @@ __all__ = [
     "NatsServer",
     "NatsServerError",
     "NatsServerNotFound",
+    "Supervisor",
     "cluster",
     "find_nats_server",
     "wait_jetstream_ready",
@@ -55,6 +58,8 @@ _CLIENT_RE = re.compile(r"Listening for client connections on (\S+):(\d+)\s*$")
 _ROUTE_RE = re.compile(r"Listening for route connections on (\S+):(\d+)\s*$")
 _READY_RE = re.compile(r"Server is ready\s*$")
 _ADDR_IN_USE = "address already in use"
+# JetStream's sync_interval values we pass on: "always", or a whole number of a unit.
+SYNC_INTERVAL_RE = re.compile(r"always|[1-9]\d*(ms|s|m|h)")
 
 
 class NatsServerNotFound(RuntimeError):
@@ -134,6 +139,14 @@ class NatsServer:
     restarts (``name`` defaults to ``nats-<cluster port or random>``). Once
     started, the ports are remembered so that :meth:`restart` comes back on
     the same ports with the same store dir.
+
+    ``sync_interval`` is JetStream's ``sync_interval``: ``None`` keeps the
+    server's default (the file store is fsynced every 2 minutes), ``"always"``
+    fsyncs every write before it is acknowledged, a duration (``"10s"``) sets
+    the interval; it only exists in the server's config file, which is written
+    next to the store (``<store dir>/nats-server.conf``). ``pass_fds`` are
+    descriptors the server inherits (``clawbus up`` passes its state-dir lock,
+    see :mod:`clawbus.statedir`).
     """
 
     def __init__(
@@ -150,9 +163,14 @@ class NatsServer:
         binary: str | None = None,
         extra_args: Sequence[str] = (),
         log_lines: int = 500,
+        sync_interval: str | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         if routes and cluster_name is None:
             raise ValueError("routes need a cluster_name")
+        if sync_interval is not None and not SYNC_INTERVAL_RE.fullmatch(sync_interval):
+            raise ValueError(f"sync_interval must be 'always' or a duration like '10s': "
+                             f"{sync_interval!r}")
         if cluster_name is not None and name is None:
             # JetStream clustering needs a server name, stable across restarts.
             name = f"nats-{cluster_port or secrets.token_hex(4)}"
@@ -163,6 +181,8 @@ class NatsServer:
         self.routes = list(routes)
         self.start_timeout = start_timeout
         self.extra_args = list(extra_args)
+        self.sync_interval = sync_interval
+        self.pass_fds = tuple(pass_fds)
         self._binary = binary
         self._port = port
         self._cluster_port = cluster_port
@@ -241,7 +261,24 @@ class NatsServer:
                 args += ["--routes", ",".join(self.routes)]
         if self.name is not None:
             args += ["--name", self.name]
+        if self.sync_interval is not None:
+            args += ["-c", str(self.config_file)]
         return args + self.extra_args
+
+    @property
+    def config_file(self) -> Path:
+        """Where the config file for ``sync_interval`` is written."""
+        return self.store_dir / "nats-server.conf"
+
+    def _write_config(self) -> None:
+        if self.sync_interval is None:
+            return
+        value = self.sync_interval
+        # The rest of the options stay on the command line (which overrides the file).
+        setting = value if value == "always" else f'"{value}"'
+        text = ("# Written by clawbus for its embedded nats-server; rewritten on every start.\n"
+                f"jetstream {{\n  sync_interval: {setting}\n}}\n")
+        self.config_file.write_text(text, encoding="utf-8")
 
     def start(self) -> Self:
         """Start the server and wait until it accepts clients; a no-op if it is running.
@@ -254,10 +291,16 @@ class NatsServer:
                 return self
             if self._run is not None:
                 self._reap(self._run)
-            self.store_dir.mkdir(parents=True, exist_ok=True)
             args = self._args()
+            try:
+                self.store_dir.mkdir(parents=True, exist_ok=True)
+                self._write_config()
+            except OSError as exc:
+                raise NatsServerError(f"nats-server ({' '.join(args)}) cannot use its store "
+                                      f"dir: {exc}", self.log_tail[-40:]) from exc
             proc = spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, start_new_session=True)
+                         stderr=subprocess.PIPE, start_new_session=True,
+                         pass_fds=self.pass_fds)
             run = _Run(proc=proc, lines=deque(maxlen=self._log_lines))
             run.thread = threading.Thread(
                 target=self._drain, args=(run,), name=f"nats-server-log-{proc.pid}", daemon=True
@@ -300,6 +343,17 @@ class NatsServer:
             run = self._run
             if run is not None:
                 self._terminate(run, timeout)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the current process to exit: its exit code, or None if it is
+        still running after ``timeout`` seconds (or was never started)."""
+        run = self._run
+        if run is None:
+            return None
+        try:
+            return run.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def kill(self) -> None:
         """SIGKILL the server at once (for fault tests). Idempotent."""
@@ -404,6 +458,122 @@ class NatsServer:
                 stream.close()
 
 
+# --------------------------------------------------------------------------- supervision
+
+
+class Supervisor:
+    """Keeps a started :class:`NatsServer` running, from a thread of its own.
+
+    When the server exits without :meth:`stop` having been called, it is
+    restarted at once (:meth:`NatsServer.restart`: same client port, same store
+    dir, so clients reconnect by themselves and find their streams). A restart
+    that fails is retried after ``retry_delay`` seconds; a server that dies
+    within ``window`` seconds of a restart counts as a failed restart too.
+    After ``max_failures`` failures within ``window`` seconds it gives up:
+    :attr:`gave_up` is set to the last error (its text ends with the server's
+    last log lines) and ``on_give_up`` is called with it, from the supervisor's
+    thread, which then ends. Each exit and restart is logged. ``on_restart`` is
+    called (from that thread) after each successful restart, e.g. to recreate
+    what a restart loses (memory-stored streams); its errors are logged.
+    """
+
+    def __init__(self, server: NatsServer, on_give_up: Callable[[NatsServerError], None], *,
+                 on_restart: Callable[[NatsServer], None] | None = None,
+                 max_failures: int = 3, window: float = 60.0, retry_delay: float = 1.0,
+                 logger: logging.Logger | None = None) -> None:
+        self.server = server
+        self.on_give_up = on_give_up
+        self.on_restart = on_restart
+        self.max_failures = max_failures
+        self.window = window
+        self.retry_delay = retry_delay
+        self.restarts = 0
+        self.gave_up: NatsServerError | None = None
+        self._log = logger or logging.getLogger("clawbus.natsserver")
+        self._failures: deque[float] = deque()
+        self._restarted_at: float | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="nats-server-supervisor",
+                                        daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop supervising (before stopping the server); waits for a restart under way."""
+        with self._lock:
+            self._stopping.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _failed(self, error: NatsServerError) -> bool:
+        """Count a failure; True once there were too many within the window."""
+        now = time.monotonic()
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > self.window:
+            self._failures.popleft()
+        if len(self._failures) < self.max_failures:
+            return False
+        self.gave_up = error
+        return True
+
+    def _watch(self) -> None:
+        server = self.server
+        while True:
+            code = server.wait()
+            if self._stopping.is_set():
+                return
+            self._log.warning("embedded nats-server (pid %s) exited with code %s: restarting "
+                              "it on %s (data in %s)", server.pid, code, server.url,
+                              server.store_dir)
+            if (self._restarted_at is not None
+                    and time.monotonic() - self._restarted_at < self.window
+                    and self._failed(NatsServerError(
+                        f"nats-server (pid {server.pid}) exited with code {code} "
+                        f"{time.monotonic() - self._restarted_at:.1f}s after a restart",
+                        server.log_tail[-40:]))):
+                break
+            if not self._restart():
+                break
+        if self.gave_up is not None:
+            self._log.error("embedded nats-server: %d failures within %gs, giving up",
+                            self.max_failures, self.window)
+            self.on_give_up(self.gave_up)
+
+    def _restart(self) -> bool:
+        """Restart until it works (True), or until stopped or given up (False)."""
+        server = self.server
+        while True:
+            with self._lock:
+                if self._stopping.is_set():
+                    return False
+                try:
+                    server.restart()
+                    error = None
+                except NatsServerError as exc:
+                    error = exc
+            if error is None:
+                self.restarts += 1
+                self._restarted_at = time.monotonic()
+                self._log.warning("embedded nats-server restarted (restart %d): pid %s on %s",
+                                  self.restarts, server.pid, server.url)
+                if self.on_restart is not None:
+                    try:
+                        self.on_restart(server)
+                    except Exception:
+                        self._log.exception("after restarting the embedded nats-server")
+                return True
+            first_line = str(error).splitlines()[0]
+            self._log.warning("restarting the embedded nats-server failed: %s", first_line)
+            if self._failed(error):
+                return False
+            if self._stopping.wait(self.retry_delay):
+                return False
+
+
 # --------------------------------------------------------------------------- cluster
 
 
@@ -430,17 +600,26 @@ def cluster(
     host: str = "127.0.0.1",
     start_timeout: float = 10.0,
     attempts: int = 5,
+    sync_interval: str | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> list[NatsServer]:
-    """Start an n-node JetStream cluster with full-mesh routes; nodes are named n1..n<n>.
+    """Start an n-node JetStream cluster with full-mesh routes; nodes are named n1..n<n>
+    (n = 1: one standalone server, since JetStream has no cluster of one).
 
     Route ports are pre-allocated (routes must be known up front); a start
     that loses the race for a port is retried with fresh ports. Returns when
     every node accepts clients. JetStream needs a meta leader before streams
-    can be created: use :func:`wait_jetstream_ready` for that.
+    can be created: use :func:`wait_jetstream_ready` for that. ``sync_interval``
+    and ``pass_fds`` are given to every node (see :class:`NatsServer`).
     """
     if n < 1:
         raise ValueError("a cluster needs at least one node")
     base_dir = Path(base_dir)
+    if n == 1:
+        # JetStream refuses a cluster of one ("requires configured routes"): a plain
+        # server, named like a node.
+        return [NatsServer(base_dir / "n1", host=host, name="n1", start_timeout=start_timeout,
+                           sync_interval=sync_interval, pass_fds=pass_fds).start()]
     for attempt in range(attempts):
         ports = _free_ports(n, host)
         routes = [f"nats://{_loopback_for(host)}:{p}" for p in ports]
@@ -453,6 +632,8 @@ def cluster(
                 cluster_port=port,
                 routes=routes,
                 start_timeout=start_timeout,
+                sync_interval=sync_interval,
+                pass_fds=pass_fds,
             )
             for i, port in enumerate(ports)
         ]

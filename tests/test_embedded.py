@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +22,14 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import StreamInfo
 
-from clawbus.natsserver import NatsServer, NatsServerError, find_nats_server, wait_jetstream_ready
+from clawbus.natsserver import (
+    NatsServer,
+    NatsServerError,
+    Supervisor,
+    cluster,
+    find_nats_server,
+    wait_jetstream_ready,
+)
 from clawbus.statedir import clear_running, pid_alive, read_running, write_running
 
 T = TypeVar("T")
@@ -297,3 +306,93 @@ def test_running_file_round_trip_and_stale_pid(tmp_path: Path) -> None:
 
     (state / "running.json").write_text("not json")
     assert read_running(state) is None
+
+
+# --------------------------------------------------------------------------- bus.sync
+
+
+def _jetstream_varz(server: NatsServer) -> dict[str, object]:
+    """The server's JetStream config as its monitoring endpoint reports it."""
+    line = server.wait_for_log(r"Starting http monitor on \S+:\d+", timeout=5)
+    port = line.rsplit(":", 1)[1].strip()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=5) as resp:
+        config: dict[str, object] = json.load(resp)["jetstream"]["config"]
+    return config
+
+
+@pytest.mark.parametrize(("sync", "always", "interval_ns"), [
+    (None, False, 120_000_000_000),  # nats-server's default: fsync every 2 minutes
+    ("always", True, 120_000_000_000),
+    ("10s", False, 10_000_000_000),
+])
+def test_sync_interval_reaches_the_server(tmp_path: Path, sync: str | None, always: bool,
+                                          interval_ns: int) -> None:
+    with NatsServer(tmp_path / "s", sync_interval=sync, extra_args=["-m", "-1"]) as server:
+        config = _jetstream_varz(server)
+        assert config.get("sync_always", False) is always
+        assert config["sync_interval"] == interval_ns
+        # It survives a restart (the config file is rewritten each time).
+        server.kill()
+        server.restart()
+        assert _jetstream_varz(server).get("sync_always", False) is always
+
+
+def test_sync_interval_is_checked() -> None:
+    with pytest.raises(ValueError, match="sync_interval"):
+        NatsServer("/nonexistent", sync_interval="sometimes")
+
+
+# --------------------------------------------------------------------------- supervision
+
+
+def test_supervisor_restarts_a_killed_server_on_its_port(tmp_path: Path) -> None:
+    restarted: list[int | None] = []
+    gave_up: list[NatsServerError] = []
+    server = NatsServer(tmp_path / "s").start()
+    supervisor = Supervisor(server, gave_up.append,
+                            on_restart=lambda s: restarted.append(s.pid)).start()
+    try:
+        url, first = server.url, server.pid
+        for _ in range(2):
+            before = server.pid
+            server.kill()  # not through stop(): the supervisor takes it for a crash
+            _wait_until(lambda b=before: server.running and server.pid != b, 15,  # type: ignore[misc]
+                        "the restart")
+        assert server.url == url and server.pid != first
+        _wait_until(lambda: len(restarted) == 2, 5, "the restart hook")
+        assert supervisor.restarts == 2 and not gave_up
+        asyncio.run(wait_jetstream_ready(url, timeout=10))
+    finally:
+        supervisor.stop()
+        server.stop()
+        supervisor.join(5)
+    assert not server.running  # a stop is not a crash: not restarted
+
+
+def test_supervisor_gives_up_after_three_failures(tmp_path: Path) -> None:
+    gave_up: list[NatsServerError] = []
+    server = NatsServer(tmp_path / "s").start()
+    supervisor = Supervisor(server, gave_up.append, retry_delay=0.05).start()
+    try:
+        pid = server.pid
+        assert pid is not None
+        store = tmp_path / "s" / "jetstream"
+        store.rename(store.with_name("moved"))
+        store.write_text("not a directory")  # every restart fails
+        server.kill()
+        supervisor.join(30)
+        assert len(gave_up) == 1 and supervisor.gave_up is gave_up[0]
+        assert "storage directory is not a directory" in str(gave_up[0])
+        assert not server.running
+    finally:
+        supervisor.stop()
+        server.stop()
+
+
+def test_one_node_cluster_is_a_plain_server(tmp_path: Path) -> None:
+    (server,) = cluster(1, tmp_path)
+    try:
+        assert server.name == "n1" and server.cluster_name is None
+        asyncio.run(wait_jetstream_ready(server.url, timeout=10))
+    finally:
+        server.stop()
