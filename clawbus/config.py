@@ -211,6 +211,24 @@ class BusConfig(_Model):
     # Events a gateway buffers per run for its client; a client that falls this
     # far behind (it stopped reading) is cut off and its run cancelled.
     event_queue_size: int = Field(2048, ge=8, le=1_000_000)
+    # When the embedded nats-server fsyncs JetStream's file store: "default" (the
+    # server's own interval, 2 minutes), "always" (every write, before its ack),
+    # or an interval like "10s" (units ms, s, m, h). Not used with `url`: an
+    # external server's own config decides.
+    sync: str = "default"
+
+    @field_validator("sync")
+    @classmethod
+    def _check_sync(cls, value: str) -> str:
+        if value != "default" and not re.fullmatch(r"always|[1-9]\d*(ms|s|m|h)", value):
+            raise ValueError(f"must be \"default\", \"always\" or an interval like \"10s\" "
+                             f"(units ms, s, m, h), not {value!r}")
+        return value
+
+    @property
+    def sync_interval(self) -> str | None:
+        """JetStream's ``sync_interval`` for the embedded server (None: its default)."""
+        return None if self.sync == "default" else self.sync
 
 
 class Settings(_Model):

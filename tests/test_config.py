@@ -890,3 +890,43 @@ def test_cli_config_check_reports_an_unusable_proxy(tmp_path: Path) -> None:
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert "models.providers.claude: the proxy in HTTPS_PROXY cannot be used" in proc.stderr
+
+
+# --------------------------------------------------------------------------- bus.sync
+
+
+@pytest.mark.parametrize(("value", "interval"), [
+    ("default", None), ("always", "always"), ("10s", "10s"), ("500ms", "500ms"), ("2m", "2m"),
+    ("1h", "1h"),
+])
+def test_bus_sync_values(value: str, interval: str | None) -> None:
+    bus = parse({"bus": {"sync": value}}).bus
+    assert bus.sync == value
+    assert bus.sync_interval == interval
+
+
+def test_bus_sync_default() -> None:
+    assert parse({}).bus.sync == "default"
+    assert parse({}).bus.sync_interval is None
+
+
+@pytest.mark.parametrize("value", ["sometimes", "ALWAYS", "0s", "10", "10 s", "-1s", "1d", ""])
+def test_bus_sync_invalid_names_the_key(value: str) -> None:
+    message = config_error({"bus": {"sync": value}})
+    assert "bus.sync" in message
+    assert '"default", "always" or an interval like "10s"' in message
+
+
+def test_bus_sync_must_be_a_string() -> None:
+    assert "bus.sync" in config_error({"bus": {"sync": True}})
+
+
+def test_cli_config_check_bus_sync(tmp_path: Path) -> None:
+    good = run_check(tmp_path, write(tmp_path / "good.json5", "{bus: {sync: 'always'}}"))
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["bus"]["sync"] == "always"
+    bad = run_check(tmp_path, write(tmp_path / "bad.json5", "{bus: {sync: 'sometimes'}}"))
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    assert "Traceback" not in bad.stderr
+    assert "bus.sync" in bad.stderr and "'sometimes'" in bad.stderr
