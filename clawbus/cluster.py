@@ -13,6 +13,11 @@ workers are drained first, then gateways, then NATS; a second one hurries
 (SIGKILL). Every child dies with this process (:mod:`clawbus.children`), so none is
 left behind even if this one is killed.
 
+Like ``clawbus up``, it owns its state dir (:func:`clawbus.statedir.lock_state_dir`,
+taken before anything starts; the NATS nodes hold it too): a second ``clawbus
+cluster`` or ``clawbus up`` on the same state dir refuses to start. The nodes
+fsync their store as ``bus.sync`` says.
+
 A child that exits on its own is reported and the rest keeps running (kill a
 worker or a NATS node to watch the cluster fail over); once no gateway is left
 the whole cluster stops.
@@ -41,7 +46,7 @@ from .natsserver import (
     cluster,
     wait_jetstream_ready,
 )
-from .statedir import clear_running, read_running, write_running
+from .statedir import StateDirBusy, StateDirLock, clear_running, lock_state_dir, write_running
 from .watched import WatchedProcess, write_line
 
 log = logging.getLogger("clawbus.cluster")
@@ -129,10 +134,12 @@ def _gateway_ports(settings: Settings, base_port: int | None, count: int) -> lis
 
 
 class _Cluster:
-    def __init__(self, args: argparse.Namespace, settings: Settings, stop: _Stop) -> None:
+    def __init__(self, args: argparse.Namespace, settings: Settings, stop: _Stop,
+                 lock: StateDirLock) -> None:
         self.args = args
         self.settings = settings
         self.stop = stop
+        self.lock = lock
         self.servers: list[NatsServer] = []
         self.gateways: list[_Child] = []
         self.workers: list[_Child] = []
@@ -145,7 +152,9 @@ class _Cluster:
         ports = _gateway_ports(self.settings, self.args.base_port, self.args.gateways)
         store = self.settings.state_dir / "cluster" / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        self.servers = cluster(self.args.nats, store, cluster_name="clawbus")
+        self.servers = cluster(self.args.nats, store, cluster_name="clawbus",
+                               sync_interval=self.settings.bus.sync_interval,
+                               pass_fds=[self.lock.fd])
         for server in self.servers:
             _say(f"nats {server.name} (pid {server.pid}) on {server.url}, data in "
                  f"{server.store_dir}")
@@ -171,11 +180,11 @@ class _Cluster:
         urls = [_connectable(str(g.ready_value)) for g in self.gateways]
         for gateway, url in zip(self.gateways, urls, strict=True):
             _say(f"gateway {gateway.index} (pid {gateway.pid}) listening on {url}")
-        if read_running(self.settings.state_dir) is None:
-            # `clawbus agent` / `gateway` / `worker` with bus.url null join this cluster.
-            write_running(self.settings.state_dir,
-                          {"bus_url": bus_url, "gateways": urls, "mode": "cluster"})
-            self.recorded_running = True
+        self.lock.record(urls)
+        # `clawbus agent` / `gateway` / `worker` with bus.url null join this cluster.
+        write_running(self.settings.state_dir,
+                      {"bus_url": bus_url, "gateways": urls, "mode": "cluster"})
+        self.recorded_running = True
         _say(f"ready: {_count(len(self.servers), 'NATS node')}, "
              f"{_count(len(self.gateways), 'gateway')}, {_count(len(self.workers), 'worker')}; "
              "Ctrl-C stops everything")
@@ -245,6 +254,16 @@ class _Cluster:
 def cmd_cluster(args: argparse.Namespace) -> int:
     settings = load(args)
     check_gateway_startable(settings)
+    try:
+        lock = lock_state_dir(settings.state_dir, "clawbus cluster")  # before anything starts
+    except StateDirBusy as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    with lock:
+        return _cluster(args, settings, lock)
+
+
+def _cluster(args: argparse.Namespace, settings: Settings, lock: StateDirLock) -> int:
     if not settings.gateway.http.endpoints.chat_completions.enabled:
         log.warning("gateway.http.endpoints.chatCompletions.enabled is false: "
                     "/v1/chat/completions answers 404")
@@ -254,7 +273,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     stop = _Stop()
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, stop.handler) for sig in handled}
-    run = _Cluster(args, settings, stop)
+    run = _Cluster(args, settings, stop, lock)
     try:
         return run.run()
     except (NatsServerNotFound, NatsServerError, TimeoutError) as exc:

@@ -1,7 +1,11 @@
 """The ``clawbus`` command line (SPEC §5).
 
 - ``clawbus up``: embedded NATS (when ``bus.url`` is null) + the gateway + N
-  worker processes; one Ctrl-C stops everything, workers first drained.
+  worker processes; one Ctrl-C stops everything, workers first drained. It owns
+  its state dir (an exclusive lock, :func:`clawbus.statedir.lock_state_dir`: a
+  second one refuses at once) and supervises the embedded ``nats-server``
+  (:class:`clawbus.natsserver.Supervisor`: restarted on the same port and store
+  if it dies; if it cannot be, everything stops and ``clawbus up`` exits 1).
 - ``clawbus gateway`` / ``clawbus worker``: one role each, for scaling out.
 - ``clawbus config check``: validate a config and print it with secrets masked.
 
@@ -24,27 +28,56 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .children import spawn
 from .config import ConfigError, Settings, check_gateway_startable, masked
 from .launch import gateway_command, load, worker_command
 from .logs import setup_logging
-from .statedir import clear_running, read_running, write_running
+from .statedir import (
+    StateDirBusy,
+    StateDirLock,
+    clear_running,
+    lock_state_dir,
+    read_running,
+    write_running,
+)
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from .natsserver import NatsServer, NatsServerError
 
 GC_GEN0_THRESHOLD = 20_000
+# After giving up on the embedded nats-server: how long the orderly stop (gateway,
+# then the other processes) may take before `clawbus up` kills them and exits.
+GIVE_UP_STOP_TIMEOUT = 30.0
+# Children of a `clawbus up` whose bus is gone: they cannot drain anything.
+BUS_LOST_CHILD_TIMEOUT = 5.0
 log = logging.getLogger("clawbus")
+
+SYNC_NOT_EMBEDDED = ("bus.sync applies to the embedded nats-server only: with a bus URL, the "
+                     "NATS servers' own jetstream sync_interval decides")
 
 
 @contextlib.contextmanager
-def _bus(settings: Settings, explicit_url: str | None, *, reuse_running: bool) -> Iterator[str]:
-    """The bus URL to use, starting an embedded nats-server when none is configured."""
+def _bus(settings: Settings, explicit_url: str | None, *, reuse_running: bool,
+         on_give_up: Callable[[NatsServerError], None] | None = None,
+         pass_fds: Sequence[int] = ()) -> Iterator[str]:
+    """The bus URL to use, starting an embedded nats-server when none is configured.
+
+    ``on_give_up``: supervise the embedded server (restart it when it dies) and
+    call this if it cannot be restarted. ``pass_fds``: descriptors it inherits.
+    """
     url = explicit_url or settings.bus.url
     if url:
+        if settings.bus.url and not explicit_url and settings.bus.sync_interval:
+            log.warning(SYNC_NOT_EMBEDDED)
         yield url
         return
-    from .natsserver import NatsServer
+    from .natsserver import NatsServer, Supervisor
 
     if reuse_running:
         running = read_running(settings.state_dir)
@@ -53,13 +86,45 @@ def _bus(settings: Settings, explicit_url: str | None, *, reuse_running: bool) -
             return
     store = settings.state_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
-    server = NatsServer(store_dir=store)
+    server = NatsServer(store_dir=store, sync_interval=settings.bus.sync_interval,
+                        pass_fds=pass_fds)
     server.start()
-    log.info("embedded nats-server %s on %s (data in %s)", server.pid, server.url, store)
+    log.info("embedded nats-server %s on %s (data in %s, sync %s)", server.pid, server.url,
+             store, settings.bus.sync)
+    supervisor = None
+    if on_give_up is not None:
+        supervisor = Supervisor(server, on_give_up, logger=log,
+                                on_restart=lambda s: _restore_bus(s, settings)).start()
     try:
         yield server.url
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         server.stop()
+
+
+def _restore_bus(server: NatsServer, settings: Settings) -> None:
+    """After a restart of the embedded server: recreate what it lost. Streams on
+    file are back with their data, but the worker registry is a memory bucket:
+    until it exists again every worker heartbeat fails and gateways take every
+    worker for dead."""
+    import nats
+
+    from bus.connection import ensure_bus
+
+    from .natsserver import wait_jetstream_ready
+
+    async def restore() -> None:
+        await wait_jetstream_ready(server.url, timeout=10.0)
+        nc = await nats.connect(server.url, allow_reconnect=False, connect_timeout=5,
+                                name="clawbus up (restore)")
+        try:
+            await ensure_bus(nc, settings.bus, settings.session)
+        finally:
+            await nc.close()
+
+    asyncio.run(restore())
+    log.info("embedded nats-server: streams, consumer and buckets checked after the restart")
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -75,9 +140,32 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _GatewayStopper:
+    """Asks the gateway served in the main thread (by uvicorn) to shut down, from
+    any thread, whether or not uvicorn has been set up yet."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server: uvicorn.Server | None = None
+        self.requested = False
+
+    def attach(self, server: uvicorn.Server) -> None:
+        with self._lock:
+            self._server = server
+            if self.requested:
+                server.should_exit = True
+
+    def stop(self) -> None:
+        with self._lock:
+            self.requested = True
+            if self._server is not None:
+                self._server.should_exit = True  # uvicorn's main loop looks every 0.1 s
+
+
 def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
-                   on_listening: list[str] | None = None,
-                   sock: socket.socket | None = None) -> None:
+                   on_listening: Callable[[str], None] | None = None,
+                   sock: socket.socket | None = None, *,
+                   stopper: _GatewayStopper | None = None) -> None:
     import uvicorn
 
     from gateway.app import create_app
@@ -113,49 +201,115 @@ def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
                 host, bound = self.servers[0].sockets[0].getsockname()[:2]
                 url = f"http://{host}:{bound}"
                 if on_listening is not None:
-                    on_listening.append(url)
+                    on_listening(url)
                 # Tests and scripts wait for this line to learn the (maybe random) port.
                 print(f"clawbus gateway listening on {url}", flush=True)
 
-    Server(config).run(sockets=[sock] if sock is not None else None)
+    server = Server(config)
+    if stopper is not None:
+        stopper.attach(server)
+    server.run(sockets=[sock] if sock is not None else None)
+
+
+def _stop_children(children: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM every child, wait up to ``timeout`` s for each, then SIGKILL."""
+    for proc in children:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in children:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     settings = load(args)
     check_gateway_startable(settings)
+    try:
+        # Before anything starts: a second `clawbus up` (or `clawbus cluster`) on
+        # this state dir must not start a nats-server on the same store.
+        lock = lock_state_dir(settings.state_dir, "clawbus up")
+    except StateDirBusy as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    from .natsserver import NatsServerError, NatsServerNotFound
+
+    with lock:
+        try:
+            return _up(args, settings, lock)
+        except (NatsServerError, NatsServerNotFound) as exc:  # the first start failed
+            print(f"clawbus up: {exc}", file=sys.stderr)
+            return 1
+
+
+def _up(args: argparse.Namespace, settings: Settings, lock: StateDirLock) -> int:
     if not settings.gateway.http.endpoints.chat_completions.enabled:
         log.warning("gateway.http.endpoints.chatCompletions.enabled is false: "
                     "/v1/chat/completions answers 404")
-    with _bus(settings, args.bus_url, reuse_running=False) as bus_url:
-        # Own process groups: a terminal's Ctrl-C reaches only us; we stop them in order.
-        workers = [spawn(worker_command(args, bus_url), process_group=0)
-                   for _ in range(args.workers)]
-        sock = None
-        port = settings.gateway.port if args.port is None else args.port
-        if args.gateways > 1:
-            # Extra gateway processes share this port (SO_REUSEPORT); with port 0
-            # they all use the one the first socket was given.
-            sock = reuse_port_socket(settings.gateway.host, port)
-            port = sock.getsockname()[1]
-            workers += [spawn(gateway_command(args, bus_url, port, reuse_port=True),
-                              process_group=0)
-                        for _ in range(args.gateways - 1)]
-        listening: list[str] = []
+    if (args.bus_url or settings.bus.url) and settings.bus.sync_interval:
+        log.warning(SYNC_NOT_EMBEDDED)
+    state_dir = settings.state_dir
+    gateway = _GatewayStopper()
+    children: list[subprocess.Popen[bytes]] = []
+    lost: list[NatsServerError] = []
+    stopped = threading.Event()
+
+    def give_up(error: NatsServerError) -> None:
+        # On the supervisor's thread: the main thread stops the gateway, then the
+        # rest, and exits 1. Should that not happen in time (a gateway still
+        # starting, waiting for the bus that is gone), stop everything from here.
+        lost.append(error)
+        gateway.stop()
+        if stopped.wait(GIVE_UP_STOP_TIMEOUT):
+            return
+        log.error("clawbus up did not stop within %gs of losing its bus: killing it",
+                  GIVE_UP_STOP_TIMEOUT)
+        _report_bus_lost(error)
+        _stop_children(children, 0.0)
+        clear_running(state_dir, pid=os.getpid())
+        os._exit(1)
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(stopped.set)
+        bus_url = stack.enter_context(_bus(settings, args.bus_url, reuse_running=False,
+                                           on_give_up=give_up, pass_fds=[lock.fd]))
         try:
-            write_running(settings.state_dir, {"bus_url": bus_url, "pid": os.getpid()})
-            _serve_gateway(settings, bus_url, port, listening, sock)
+            # Own process groups: a terminal's Ctrl-C reaches only us; we stop them in order.
+            children += [spawn(worker_command(args, bus_url), process_group=0)
+                         for _ in range(args.workers)]
+            sock = None
+            port = settings.gateway.port if args.port is None else args.port
+            if args.gateways > 1:
+                # Extra gateway processes share this port (SO_REUSEPORT); with port 0
+                # they all use the one the first socket was given.
+                sock = reuse_port_socket(settings.gateway.host, port)
+                port = sock.getsockname()[1]
+                children += [spawn(gateway_command(args, bus_url, port, reuse_port=True),
+                                   process_group=0)
+                             for _ in range(args.gateways - 1)]
+            running = {"bus_url": bus_url, "pid": os.getpid(), "mode": "up"}
+            write_running(state_dir, running)
+
+            def listening(url: str) -> None:
+                lock.record([url])
+                write_running(state_dir, {**running, "gateways": [url]})
+
+            if not lost:
+                _serve_gateway(settings, bus_url, port, listening, sock, stopper=gateway)
         finally:
-            clear_running(settings.state_dir)
-            for proc in workers:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in workers:
-                try:
-                    proc.wait(timeout=args.grace + 5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            clear_running(state_dir, pid=os.getpid())
+            _stop_children(children, BUS_LOST_CHILD_TIMEOUT if lost else args.grace + 5)
+    if lost:
+        _report_bus_lost(lost[0])
+        return 1
     return 0
+
+
+def _report_bus_lost(error: NatsServerError) -> None:
+    print(f"clawbus up: the embedded nats-server died and could not be restarted, "
+          f"stopping: {error}", file=sys.stderr, flush=True)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
