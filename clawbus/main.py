@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -212,13 +213,14 @@ def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
 
 
 def _stop_children(children: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
-    """SIGTERM every child, wait up to ``timeout`` s for each, then SIGKILL."""
+    """SIGTERM every child, wait up to ``timeout`` s for them all, then SIGKILL."""
     for proc in children:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
     for proc in children:
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
