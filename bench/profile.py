@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(stateful runs: lease, history window, stored turn) instead "
                              "of a fresh stateless session each")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--bus-sync", default=None, metavar="SYNC",
+                        help="bus.sync for clawbus's embedded nats-server (default, always, "
+                             "or an interval like 10s; both sides of an A/B run)")
     parser.add_argument("--top", type=int, default=25, help="frames listed per process")
     parser.add_argument("--rate-hz", type=int, default=200, help="py-spy sampling rate")
     parser.add_argument("--no-spy", action="store_true",
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.ab is None:
             system = Clawbus(upstream.url, work, out_dir, workers=args.workers, cpus=cpus.system,
-                             shapes=[_held_shape(args)])
+                             shapes=[_held_shape(args)], bus_sync=args.bus_sync)
             figures = _measure(args, system, upstream, cpus, out_dir, py_spy=py_spy)
             _print_stacks(figures.pop("stacks"), args.top)
             print("\n" + "  ".join(f"{k} {_fmt(v)}" for k, v in figures.items()))
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
                 system = Clawbus(upstream.url, work, out_dir, workers=args.workers,
                                  cpus=cpus.system, source=sources[name], label=f"clawbus-{name}",
-                                 shapes=[_held_shape(args)])
+                                 shapes=[_held_shape(args)], bus_sync=args.bus_sync)
                 figures = _measure(args, system, upstream, cpus, out_dir, py_spy=None,
                                    tag=f"-{name}-{round_ + 1}")
                 figures.pop("stacks")

@@ -175,8 +175,10 @@ class Clawbus(ProcessSystem):
     def __init__(self, upstream_url: str, workdir: Path, logs: Path, *, workers: int,
                  cpus: str | None, gateways: int = 1, label: str | None = None,
                  max_concurrent: int = 4096, source: Path | None = None,
-                 shapes: Sequence[tuple[int, float]] = ()) -> None:
+                 shapes: Sequence[tuple[int, float]] = (), bus_sync: str | None = None) -> None:
         self.upstream_url = upstream_url
+        # `bus.sync` of the embedded nats-server (None: not in the config, its default).
+        self.bus_sync = bus_sync
         # Reply shapes (tokens, delay) it has an agent for: the benchmark's, and more.
         self.shapes = tuple(dict.fromkeys((*SHAPES, *shapes)))
         self.workdir = workdir
@@ -207,7 +209,7 @@ class Clawbus(ProcessSystem):
             "models": {"providers": {"bench": {
                 "api": "openai-completions", "baseUrl": f"{self.upstream_url}/v1",
                 "apiKey": UPSTREAM_KEY, "timeoutSeconds": 120}}},
-            "bus": {"url": None},
+            "bus": {"url": None, **({"sync": self.bus_sync} if self.bus_sync else {})},
         }
 
     @property
