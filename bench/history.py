@@ -46,7 +46,7 @@ async def _best_ms(read: Callable[[], Awaitable[object]], times: int = 5) -> flo
 
 
 async def measure(url: str, sizes: list[int], budget: int) -> list[str]:
-    nc = await connect(url, "bench-history")  # as workers connect (BatchingClient)
+    nc = await connect(url, "bench-history")  # as workers connect
     try:
         js = await ensure_bus(nc, BusConfig(), SessionConfig())
         tx = Transcripts(js, nc)

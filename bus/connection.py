@@ -22,7 +22,7 @@ from nats.js.errors import BadRequestError
 from clawbus.config import BusConfig, SessionConfig
 
 from . import subjects
-from .nats_adapter import AckedPublisher, BatchingClient
+from .nats_adapter import AckedPublisher
 
 log = logging.getLogger("clawbus.bus")
 
@@ -51,7 +51,7 @@ async def connect(url: str, name: str) -> Client:
         log.info("nats reconnected")
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
-    nc = BatchingClient()
+    nc = Client()
     await nc.connect(
         servers=servers,
         name=name,

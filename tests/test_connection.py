@@ -1,6 +1,6 @@
 """The header parser of stored messages (bus.nats_adapter.gets) gives exactly the
 results of nats-py's parser of delivered messages, and headers survive a real
-round trip through nats-server on the BatchingClient."""
+round trip through nats-server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from bus.nats_adapter import BatchingClient
 from bus.nats_adapter.gets import parse_header_lines
 from clawbus.natsserver import NatsServer
 
@@ -31,8 +30,7 @@ def test_same_result_as_nats_py(raw: bytes) -> None:
 
 
 async def test_headers_survive_a_round_trip(nats_server: NatsServer) -> None:
-    nc = BatchingClient()
-    await nc.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url)
     plain = await nats.connect(nats_server.url)
     try:
         sub = await nc.subscribe("hdr.test")

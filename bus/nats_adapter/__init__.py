@@ -8,11 +8,6 @@ when an upgrade changes them.
 
 Internals touched (all in :mod:`.client`):
 
-- ``Client._flusher`` (and the buffer it writes: ``_pending``,
-  ``_pending_data_size``, ``_transport``, ``_flush_queue``):
-  :class:`BatchingClient` writes what one event-loop pass published in one
-  socket write under load: fewer system calls and wake-ups here, in
-  nats-server and in the receivers. Guarded by ``tests/test_nats_adapter.py``.
 - ``Subscription._pending_queue``, ``_pending_size``, ``_wait_for_msgs_task``:
   :func:`subscribe_direct` hands each message to a plain function from the
   connection's reader (no queue put, task wake-up and coroutine per message):
@@ -38,7 +33,7 @@ Hand-rolled protocol paths (public nats-py API plus :func:`subscribe_direct`):
 Figures for what each one buys are in ``docs/BENCHMARKS.md``.
 """
 
-from .client import BatchingClient, consumer_name, subscribe_direct
+from .client import consumer_name, subscribe_direct
 from .gets import BatchGetter, LeaderGet, StoredMsg, parse_header_block
 from .requests import NO_RESPONDERS, AckedPublisher, Requester, api_answer
 
@@ -46,7 +41,6 @@ __all__ = [
     "NO_RESPONDERS",
     "AckedPublisher",
     "BatchGetter",
-    "BatchingClient",
     "LeaderGet",
     "Requester",
     "StoredMsg",

@@ -3,7 +3,6 @@ the tests that guard each one)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -14,47 +13,6 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 log = logging.getLogger("clawbus.bus")
-
-# A write this soon after the previous one waits for one more event-loop pass.
-WRITE_BATCH_SECONDS = 0.0005
-
-class BatchingClient(Client):
-    """nats-py's client whose flusher batches under load: when the previous socket
-    write was less than :data:`WRITE_BATCH_SECONDS` ago, it lets the event loop
-    run one more pass (the I/O that just arrived, the callbacks it wakes) before
-    writing, so what they publish shares the write. A quiet connection writes at
-    once and never sleeps. The rest is nats-py's own flusher loop."""
-
-    _last_write = 0.0
-
-    async def _flusher(self) -> None:
-        assert self._transport, "Client.connect must be called first"
-        assert self._flush_queue, "Client.connect must be called first"
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.is_connected or self.is_connecting:
-                break
-            future: asyncio.Future[None] = await self._flush_queue.get()
-            try:
-                if loop.time() - self._last_write < WRITE_BATCH_SECONDS:
-                    # Busy: let this loop pass's I/O callbacks publish first.
-                    await asyncio.sleep(0)
-                if self._pending_data_size > 0:
-                    self._transport.writelines(self._pending[:])
-                    self._pending = []
-                    self._pending_data_size = 0
-                    self._last_write = loop.time()
-                    await self._transport.drain()  # type: ignore[no-untyped-call]
-            except OSError as e:
-                await self._error_cb(e)
-                await self._process_op_err(e)
-                break
-            except (asyncio.CancelledError, RuntimeError, AttributeError):
-                break
-            finally:
-                if not future.done():
-                    future.set_result(None)
-
 
 Handler = Callable[[Msg], None]
 
