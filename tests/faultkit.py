@@ -18,6 +18,7 @@ import asyncio
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -319,3 +320,13 @@ async def lease_owner(nc: Client, session_key: str) -> str | None:
     if not msg.data or msg.data == b"free":
         return None
     return str(orjson.loads(msg.data)["worker"])
+
+
+def tag() -> str:
+    """A fresh marker for one test's requests and session keys."""
+    return uuid.uuid4().hex[:10]
+
+
+def expected_reply(content: str) -> str:
+    """What the fake upstream answers to ``content``."""
+    return f"echo: {content}"

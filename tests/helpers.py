@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
+import orjson
+
 from clawbus.natsserver import NatsServer
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.procs import Gateway, Worker, write_config
@@ -125,3 +128,22 @@ async def eventually(predicate: Callable[[], bool], within: float) -> None:
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110 - polled state, no event to await
             await asyncio.sleep(0.02)
+
+
+def sdk_client(url: str) -> openai.OpenAI:
+    """The official SDK against a gateway at ``url`` (no retries: the tests judge)."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=30)
+
+
+def sdk_turn(url: str, user: str, text: str) -> str:
+    """One non-streaming turn of the session of ``user``; the reply's text."""
+    with sdk_client(url) as c:
+        reply = c.chat.completions.create(model="openclaw", user=user,
+                                          messages=[{"role": "user", "content": text}])
+    return reply.choices[0].message.content or ""
+
+
+def seen_by_upstream(upstream: FakeOpenAI, text: str) -> list[dict[str, str]]:
+    """The conversation the model was given on the turn that sent ``text``."""
+    (rec,) = [r for r in upstream.requests if text in orjson.dumps(r.body).decode()]
+    return list(rec.body["messages"][1:])  # after the system prompt

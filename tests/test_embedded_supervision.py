@@ -12,13 +12,11 @@ import uuid
 from pathlib import Path
 
 import httpx
-import openai
-import orjson
 import pytest
 
 from clawbus.statedir import pid_alive, read_running
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.helpers import TOKEN, base_config
+from tests.helpers import base_config, sdk_client, sdk_turn, seen_by_upstream
 from tests.procs import LISTENING, WORKER_READY, Proc, wait_until, write_config
 
 NATS_STARTED = re.compile(r"embedded nats-server (\d+) on (nats://\S+)")
@@ -26,21 +24,6 @@ RESTARTED = re.compile(r"embedded nats-server restarted \(restart (\d+)\): pid (
 RESTART_FAILED = re.compile(r"restarting the embedded nats-server failed")
 
 
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=30)
-
-
-def turn(url: str, user: str, text: str) -> str:
-    with client(url) as c:
-        reply = c.chat.completions.create(model="openclaw", user=user,
-                                          messages=[{"role": "user", "content": text}])
-    return reply.choices[0].message.content or ""
-
-
-def seen_by_upstream(upstream: FakeOpenAI, text: str) -> list[dict[str, str]]:
-    """The conversation the model was given on the turn that sent ``text``."""
-    (rec,) = [r for r in upstream.requests if text in orjson.dumps(r.body).decode()]
-    return list(rec.body["messages"][1:])  # after the system prompt
 
 
 def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
@@ -81,8 +64,8 @@ def test_killed_nats_server_is_restarted_and_sessions_continue(
         wait_until(lambda: sum(bool(WORKER_READY.search(ln)) for ln in up.lines) == 2,
                    timeout=30)
         tag, user = uuid.uuid4().hex[:8], f"u-{uuid.uuid4().hex[:8]}"
-        assert turn(url, user, f"one {tag}") == f"echo: one {tag}"
-        assert turn(url, user, f"two {tag}") == f"echo: two {tag}"
+        assert sdk_turn(url, user, f"one {tag}") == f"echo: one {tag}"
+        assert sdk_turn(url, user, f"two {tag}") == f"echo: two {tag}"
 
         mark = len(up.lines)
         os.kill(nats_pid, signal.SIGKILL)
@@ -95,14 +78,14 @@ def test_killed_nats_server_is_restarted_and_sessions_continue(
         # (reconnected by themselves), and see the turns from before the kill. The
         # worker registry (a memory bucket) was recreated: the workers' heartbeats
         # land again, so the gateway takes them for alive.
-        assert turn(url, user, f"three {tag}") == f"echo: three {tag}"
+        assert sdk_turn(url, user, f"three {tag}") == f"echo: three {tag}"
         assert seen_by_upstream(upstream, f"three {tag}") == [
             {"role": "user", "content": f"one {tag}"},
             {"role": "assistant", "content": f"echo: one {tag}"},
             {"role": "user", "content": f"two {tag}"},
             {"role": "assistant", "content": f"echo: two {tag}"},
             {"role": "user", "content": f"three {tag}"}]
-        assert turn(url, user, f"four {tag}") == f"echo: four {tag}"
+        assert sdk_turn(url, user, f"four {tag}") == f"echo: four {tag}"
         assert len(seen_by_upstream(upstream, f"four {tag}")) == 7
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, timeout=15)
         assert not [ln for ln in up.lines[mark:] if "heartbeat failed" in ln
@@ -126,7 +109,7 @@ def test_nats_server_that_cannot_be_restarted_stops_everything(tmp_path: Path) -
         up.wait_line(WORKER_READY)
         on_bus = f"{bus_url} "  # in the command lines of the worker and the second gateway
         wait_until(lambda: len(processes_mentioning(on_bus)) == 2, timeout=30)
-        with client(url) as c:
+        with sdk_client(url) as c:
             reply = c.chat.completions.create(
                 model="openclaw", messages=[{"role": "user", "content": "before"}])
         assert reply.choices[0].message.content == "before"
@@ -165,7 +148,7 @@ def test_bus_sync_always_reaches_the_embedded_server(tmp_path: Path) -> None:
         cmdline = Path(f"/proc/{nats_pid}/cmdline").read_bytes().split(b"\0")
         assert [b"-c", str(conf).encode()] == cmdline[cmdline.index(b"-c"):][:2]
         assert "sync_interval: always" in conf.read_text()
-        with client(url) as c:
+        with sdk_client(url) as c:
             for i in range(3):
                 reply = c.chat.completions.create(
                     model="openclaw", user="synced",

@@ -16,7 +16,6 @@ import signal
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,22 +34,16 @@ from tests.faultkit import (
     SseRun,
     StreamResult,
     body_text,
+    expected_reply,
     last_user,
     lease_owner,
     session_turns,
     stream_once,
+    tag,
 )
 from tests.helpers import Stack, base_config
 
 FAST_BUS = {"ackWaitSeconds": 3, "heartbeatSeconds": 0.5}
-
-
-def tag() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def expected_reply(content: str) -> str:
-    return f"echo: {content}"
 
 
 @pytest.fixture

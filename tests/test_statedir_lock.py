@@ -13,7 +13,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import openai
 import orjson
 import pytest
 
@@ -25,7 +24,7 @@ from clawbus.statedir import (
     read_running,
 )
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.helpers import TOKEN, base_config
+from tests.helpers import base_config, sdk_turn, seen_by_upstream
 from tests.procs import LISTENING, WORKER_READY, Proc, wait_until, write_config
 
 NATS_STARTED = re.compile(r"embedded nats-server (\d+) on (nats://\S+)")
@@ -106,21 +105,6 @@ def test_lock_is_not_inherited_by_ordinary_children(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- real processes
 
 
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=30)
-
-
-def turn(url: str, user: str, text: str) -> str:
-    with client(url) as c:
-        reply = c.chat.completions.create(model="openclaw", user=user,
-                                          messages=[{"role": "user", "content": text}])
-    return reply.choices[0].message.content or ""
-
-
-def seen_by_upstream(upstream: FakeOpenAI, text: str) -> list[dict[str, str]]:
-    """The conversation the model was given on the turn that sent ``text``."""
-    (rec,) = [r for r in upstream.requests if text in orjson.dumps(r.body).decode()]
-    return list(rec.body["messages"][1:])  # after the system prompt
 
 
 def up_proc(config: Path, state: Path, name: str) -> Proc:
@@ -169,7 +153,7 @@ def test_second_up_refuses_and_the_next_one_after_a_kill_starts(
         url = first.wait_line(LISTENING).group(1)
         worker_id = first.wait_line(WORKER_READY).group(1)
         worker_pid = int(worker_id.split("-")[-2])
-        assert turn(url, user, f"one {tag}") == f"echo: one {tag}"
+        assert sdk_turn(url, user, f"one {tag}") == f"echo: one {tag}"
         # The embedded nats-server holds the lock too (it writes the store).
         assert holds(nats_pid, state / LOCK_FILE) and not holds(worker_pid, state / LOCK_FILE)
         record = (state / "running.json").read_bytes()
@@ -185,7 +169,7 @@ def test_second_up_refuses_and_the_next_one_after_a_kill_starts(
         assert (state / "running.json").read_bytes() == record
 
         # The first one kept serving.
-        assert turn(url, user, f"two {tag}") == f"echo: two {tag}"
+        assert sdk_turn(url, user, f"two {tag}") == f"echo: two {tag}"
         assert seen_by_upstream(upstream, f"two {tag}")[:2] == [
             {"role": "user", "content": f"one {tag}"},
             {"role": "assistant", "content": f"echo: one {tag}"}]
@@ -201,7 +185,7 @@ def test_second_up_refuses_and_the_next_one_after_a_kill_starts(
             running = read_running(state)
             assert running is not None and running["pid"] == third.pid
             assert running["gateways"] == [new_url]
-            assert turn(new_url, user, f"three {tag}") == f"echo: three {tag}"
+            assert sdk_turn(new_url, user, f"three {tag}") == f"echo: three {tag}"
             assert seen_by_upstream(upstream, f"three {tag}") == [
                 {"role": "user", "content": f"one {tag}"},
                 {"role": "assistant", "content": f"echo: one {tag}"},

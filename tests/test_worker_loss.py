@@ -14,7 +14,6 @@ import itertools
 import signal
 import statistics
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,20 +29,13 @@ from tests.faultkit import (
     SseRun,
     StreamResult,
     body_text,
+    expected_reply,
     session_turns,
+    tag,
 )
 from tests.helpers import Stack, base_config, eventually
 
 HEARTBEAT = 5.0  # the default heartbeatSeconds
-ACK_WAIT = 30.0  # the default ackWaitSeconds
-
-
-def tag() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def expected_reply(content: str) -> str:
-    return f"echo: {content}"
 
 
 @pytest.fixture
