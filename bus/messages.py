@@ -7,7 +7,7 @@ rejected so a mismatched peer fails loudly instead of dropping data.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -33,6 +33,85 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] | None = None
 
 
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def size_label(size: int) -> str:
+    """``182 KB``, ``1.4 MB``, ``512 B``: an image's size in its transcript placeholder."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{round(size / 1024)} KB"
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+class ImagePart(_Part):
+    """An image of the run's input, as the model gets it: ``data`` is the base64
+    of the bytes (from a data URI, or fetched by the gateway), ``size`` their
+    decoded length. Transcripts keep only :meth:`placeholder`."""
+
+    mime: str
+    data: str
+    size: int
+    detail: str | None = None
+
+    def placeholder(self) -> str:
+        return f"[image: {self.mime}, {size_label(self.size)}]"
+
+
+class ToolCall(_Part):
+    """A function call the model asked for (``arguments``: a JSON text, as OpenAI)."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
+class ChatItem(_Part):
+    """One structured message of a conversation: user text (and images), an
+    assistant reply (text and/or tool calls) or a tool result (``tool_call_id``,
+    ``name`` when known, ``text``). Tool traffic stays in this shape from the
+    client's request to the provider and in the transcript: never flattened."""
+
+    role: Literal["user", "assistant", "tool"]
+    text: str = ""
+    images: tuple[ImagePart, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    name: str = ""
+
+    def size(self) -> int:
+        """Characters it costs against a history budget."""
+        return len(self.text) + sum(len(c.name) + len(c.arguments) for c in self.tool_calls)
+
+    def stored(self) -> ChatItem:
+        """As a transcript keeps it: each image replaced by its placeholder."""
+        if not self.images:
+            return self
+        text = "\n".join([self.text, *(i.placeholder() for i in self.images)] if self.text
+                         else [i.placeholder() for i in self.images])
+        return self.model_copy(update={"text": text, "images": ()})
+
+
+class ToolSpec(_Part):
+    """A client's function tool (SPEC §7), forwarded to the provider."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolChoice(_Part):
+    """``tool_choice``: ``auto`` | ``none`` | ``required``, or ``function`` with the
+    pinned ``name``; ``parallel`` is ``parallel_tool_calls`` (None: not given)."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str = ""
+    parallel: bool | None = None
+
+
 class RunRequest(_Wire):
     """One agent turn, queued on ``runs.<sessionToken>``."""
 
@@ -52,6 +131,18 @@ class RunRequest(_Wire):
     # The client reads the reply as it is generated (SSE, WebSocket, CLI). When
     # false, the worker sends no deltas, only the final text.
     stream: bool = True
+    # Structured input (SPEC §7/§8), when the plain ``message`` cannot say it:
+    # images, or tool traffic. A stateless run gets the client's whole
+    # conversation; a session run the items after the client's last assistant
+    # message (the transcript holds the rest). Empty: ``message`` as user text.
+    input: tuple[ChatItem, ...] = ()
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    # ``x-openclaw-model``: ``provider/model`` replacing the agent's model.
+    model: str | None = None
+    # Set when the request is too large for one bus message: the whole request
+    # is the object of that name in the payloads bucket (bus/payloads.py).
+    payload: str = ""
 
 
 class Usage(BaseModel):
@@ -107,6 +198,26 @@ def encode_delta(seq: int, attempt: int, text: str) -> bytes:
                          "type": "delta", "text": text})
 
 
+class ToolCallChunk(_Part):
+    """A piece of a streamed tool call: the first piece of a call carries its
+    ``id`` and ``name``; every piece carries the next ``arguments`` fragment."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolDelta(_Event):
+    """Streamed tool-call pieces, in order (sent after the text before them)."""
+
+    type: Literal["tool_delta"] = "tool_delta"
+    calls: tuple[ToolCallChunk, ...]
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class Heartbeat(_Event):
     type: Literal["heartbeat"] = "heartbeat"
 
@@ -115,7 +226,8 @@ class Done(_Event):
     type: Literal["done"] = "done"
     text: str
     usage: Usage = Usage()
-    finish_reason: Literal["stop", "length"] = "stop"
+    finish_reason: FinishReason = "stop"
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class Failed(_Event):
@@ -130,7 +242,8 @@ class Failed(_Event):
 
 
 Event = Annotated[
-    Queued | Accepted | Delta | Heartbeat | Done | Failed, Field(discriminator="type")]
+    Queued | Accepted | Delta | ToolDelta | Heartbeat | Done | Failed,
+    Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
@@ -146,7 +259,10 @@ def decode_event(data: bytes) -> Event:
 
 
 class Turn(_Wire):
-    """One completed exchange in a session transcript (stored atomically)."""
+    """One completed exchange in a session transcript (stored atomically): its
+    input (``user``: the text; ``input``: the structured items when the input was
+    more than user text — tool results, images as placeholders) and its reply
+    (``assistant`` text and ``tool_calls``)."""
 
     type: Literal["turn"] = "turn"
     run_id: str
@@ -155,3 +271,21 @@ class Turn(_Wire):
     assistant: str
     ts: float
     usage: Usage = Usage()
+    input: tuple[ChatItem, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    # A turn too large for one bus message is stored as an object of the
+    # payloads bucket under this name; the transcript holds this stub.
+    body: str = ""
+
+    def size(self) -> int:
+        """Characters it costs against a history budget."""
+        size = len(self.assistant) + sum(len(c.name) + len(c.arguments) for c in self.tool_calls)
+        if self.input:
+            return size + sum(item.size() for item in self.input)
+        return size + len(self.user)
+
+    def input_items(self) -> tuple[ChatItem, ...]:
+        return self.input or (ChatItem(role="user", text=self.user),)
+
+    def reply_item(self) -> ChatItem:
+        return ChatItem(role="assistant", text=self.assistant, tool_calls=self.tool_calls)

@@ -53,7 +53,7 @@ async def generate(provider: Provider, request: ProviderRequest, emitter: Emitte
                     first = time.monotonic() - started
                 parts.append(item.text)
                 await emitter.delta(item.text)
-            else:
+            elif isinstance(item, Finish):
                 finish = item
     return Reply(text="".join(parts), usage=finish.usage, finish_reason=finish.reason,
                  first_token_seconds=first, seconds=time.monotonic() - started)

@@ -1,7 +1,12 @@
 """The provider interface: what an agent run asks of an LLM backend.
 
 A provider turns a :class:`ProviderRequest` into an async stream of
-:class:`TextDelta` items followed by exactly one :class:`Finish`. Failures are
+:class:`TextDelta` and :class:`ToolCallChunk` items followed by exactly one
+:class:`Finish`. Tool-call pieces come normalized whatever the upstream's dialect
+or quirks: ``index`` 0-based in call order, a call's first piece carrying its
+``id`` (generated when the upstream gave none) and ``name``, later pieces only
+``index`` and the next ``arguments`` fragment; ``Finish.reason`` is
+``tool_calls`` whenever calls were made. Failures are
 raised as :class:`ProviderError` with one of the kinds below; the worker maps the
 kind to the client-facing error (SPEC §2) in one place (``workers/errors.py``).
 Cancellation is plain asyncio cancellation of the consuming task: a provider
@@ -14,15 +19,31 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from bus.messages import SamplingParams, Usage
+from bus.messages import (
+    ImagePart,
+    SamplingParams,
+    ToolCall,
+    ToolCallChunk,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
 
 ErrorKind = Literal["auth", "rate_limit", "unreachable", "timeout", "bad_response", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: Literal["user", "assistant"]
+    """One message of the conversation sent upstream: user text (+ images), an
+    assistant reply (text + ``tool_calls``) or a tool result (``role="tool"``,
+    ``tool_call_id``, ``name`` when known, the result in ``content``)."""
+
+    role: Literal["user", "assistant", "tool"]
     content: str
+    images: tuple[ImagePart, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +52,10 @@ class ProviderRequest:
     system: str
     messages: tuple[ChatMessage, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # The client's function tools and tool_choice (SPEC §7), in OpenAI's terms:
+    # each provider translates them to its own dialect.
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +65,15 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    reason: Literal["stop", "length"] = "stop"
+    reason: Literal["stop", "length", "tool_calls"] = "stop"
     usage: Usage = field(default_factory=Usage)
 
 
-StreamItem = TextDelta | Finish
+StreamItem = TextDelta | ToolCallChunk | Finish
+
+__all__ = ["ChatMessage", "ErrorKind", "Finish", "ImagePart", "Provider", "ProviderError",
+           "ProviderRequest", "StreamItem", "TextDelta", "ToolCall", "ToolCallChunk",
+           "ToolChoice", "ToolSpec"]
 
 
 class ProviderError(Exception):
