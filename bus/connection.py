@@ -23,6 +23,7 @@ from clawbus.config import BusConfig, SessionConfig
 
 from . import subjects
 from .nats_adapter import AckedPublisher
+from .payloads import ensure_buckets
 
 log = logging.getLogger("clawbus.bus")
 
@@ -85,7 +86,8 @@ def _cluster_size(nc: Client) -> int:
 
 
 async def ensure_bus(nc: Client, bus: BusConfig, session: SessionConfig) -> JetStreamContext:
-    """Create (or update) the RUNS and TX streams, the worker consumer and the KV buckets."""
+    """Create (or update) the RUNS and TX streams, the worker consumer, the KV buckets
+    and the object buckets of large payloads."""
     js = nc.jetstream(timeout=JS_TIMEOUT)
     replicas = bus.replicas or min(3, _cluster_size(nc))
     runs = js_api.StreamConfig(
@@ -119,6 +121,7 @@ async def ensure_bus(nc: Client, bus: BusConfig, session: SessionConfig) -> JetS
         bucket=subjects.WORKERS_BUCKET, history=1, storage=js_api.StorageType.MEMORY,
         replicas=replicas, ttl=max(3.0, 3 * bus.heartbeat_seconds), direct=True,
     ))
+    await ensure_buckets(js, replicas, tx.max_age)
     return js
 
 

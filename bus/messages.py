@@ -279,6 +279,8 @@ class Turn(_Wire):
 
     def size(self) -> int:
         """Characters it costs against a history budget."""
+        if not self.input and not self.tool_calls:
+            return len(self.user) + len(self.assistant)
         size = len(self.assistant) + sum(len(c.name) + len(c.arguments) for c in self.tool_calls)
         if self.input:
             return size + sum(item.size() for item in self.input)

@@ -15,6 +15,10 @@ The next run reads the last turn, then only from that sequence on: a run's cost
 does not grow with the session's length. Turns without the headers (written by an older
 version, or by :meth:`Transcripts.record`), or a budget larger than the one
 recorded, fall back to reading the whole transcript.
+
+**Large turns.** A turn too large for one bus message is stored in the
+``clawbus_turns`` object bucket (:mod:`bus.payloads`); the transcript holds a
+stub naming it, which readers replace with the stored turn.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .nats_adapter import (
     StoredMsg,
     consumer_name,
 )
+from .payloads import TURNS_BUCKET, Objects, fits
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 READ_TIMEOUT = 10.0
@@ -77,6 +82,25 @@ class Transcripts:
         self._getter = BatchGetter(requester) if requester is not None else None
         self._leader = LeaderGet(requester, wait=JS_TIMEOUT) if requester is not None else None
         self._publisher = publisher
+        self._bodies = Objects(js, TURNS_BUCKET)
+
+    async def _encoded(self, turn: Turn) -> bytes:
+        """The turn as stored: itself, or a stub naming its object if it is too large."""
+        data = turn.model_dump_json().encode()
+        if self._nc is None or fits(len(data), self._nc.max_payload):
+            return data
+        name = f"turn-{turn.run_id}"
+        await self._bodies.put(name, data)
+        stub = Turn(run_id=turn.run_id, agent_id=turn.agent_id, user="", assistant="",
+                    ts=turn.ts, usage=turn.usage, body=name)
+        return stub.model_dump_json().encode()
+
+    async def _whole(self, turns: list[Turn]) -> list[Turn]:
+        """``turns`` with each stub replaced by the turn it names."""
+        if not any(t.body for t in turns):
+            return turns
+        return [Turn.model_validate_json(await self._bodies.get(t.body)) if t.body else t
+                for t in turns]
 
     async def _last(self, token: str) -> StoredMsg | None:
         """The session's last turn, read from the stream leader (never stale)."""
@@ -101,7 +125,7 @@ class Transcripts:
         if last == 0:
             return [], 0
         read = await self._read(token, 0, last)
-        return [t for _, t in read], max(last, read[-1][0] if read else 0)
+        return await self._whole([t for _, t in read]), max(last, read[-1][0] if read else 0)
 
     async def _read(self, token: str, start: int, last: int) -> list[tuple[int, Turn]]:
         """The session's turns from stream sequence ``start`` (0: the first) up to
@@ -152,6 +176,10 @@ class Transcripts:
             read = [(last_seq, last_turn)]
         else:
             read = await self._read(token, start or 0, last_seq)
+        read = list(zip([seq for seq, _ in read],
+                        await self._whole([t for _, t in read]), strict=True))
+        if last_turn.body:  # (read always ends with the last turn)
+            last_turn = read[-1][1]
         kept = within_budget([t for _, t in read], budget_chars)
         seqs = [seq for seq, _ in read[len(read) - len(kept):]]
         return Window(kept, seqs, last_turn, max(last_seq, read[-1][0]), budget_chars)
@@ -172,7 +200,7 @@ class Transcripts:
             headers[WINDOW_BUDGET] = str(window.budget)
         try:
             return await stored_seq(self._js, self._publisher, subjects.transcript(token),
-                                    turn.model_dump_json().encode(), headers)
+                                    await self._encoded(turn), headers)
         except APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise StaleTranscriptError(str(exc)) from None
@@ -185,11 +213,16 @@ class Transcripts:
         if self._nc is None:
             raise RuntimeError("Transcripts.record needs the NATS connection")
         await self._nc.publish(
-            subjects.transcript(token), turn.model_dump_json().encode(),
+            subjects.transcript(token), await self._encoded(turn),
             headers={"Nats-Msg-Id": f"turn-{turn.run_id}"})
 
     async def reset(self, token: str) -> None:
+        last = await self.last_seq(token)
+        stubs = [t for _, t in await self._read(token, 0, last)] if last else []
         await self._js.purge_stream(subjects.TX_STREAM, subject=subjects.transcript(token))
+        for turn in stubs:
+            if turn.body:
+                await self._bodies.delete(turn.body)
 
 
 def _window_start(headers: dict[str, str] | None, budget_chars: int) -> int | None:
@@ -210,7 +243,7 @@ def within_budget(turns: list[Turn], budget_chars: int) -> list[Turn]:
     kept: list[Turn] = []
     used = 0
     for turn in reversed(turns):
-        size = len(turn.user) + len(turn.assistant)
+        size = turn.size()
         if used + size > budget_chars:
             break
         kept.append(turn)

@@ -1,11 +1,13 @@
-"""Validate a ``POST /v1/chat/completions`` body and flatten it into one agent turn.
+"""Validate a ``POST /v1/chat/completions`` body into one agent turn.
 
 :func:`parse_chat_request` is pure: it takes the parsed JSON body, the request
 headers and the settings, and either returns a :class:`ChatRequest` or raises
 :class:`~gateway.errors.ApiError`. The HTTP layer has already checked method,
 auth, size and JSON syntax; the checks here follow SPEC §2 from the "body" row
-on, in order: body → model → agent → session header → params → messages, so a
-request with several problems always reports the first one.
+on, in order: body → model → agent (and ``x-openclaw-model``) → session header
+→ params (and client tools) → messages, so a request with several problems
+always reports the first one. ``messages`` become the agent's input in
+:mod:`gateway.conversation`.
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bus.messages import SamplingParams
+from bus.messages import ChatItem, SamplingParams, ToolChoice, ToolSpec
 from clawbus.config import AGENT_ID_RE, Settings
 from gateway.errors import invalid_request
+
+from .conversation import ImageRef, read_conversation
+from .tool_params import parse_tools
 
 DEFAULT_MODEL = "openclaw"
 AGENT_HEADERS = ("x-openclaw-agent-id", "x-openclaw-agent")
 SESSION_KEY_HEADER = "x-openclaw-session-key"
+MODEL_HEADER = "x-openclaw-model"
 
 BODY_NOT_OBJECT = "Request body must be a JSON object."
 INVALID_MODEL = "Invalid `model`. Use `openclaw` or `openclaw/<agentId>`."
@@ -41,20 +47,10 @@ STREAM_NOT_BOOL = "`stream` must be a boolean."
 STREAM_OPTIONS_NOT_OBJECT = "`stream_options` must be an object."
 INCLUDE_USAGE_NOT_BOOL = "`stream_options.include_usage` must be a boolean."
 STOP_INVALID = "`stop` must be a string or an array of at most 4 strings."
-MESSAGES_NOT_ARRAY = "`messages` must be an array."
-MISSING_USER_MESSAGE = "Missing user message in `messages`."
-
-HISTORY_HEADER = "[Chat messages since your last reply - for context]"
-CURRENT_HEADER = "[Current message - respond to this]"
-IMAGE_PLACEHOLDER = "[image]"
 
 _AGENT_ID = r"[a-z0-9][a-z0-9_-]{0,63}"
 _MODEL_AGENT_RE = re.compile(rf"^(?:openclaw[:/]|agent:)(?P<id>{_AGENT_ID})$", re.IGNORECASE)
 _RESERVED_SESSION_RE = re.compile(r"^(?:agent:[^:]*:)?(?:subagent|cron|acp):", re.IGNORECASE)
-
-_TEXT_PART_TYPES = frozenset({"text", "input_text"})
-_IMAGE_PART_TYPES = frozenset({"image_url", "input_image"})
-_SYSTEM_ROLES = frozenset({"system", "developer"})
 _MAX_STOP = 4
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -73,10 +69,13 @@ class ChatRequest:
     """One validated chat-completions request, ready to become a ``RunRequest``.
 
     ``model`` is the request's ``model`` echoed back in responses (``openclaw``
-    when absent or blank). ``message`` is the flattened agent input: the current
-    message, preceded by earlier turns as context when there are any.
+    when absent or blank). ``message`` is the agent input as text: the current
+    message, preceded by earlier turns as context when there are any; ``input``
+    the structured input when there is more than text (see
+    :mod:`gateway.conversation`), with ``images`` still to resolve.
     ``include_usage`` is ``stream_options.include_usage`` and is only ever true
-    for a streaming request.
+    for a streaming request. ``upstream_model`` is ``x-openclaw-model`` resolved
+    to ``provider/model``.
     """
 
     model: str
@@ -90,6 +89,11 @@ class ChatRequest:
     # True when the session key was generated here (no header, no ``user``): a
     # stateless call whose session no other request can ever join.
     ephemeral_session: bool = False
+    input: tuple[ChatItem, ...] = ()
+    images: tuple[ImageRef, ...] = ()
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    upstream_model: str | None = None
 
 
 def parse_chat_request(
@@ -104,19 +108,26 @@ def parse_chat_request(
         raise invalid_request(BODY_NOT_OBJECT)
     model, model_agent = _parse_model(body.get("model"), settings)
     agent_id = _resolve_agent(headers, model_agent, settings)
+    upstream_model = upstream_model_override(headers.get(MODEL_HEADER), agent_id, settings)
     session_key, ephemeral = _resolve_session_key(headers, body.get("user"), agent_id)
     stream, include_usage, params = _parse_params(body)
-    message, extra_system_prompt = flatten_messages(body.get("messages"))
+    tools, tool_choice = parse_tools(body)
+    conversation = read_conversation(body.get("messages"), stateless=ephemeral)
     return ChatRequest(
         model=model,
         agent_id=agent_id,
         session_key=session_key,
-        message=message,
-        extra_system_prompt=extra_system_prompt,
+        message=conversation.message,
+        extra_system_prompt=conversation.extra_system_prompt,
         params=params,
         stream=stream,
         include_usage=include_usage,
         ephemeral_session=ephemeral,
+        input=conversation.input,
+        images=conversation.images,
+        tools=tools,
+        tool_choice=tool_choice,
+        upstream_model=upstream_model,
     )
 
 
@@ -152,6 +163,25 @@ def _resolve_agent(headers: Mapping[str, str], model_agent: str, settings: Setti
     if not AGENT_ID_RE.match(agent_id) or settings.agent(agent_id) is None:
         raise invalid_request(f"Unknown agent '{agent_id}'.")
     return agent_id
+
+
+def upstream_model_override(raw: str | None, agent_id: str, settings: Settings) -> str | None:
+    """``x-openclaw-model`` (SPEC §12) as ``provider/model``: ``provider/model`` with a
+    configured provider, or a bare model id on the agent's own provider; None when
+    the header is absent or blank."""
+    value = (raw or "").strip()
+    if not value:
+        return None
+    provider, slash, model = value.partition("/")
+    if slash:
+        if provider not in settings.providers:
+            raise invalid_request(f"Unknown model provider '{provider}'.")
+        if not model.strip():
+            raise invalid_request(f"`{MODEL_HEADER}` must be `provider/model` or a model id.")
+        return value
+    agent = settings.agent(agent_id)
+    assert agent is not None  # resolved before
+    return f"{settings.agent_model(agent)[0]}/{value}"
 
 
 # --- session key -----------------------------------------------------------------
@@ -281,107 +311,3 @@ def _stop(value: object) -> tuple[str, ...] | None:
     ):
         return tuple(value) or None
     raise invalid_request(STOP_INVALID)
-
-
-# --- messages → agent input ------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    role: str  # "user" | "assistant" | "tool"
-    label: str
-    text: str
-    has_image: bool
-
-
-def flatten_messages(messages: object) -> tuple[str, str]:
-    """(agent input, extra system prompt) from an OpenAI ``messages`` array (SPEC §2).
-
-    The current message is the last ``user``/``tool`` entry with text or an image;
-    entries after it are dropped. Earlier ``user``/``assistant``/``tool`` entries
-    with text become the context block. ``system``/``developer`` texts, wherever
-    they appear, are joined into the extra system prompt.
-    """
-    if messages is None:
-        messages = []
-    if not isinstance(messages, list):
-        raise invalid_request(MESSAGES_NOT_ARRAY)
-
-    system_parts: list[str] = []
-    entries: list[_Entry] = []
-    for raw in messages:
-        if not isinstance(raw, dict):
-            continue
-        role = raw.get("role")
-        if not isinstance(role, str):
-            continue
-        role = role.strip().lower()
-        if role == "function":
-            role = "tool"
-        text = _content_text(raw.get("content"))
-        if role in _SYSTEM_ROLES:
-            if text:
-                system_parts.append(text)
-            continue
-        if role not in ("user", "assistant", "tool"):
-            continue
-        has_image = role != "assistant" and _content_has_image(raw.get("content"))
-        entries.append(_Entry(role, _label(role, raw), text, has_image))
-
-    current_index = next(
-        (
-            i
-            for i in range(len(entries) - 1, -1, -1)
-            if entries[i].role != "assistant" and (entries[i].text or entries[i].has_image)
-        ),
-        None,
-    )
-    if current_index is None:
-        raise invalid_request(MISSING_USER_MESSAGE)
-
-    current = entries[current_index]
-    current_text = current.text or IMAGE_PLACEHOLDER
-    history = [f"{e.label}: {e.text}" for e in entries[:current_index] if e.text]
-    extra_system_prompt = "\n\n".join(system_parts)
-    if not history:
-        return current_text, extra_system_prompt
-    message = (
-        f"{HISTORY_HEADER}\n"
-        + "\n".join(history)
-        + f"\n\n{CURRENT_HEADER}\n{current.label}: {current_text}"
-    )
-    return message, extra_system_prompt
-
-
-def _content_text(content: object) -> str:
-    """A message's text: a string, or its ``text``/``input_text`` parts joined by ``\\n``."""
-    if isinstance(content, str):
-        return content.strip()
-    if not isinstance(content, list):
-        return ""
-    texts = [
-        part["text"]
-        for part in content
-        if isinstance(part, dict)
-        and part.get("type") in _TEXT_PART_TYPES
-        and isinstance(part.get("text"), str)
-    ]
-    return "\n".join(t for t in texts if t).strip()
-
-
-def _content_has_image(content: object) -> bool:
-    return isinstance(content, list) and any(
-        isinstance(part, dict) and part.get("type") in _IMAGE_PART_TYPES for part in content
-    )
-
-
-def _label(role: str, message: dict[str, Any]) -> str:
-    if role == "user":
-        return "User"
-    if role == "assistant":
-        return "Assistant"
-    for key in ("name", "tool_call_id"):
-        value = message.get(key)
-        if isinstance(value, str) and value.strip():
-            return f"Tool:{value.strip()}"
-    return "Tool"

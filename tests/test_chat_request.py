@@ -12,7 +12,8 @@ import pytest
 
 from bus.messages import SamplingParams
 from clawbus.config import Settings, parse_settings
-from gateway.chat_request import ChatRequest, flatten_messages, parse_chat_request
+from gateway.chat_request import ChatRequest, parse_chat_request
+from gateway.conversation import read_conversation
 from gateway.errors import ApiError
 
 SCHEMA_PATH = Path("/work/shared/openai-schemas/error_response.strict.json")
@@ -547,6 +548,13 @@ def test_spec_flattening_example_verbatim(settings: Settings) -> None:
     )
 
 
+def flatten_messages(messages: object) -> tuple[str, str]:
+    """The SPEC §2 text form of a conversation without tool traffic."""
+    conversation = read_conversation(messages, stateless=True)
+    assert not conversation.structured
+    return conversation.message, conversation.extra_system_prompt
+
+
 def test_single_message_is_the_text_alone() -> None:
     assert flatten_messages([{"role": "user", "content": "  hello \n"}]) == ("hello", "")
 
@@ -650,24 +658,22 @@ def test_empty_last_user_entry_falls_back_to_earlier_one() -> None:
 
 
 def test_tool_labels_and_tool_as_current_message() -> None:
+    # Legacy tool messages (no tool_call_id, hence no tool traffic to keep
+    # structured) are flattened with their labels, as SPEC §2 says.
     message, _ = flatten_messages(
         [
             {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "assistant", "content": None, "tool_calls": []},
             {"role": "function", "name": "get_time", "content": "noon"},
             {"role": "tool", "content": "anon"},
-            {"role": "tool", "name": "  ", "tool_call_id": "c9", "content": "by id"},
-            {"role": "tool", "name": "lookup", "tool_call_id": "c2", "content": "rain later"},
+            {"role": "tool", "name": "lookup", "content": "rain later"},
         ]
     )
     assert message == (
         "[Chat messages since your last reply - for context]\n"
         "User: weather?\n"
-        "Tool:c1: sunny\n"
         "Tool:get_time: noon\n"
         "Tool: anon\n"
-        "Tool:c9: by id\n"
         "\n"
         "[Current message - respond to this]\n"
         "Tool:lookup: rain later"
@@ -675,10 +681,7 @@ def test_tool_labels_and_tool_as_current_message() -> None:
 
 
 def test_tool_alone_is_its_text() -> None:
-    assert flatten_messages([{"role": "tool", "tool_call_id": "c1", "content": "42"}]) == (
-        "42",
-        "",
-    )
+    assert flatten_messages([{"role": "function", "name": "f", "content": "42"}]) == ("42", "")
 
 
 def test_roles_are_case_insensitive_and_non_objects_skipped() -> None:
