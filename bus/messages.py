@@ -247,6 +247,10 @@ Event = Annotated[
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
+# SPEC §7: a tool result that answers no call (checked by the gateway against the
+# request's own conversation, by the worker against a session's pending calls).
+UNMATCHED_TOOL_RESULT = "`tool_call_id` '{}' does not match a pending tool call."
+
 REPLY_OK = b"ok"
 REPLY_GONE = b"gone"
 # The gateway moved on from this attempt (its worker was taken for dead and the

@@ -175,6 +175,7 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
                 yield
             finally:
                 await runs.close()
+                await chat.aclose()
         finally:
             with contextlib.suppress(Exception):
                 await nc.drain()

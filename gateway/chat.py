@@ -12,6 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive
 
+from bus.messages import ChatItem, ToolCallChunk
 from clawbus.config import Settings
 
 from . import errors, openai_format
@@ -19,6 +20,7 @@ from .auth import Authenticator
 from .chat_request import ChatRequest, parse_chat_request
 from .disconnect import CancelOnDisconnect
 from .errors import ApiError
+from .images import ImageResolver, image_source
 from .metrics import GatewayMetrics
 from .runs import NoWorkerError, RunClient, RunHandle, RunRejected, RunSpec
 from .sequencer import RunEvent
@@ -79,6 +81,23 @@ class ChatCompletions:
         self.runs = runs
         self.metrics = metrics
         self.config = settings.gateway.http.endpoints.chat_completions
+        self.images = ImageResolver(self.config.images)
+
+    async def aclose(self) -> None:
+        await self.images.aclose()
+
+    async def with_images(self, chat: ChatRequest) -> tuple[ChatItem, ...]:
+        """The request's input with its images resolved (data URIs checked, URLs
+        fetched): raises ApiError (400) naming the first bad part."""
+        if not chat.images:
+            return chat.input
+        parts = await self.images.resolve([image_source(ref.part, ref.where)
+                                           for ref in chat.images])
+        items = list(chat.input)
+        for ref, part in zip(chat.images, parts, strict=True):
+            items[ref.item] = items[ref.item].model_copy(
+                update={"images": (*items[ref.item].images, part)})
+        return tuple(items)
 
     async def __call__(self, request: Request) -> Response:
         if not self.config.enabled:
@@ -95,7 +114,9 @@ class ChatCompletions:
             spec = RunSpec(agent_id=chat.agent_id, session_key=chat.session_key,
                            message=chat.message, extra_system_prompt=chat.extra_system_prompt,
                            params=chat.params, ephemeral=chat.ephemeral_session,
-                           stream=chat.stream)
+                           stream=chat.stream, input=await self.with_images(chat),
+                           tools=chat.tools, tool_choice=chat.tool_choice,
+                           model=chat.upstream_model)
             try:
                 handle = await self.runs.submit(spec)
             except RunRejected as rej:
@@ -131,7 +152,8 @@ class ChatCompletions:
             return error_response(failure_error(event))
         assert event.type == "done"
         body = openai_format.completion(handle.run_id, created, chat.model, text=event.text,
-                                        usage=event.usage, finish_reason=event.finish_reason)
+                                        usage=event.usage, finish_reason=event.finish_reason,
+                                        tool_calls=event.tool_calls)
         return Response(body, media_type="application/json")
 
     def _stream(self, request: Request, chat: ChatRequest, handle: RunHandle) -> Response:
@@ -169,9 +191,17 @@ async def _sse_frames(handle: RunHandle, encoder: openai_format.ChunkEncoder,
                     yield openai_format.KEEPALIVE_FRAME
                 elif event.type == "delta":
                     yield encoder.content(event.text)
+                elif event.type == "tool_delta":
+                    yield encoder.tool_calls(event.calls)
                 elif event.type == "done":
-                    if not handle.streamed and event.text:
-                        tail.append(encoder.content(event.text))
+                    if not handle.streamed:  # the reply comes whole (a non-streaming run)
+                        if event.text:
+                            tail.append(encoder.content(event.text))
+                        if event.tool_calls:
+                            tail.append(encoder.tool_calls(tuple(
+                                ToolCallChunk(index=i, id=c.id, name=c.name,
+                                              arguments=c.arguments)
+                                for i, c in enumerate(event.tool_calls))))
                     tail.append(encoder.finish(event.finish_reason))
                     if include_usage:
                         tail.append(encoder.usage(event.usage))

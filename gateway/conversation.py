@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from bus.messages import ChatItem, ToolCall
+from bus.messages import UNMATCHED_TOOL_RESULT, ChatItem, ToolCall
 
 from .errors import invalid_request
 
@@ -39,7 +39,7 @@ _SYSTEM_ROLES = frozenset({"system", "developer"})
 
 
 def unmatched_tool_result(call_id: str) -> str:
-    return f"`tool_call_id` '{call_id}' does not match a pending tool call."
+    return UNMATCHED_TOOL_RESULT.format(call_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from bus.messages import Usage
+from bus.messages import ToolCall, ToolCallChunk, Usage
 
 EMPTY_REPLY = "No response from OpenClaw."
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -22,8 +22,20 @@ def usage_dict(usage: Usage) -> dict[str, int]:
             "total_tokens": usage.total_tokens}
 
 
+def tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def completion(run_id: str, created: int, model: str, *, text: str, usage: Usage,
-               finish_reason: str) -> bytes:
+               finish_reason: str, tool_calls: tuple[ToolCall, ...] = ()) -> bytes:
+    """A chat.completion; with tool calls, ``content`` is the commentary before
+    them (null when there was none)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text or EMPTY_REPLY,
+                               "refusal": None}
+    if tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = [tool_call_dict(call) for call in tool_calls]
     return orjson.dumps({
         "id": run_id,
         "object": "chat.completion",
@@ -31,7 +43,7 @@ def completion(run_id: str, created: int, model: str, *, text: str, usage: Usage
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text or EMPTY_REPLY, "refusal": None},
+            "message": message,
             "logprobs": None,
             "finish_reason": finish_reason,
         }],
@@ -63,6 +75,22 @@ class ChunkEncoder:
 
     def content(self, text: str) -> bytes:
         return self._content_prefix + orjson.dumps(text) + self._content_suffix
+
+    def tool_calls(self, chunks: tuple[ToolCallChunk, ...]) -> bytes:
+        """One chunk per piece: a call's first piece carries ``index``, ``id``,
+        ``type``, ``function.name`` and its first argument fragment; the others
+        ``index`` and the next fragment."""
+        frames: list[bytes] = []
+        for chunk in chunks:
+            entry: dict[str, Any] = {"index": chunk.index}
+            if chunk.id is not None:
+                entry["id"] = chunk.id
+                entry["type"] = "function"
+                entry["function"] = {"name": chunk.name or "", "arguments": chunk.arguments}
+            else:
+                entry["function"] = {"arguments": chunk.arguments}
+            frames.append(self._chunk({"tool_calls": [entry]}, None))
+        return b"".join(frames)
 
     def finish(self, finish_reason: str) -> bytes:
         return self._chunk({}, finish_reason)

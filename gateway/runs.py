@@ -35,6 +35,7 @@ from bus.messages import (
     REPLY_OK,
     REPLY_STALE,
     Accepted,
+    ChatItem,
     Delta,
     Done,
     Failed,
@@ -42,9 +43,13 @@ from bus.messages import (
     Queued,
     RunRequest,
     SamplingParams,
+    ToolChoice,
+    ToolDelta,
+    ToolSpec,
     decode_event,
 )
 from bus.nats_adapter import AckedPublisher, subscribe_direct
+from bus.payloads import PAYLOADS_BUCKET, Objects, fits
 from bus.registry import WorkerWatch, dead_after
 from clawbus.config import BusConfig
 from clawbus.logs import run_context
@@ -86,6 +91,12 @@ class RunSpec:
     ephemeral: bool = False
     # False for a non-streaming HTTP call: only the final text is needed.
     stream: bool = True
+    # Structured input (images, tool traffic), client tools, x-openclaw-model:
+    # see bus.messages.RunRequest.
+    input: tuple[ChatItem, ...] = ()
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    model: str | None = None
 
 
 # What :meth:`RunHandle.events` yields, when asked to, after ``keepalive`` seconds
@@ -120,6 +131,7 @@ class RunHandle:
         self._holder_ack = ""
         self._holder_lost = False  # after text was shown: the run fails
         self.handed_back_below = 0  # attempts below this were handed to others
+        self.payload = ""  # the object holding the request, if it was too large
 
     @property
     def wanted(self) -> bool:
@@ -212,7 +224,7 @@ class RunHandle:
                     if isinstance(event, Accepted):
                         self.queue_wait = time.time() - self.created
                         self._client.observe("queue_wait", self.queue_wait)
-                    elif isinstance(event, Delta):
+                    elif isinstance(event, Delta | ToolDelta):
                         if not self._text_shown:
                             self._text_shown = True
                             self._client.observe("ttft", time.time() - self.created)
@@ -310,6 +322,7 @@ class RunClient:
         self._sub: Subscription | None = None
         self._publisher = AckedPublisher(nc)
         self._leases = Leases(js, lease_ttl_seconds(bus), self._publisher)
+        self._payloads = Objects(js, PAYLOADS_BUCKET)
         self._workers = WorkerWatch(nc, js, bus.heartbeat_seconds, self._worker_lost)
         # Handing a run back is safe only while JetStream has not redelivered it
         # by itself, which it does an ack wait after the dead worker's last
@@ -390,6 +403,9 @@ class RunClient:
 
     def forget(self, handle: RunHandle) -> None:
         self._runs.pop(handle.run_id, None)
+        if handle.payload:  # the run is over for its client: its request goes too
+            name, handle.payload = handle.payload, ""
+            self.in_background(self._payloads.delete(name))
 
     # -- metrics hooks (no-ops without a registry, e.g. in `clawbus agent`) --------
 
@@ -423,13 +439,14 @@ class RunClient:
             message=spec.message, extra_system_prompt=spec.extra_system_prompt,
             params=spec.params, events_subject=subjects.events(self.gateway_id, run_id),
             created=handle.created, ephemeral=spec.ephemeral, stream=spec.stream,
+            input=spec.input, tools=spec.tools, tool_choice=spec.tool_choice, model=spec.model,
         )
         payload = request.model_dump_json().encode()
-        if len(payload) > self.nc.max_payload:
-            raise RunRejected("Payload too large", status=413)
         self._runs[run_id] = handle
         self.round_trip("publish_run")
         try:
+            if not fits(len(payload), self.nc.max_payload):
+                payload = await self._stored(handle, request, payload)
             ack = await self._publish_run(
                 subjects.run(subjects.session_token(spec.session_key)), payload, run_id)
         except Exception as exc:
@@ -440,6 +457,17 @@ class RunClient:
             raise RunRejected("No agent worker available.") from exc
         handle.stream_seq = int(ack["seq"])
         return handle
+
+    async def _stored(self, handle: RunHandle, request: RunRequest, payload: bytes) -> bytes:
+        """Put a request too large for a bus message in the payloads bucket; the
+        run message that names it."""
+        name = f"run-{request.run_id}"
+        self.round_trip("put_payload")
+        await self._payloads.put(name, payload)
+        handle.payload = name
+        stub = request.model_copy(update={"message": "", "extra_system_prompt": "", "input": (),
+                                          "tools": (), "payload": name})
+        return stub.model_dump_json().encode()
 
     async def _publish_run(self, subject: str, payload: bytes, run_id: str) -> dict[str, Any]:
         """Publish a run, retrying for up to the queue timeout while the bus is briefly

@@ -19,13 +19,25 @@ exactly one ``Accepted``, then text ``Delta``s, then exactly one ``Done`` or
   supplies the missing tail, so the client still gets the text exactly once.
 - **Acceptance.** A stateless run may skip its ``accepted`` notice: its first
   text or its end says a worker took it, and an ``Accepted`` is shown first.
+- **Tool calls.** Streamed tool-call pieces (``ToolDelta``) count as shown
+  output like text; after a gap, the final ``Done`` (which carries the calls
+  whole) supplies what the client has not seen of each call.
 """
 
 from __future__ import annotations
 
-from bus.messages import Accepted, Delta, Done, Failed, Heartbeat, Queued
+from bus.messages import (
+    Accepted,
+    Delta,
+    Done,
+    Failed,
+    Heartbeat,
+    Queued,
+    ToolCallChunk,
+    ToolDelta,
+)
 
-RunEvent = Accepted | Delta | Done | Failed | Heartbeat
+RunEvent = Accepted | Delta | ToolDelta | Done | Failed | Heartbeat
 
 _NOTHING: tuple[RunEvent, ...] = ()
 
@@ -40,7 +52,7 @@ class Sequencer:
     """Feeds on one run's events (:meth:`feed`); see the module doc."""
 
     __slots__ = ("_next_seq", "accepted", "attempt", "ended", "gaps", "interrupted",
-                 "resync", "sent", "streamed")
+                 "resync", "sent", "sent_calls", "streamed")
 
     def __init__(self) -> None:
         self.attempt = 0
@@ -52,6 +64,7 @@ class Sequencer:
         self.resync = False  # an event was lost: finish from the final text
         self.gaps = 0
         self.sent = 0  # characters of reply text shown
+        self.sent_calls: dict[int, int] = {}  # tool call index → argument characters shown
 
     def feed(self, event: RunEvent | Queued) -> tuple[RunEvent, ...]:
         """What to show the client for ``event``, in order (often nothing or the
@@ -94,16 +107,42 @@ class Sequencer:
             self._next_seq = 1
             self.resync = False
 
-    def _show(self, event: Delta | Done | Failed) -> tuple[RunEvent, ...]:
+    def _show(self, event: Delta | ToolDelta | Done | Failed) -> tuple[RunEvent, ...]:
         if isinstance(event, Delta):
             if self.resync:
                 return _NOTHING
             self.sent += len(event.text)
             self.streamed = True
             return (event,)
-        self.ended = True
-        if self.resync and isinstance(event, Done) and len(event.text) > self.sent:
+        if isinstance(event, ToolDelta):
+            if self.resync:
+                return _NOTHING
+            for chunk in event.calls:
+                self.sent_calls[chunk.index] = \
+                    self.sent_calls.get(chunk.index, 0) + len(chunk.arguments)
             self.streamed = True
-            tail = Delta(seq=event.seq, attempt=event.attempt, text=event.text[self.sent:])
-            return (tail, event)
-        return (event,)
+            return (event,)
+        self.ended = True
+        if not self.resync or not isinstance(event, Done):
+            return (event,)
+        tail: list[RunEvent] = []
+        if len(event.text) > self.sent:
+            tail.append(Delta(seq=event.seq, attempt=event.attempt, text=event.text[self.sent:]))
+        calls = [_rest(i, call.id, call.name, call.arguments, self.sent_calls.get(i))
+                 for i, call in enumerate(event.tool_calls)]
+        calls = [c for c in calls if c is not None]
+        if calls:
+            tail.append(ToolDelta(seq=event.seq, attempt=event.attempt, calls=tuple(calls)))
+        if tail:
+            self.streamed = True
+        return (*tail, event)
+
+
+def _rest(index: int, call_id: str, name: str, arguments: str,
+          shown: int | None) -> ToolCallChunk | None:
+    """What the client has not seen of a tool call (``shown``: None if nothing)."""
+    if shown is None:
+        return ToolCallChunk(index=index, id=call_id, name=name, arguments=arguments)
+    if len(arguments) > shown:
+        return ToolCallChunk(index=index, arguments=arguments[shown:])
+    return None

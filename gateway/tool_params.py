@@ -72,7 +72,7 @@ def _tool_choice(raw: object, tools: tuple[ToolSpec, ...]) -> ToolChoice | None:
     if raw is None:
         return None
     if raw in ("auto", "none"):
-        return ToolChoice(mode=raw)  # type: ignore[arg-type]  # one of the two literals
+        return ToolChoice(mode="auto" if raw == "auto" else "none")
     if raw == "required":
         if not tools:
             raise invalid_request(TOOL_CHOICE_NEEDS_TOOLS)

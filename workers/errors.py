@@ -6,6 +6,8 @@ the OpenAI error envelope (HTTP status, or an SSE/WS error frame).
 
 from __future__ import annotations
 
+from bus.messages import UNMATCHED_TOOL_RESULT
+
 from .providers.base import ProviderError
 
 _BY_KIND: dict[str, tuple[int, str, str]] = {
@@ -39,3 +41,16 @@ def internal(message: str) -> dict[str, object]:
 def interrupted(reason: str) -> dict[str, object]:
     return {"status": 503, "error_type": "api_error",
             "message": f"agent run interrupted: {reason}", "code": "interrupted"}
+
+
+def unmatched_tool_result(call_id: str) -> dict[str, object]:
+    """A session run's tool result answers none of the session's pending calls (SPEC §7)."""
+    return {"status": 400, "error_type": "invalid_request_error",
+            "message": UNMATCHED_TOOL_RESULT.format(call_id),
+            "code": None}
+
+
+def missed_tool_choice() -> dict[str, object]:
+    """``tool_choice`` required or pinned, and the reply made no matching call (SPEC §7)."""
+    return {"status": 502, "error_type": "api_error",
+            "message": "Agent did not call the required tool.", "code": None}

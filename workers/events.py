@@ -38,6 +38,9 @@ from bus.messages import (
     Failed,
     Heartbeat,
     Queued,
+    ToolCall,
+    ToolCallChunk,
+    ToolDelta,
     Usage,
     encode_delta,
 )
@@ -101,6 +104,8 @@ class Emitter:
         self._streaming = streaming
         self._buffer: list[str] = []
         self._buffered = 0
+        # Tool-call pieces waiting to go (after the buffered text, which came first).
+        self._tools: list[ToolCallChunk] = []
         # Pacing without a task or timer per token: text published
         # inline while there is credit; a timer only when text waits for some.
         self._credit = PACING_BURST  # text events allowed now (see PACING_BURST)
@@ -192,10 +197,29 @@ class Emitter:
         Without a streaming client, text only travels in the final event."""
         if not text or not self._streaming:
             return
+        if self._tools:  # text after tool-call pieces: those go first
+            await self._flush()
         self._buffer.append(text)
         self._buffered += len(text)
         delay = self._wait_for_credit()
         if delay <= 0 or self._buffered >= COALESCE_MAX_CHARS:
+            await self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._window_over)
+
+    async def tool_delta(self, chunk: ToolCallChunk) -> None:
+        """A tool-call piece: paced like text (pieces of one call that wait are
+        joined). Without a streaming client, calls only travel in the final event."""
+        if not self._streaming:
+            return
+        tools = self._tools
+        if tools and chunk.id is None and tools[-1].index == chunk.index:
+            last = tools[-1]
+            tools[-1] = last.model_copy(update={"arguments": last.arguments + chunk.arguments})
+        else:
+            tools.append(chunk)
+        delay = self._wait_for_credit()
+        if delay <= 0:
             await self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(delay, self._window_over)
@@ -215,7 +239,8 @@ class Emitter:
 
     def _flush_soon(self) -> None:
         """Flush from a callback (no await there): one short task, if text waits."""
-        if self._buffer and (self._flush_task is None or self._flush_task.done()):
+        if (self._buffer or self._tools) \
+                and (self._flush_task is None or self._flush_task.done()):
             self._flush_task = asyncio.create_task(self._flush(), name="emitter-flush")
 
     @property
@@ -232,19 +257,26 @@ class Emitter:
         # Fencing by the clock: past the lease deadline (the worker stalled, e.g.
         # SIGSTOP or a long GC pause) another worker may own the session, so text
         # is held until a refresh proves the lease is still ours (or it is fenced).
-        if not self._buffer or time.monotonic() >= self.lease_deadline or not self.sure:
+        if not (self._buffer or self._tools) or time.monotonic() >= self.lease_deadline \
+                or not self.sure:
             return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        text = "".join(self._buffer)
-        self._buffer.clear()
-        self._buffered = 0
         self.sent_text = True
         self._wait_for_credit()
         self._credit = max(0.0, self._credit - 1.0)  # forced sends never build a debt
-        await self._publish(encode_delta(self._next_seq(), self.attempt, text))
-        if self._buffer and self._timer is None:  # text came while the publish waited
+        if self._buffer:
+            text = "".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            await self._publish(encode_delta(self._next_seq(), self.attempt, text))
+        if self._tools:
+            calls = tuple(self._tools)
+            self._tools.clear()
+            event = ToolDelta(seq=self._next_seq(), attempt=self.attempt, calls=calls)
+            await self._publish(event.model_dump_json().encode())
+        if (self._buffer or self._tools) and self._timer is None:  # came while publishing
             self._timer = asyncio.get_running_loop().call_later(
                 self._wait_for_credit(), self._window_over)
 
@@ -263,10 +295,12 @@ class Emitter:
         self._stop_flushing()
         await self._flush()
 
-    async def done(self, text: str, usage: Usage, finish_reason: str) -> None:
+    async def done(self, text: str, usage: Usage, finish_reason: str,
+                   tool_calls: tuple[ToolCall, ...] = ()) -> None:
         await self.drain()
+        reason = "tool_calls" if tool_calls else "length" if finish_reason == "length" else "stop"
         event = Done(seq=self._next_seq(), attempt=self.attempt, text=text, usage=usage,
-                     finish_reason="length" if finish_reason == "length" else "stop")
+                     finish_reason=reason, tool_calls=tool_calls)
         await self._publish(event.model_dump_json().encode())
 
     async def failed(self, event_fields: dict[str, object]) -> None:

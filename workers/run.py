@@ -1,17 +1,18 @@
 """One agent run attempt on a worker: prompt assembly, the provider call, the turn.
 
-:func:`generate` streams the provider's reply through an :class:`Emitter` and
-returns the finished text; the caller (``workers/worker.py``) owns the lease,
-the ack and cancellation.
+:func:`generate` streams the provider's reply (text and tool-call pieces)
+through an :class:`Emitter` and returns the finished reply; the caller
+(``workers/worker.py``) owns the lease, the ack and cancellation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from bus.messages import RunRequest, Turn, Usage
+from bus.messages import ChatItem, RunRequest, ToolCall, ToolCallChunk, Turn, Usage
 
 from .events import Emitter
 from .providers.base import ChatMessage, Finish, Provider, ProviderRequest, TextDelta
@@ -24,23 +25,78 @@ class Reply:
     finish_reason: str
     first_token_seconds: float | None = None
     seconds: float = 0.0
+    tool_calls: tuple[ToolCall, ...] = field(default=())
 
 
 def build_request(model: str, system_prompt: str, run: RunRequest,
                   history: list[Turn]) -> ProviderRequest:
     """What the agent sees: its system prompt + the extra system prompt, the
-    session's earlier turns (already cut to the budget), then the current input."""
+    session's earlier turns (already cut to the budget), then the current input.
+    Tool traffic stays structured (SPEC §7)."""
     system = "\n\n".join(p for p in (system_prompt.strip(), run.extra_system_prompt.strip()) if p)
     messages: list[ChatMessage] = []
+    structured = bool(run.input)
     for turn in history:
-        messages.append(ChatMessage("user", turn.user))
-        messages.append(ChatMessage("assistant", turn.assistant))
-    messages.append(ChatMessage("user", run.message))
-    return ProviderRequest(model=model, system=system, messages=tuple(messages), params=run.params)
+        if turn.input or turn.tool_calls:
+            structured = True
+            messages.extend(_message(item) for item in turn.input_items())
+            messages.append(ChatMessage("assistant", turn.assistant, tool_calls=turn.tool_calls))
+        else:  # the common case, without building items
+            messages.append(ChatMessage("user", turn.user))
+            messages.append(ChatMessage("assistant", turn.assistant))
+    if run.input:
+        messages.extend(_message(item) for item in run.input)
+    else:
+        messages.append(ChatMessage("user", run.message))
+    if structured:
+        messages = paired(messages)
+    return ProviderRequest(model=model, system=system, messages=tuple(messages),
+                           params=run.params, tools=run.tools, tool_choice=run.tool_choice)
+
+
+def _message(item: ChatItem) -> ChatMessage:
+    return ChatMessage(item.role, item.text, item.images, item.tool_calls, item.tool_call_id,
+                       item.name)
+
+
+def paired(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """The conversation as providers accept it: every tool call answered by a tool
+    result right after its assistant message, and every result answering such a
+    call. Unanswered calls (a client that sent text instead of results, a history
+    budget that cut a turn in two) are dropped from their message; orphaned
+    results are dropped; an assistant message left empty goes too."""
+    out: list[ChatMessage] = []
+    i = 0
+    while i < len(messages):
+        message = messages[i]
+        i += 1
+        if message.role == "tool":
+            continue  # not right after a call of the assistant message before it
+        if message.role != "assistant" or not message.tool_calls:
+            out.append(message)
+            continue
+        results: list[ChatMessage] = []
+        while i < len(messages) and messages[i].role == "tool":
+            results.append(messages[i])
+            i += 1
+        calls = {c.id for c in message.tool_calls}
+        answered = {r.tool_call_id for r in results if r.tool_call_id in calls}
+        kept = tuple(c for c in message.tool_calls if c.id in answered)
+        if kept != message.tool_calls:
+            message = dataclasses.replace(message, tool_calls=kept)
+        if message.content or message.tool_calls:
+            out.append(message)
+        seen: set[str] = set()
+        for result in results:
+            if result.tool_call_id in answered and result.tool_call_id not in seen:
+                seen.add(result.tool_call_id)
+                out.append(result)
+    return out
 
 
 async def generate(provider: Provider, request: ProviderRequest, emitter: Emitter) -> Reply:
     parts: list[str] = []
+    calls: dict[int, tuple[str, str, list[str]]] = {}  # index → (id, name, fragments)
     finish = Finish()
     started = time.monotonic()
     first: float | None = None
@@ -53,7 +109,39 @@ async def generate(provider: Provider, request: ProviderRequest, emitter: Emitte
                     first = time.monotonic() - started
                 parts.append(item.text)
                 await emitter.delta(item.text)
-            elif isinstance(item, Finish):
+            elif isinstance(item, ToolCallChunk):
+                if first is None:
+                    first = time.monotonic() - started
+                call = calls.get(item.index)
+                if call is None:
+                    call = calls[item.index] = (item.id or "", item.name or "", [])
+                call[2].append(item.arguments)
+                await emitter.tool_delta(item)
+            else:
                 finish = item
-    return Reply(text="".join(parts), usage=finish.usage, finish_reason=finish.reason,
-                 first_token_seconds=first, seconds=time.monotonic() - started)
+    tool_calls = tuple(ToolCall(id=call_id, name=name, arguments="".join(fragments))
+                       for _, (call_id, name, fragments) in sorted(calls.items()))
+    reason = "tool_calls" if tool_calls and finish.reason == "stop" else finish.reason
+    return Reply(text="".join(parts), usage=finish.usage, finish_reason=reason,
+                 first_token_seconds=first, seconds=time.monotonic() - started,
+                 tool_calls=tool_calls)
+
+
+def missed_tool_choice(run: RunRequest, reply: Reply) -> bool:
+    """With ``tool_choice`` required or pinned, the reply made no matching call."""
+    choice = run.tool_choice
+    if choice is None or choice.mode in ("auto", "none"):
+        return False
+    if choice.mode == "required":
+        return not reply.tool_calls
+    return all(call.name != choice.name for call in reply.tool_calls)
+
+
+def unmatched_tool_result(run: RunRequest, last: Turn | None) -> str | None:
+    """The id of a tool result in a session run's input that answers no pending
+    call of the session (its last turn's calls), or None."""
+    pending = {call.id for call in last.tool_calls} if last is not None else set()
+    for item in run.input:
+        if item.role == "tool" and item.tool_call_id not in pending:
+            return item.tool_call_id
+    return None

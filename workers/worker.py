@@ -43,6 +43,7 @@ from bus.connection import BUS_UNAVAILABLE, JS_TIMEOUT, ensure_bus, lease_ttl_se
 from bus.leases import Leases, SessionLease, lease_owner
 from bus.messages import RunRequest, Turn
 from bus.nats_adapter import AckedPublisher, LeaderGet
+from bus.payloads import PAYLOADS_BUCKET, Objects, PayloadMissingError
 from bus.pull import PullConsumer
 from bus.registry import beat_period
 from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
@@ -57,7 +58,7 @@ from .liveness import Liveness
 from .metrics import WorkerMetrics
 from .providers import make_provider
 from .providers.base import Provider, ProviderError
-from .run import Reply, build_request, generate
+from .run import Reply, build_request, generate, missed_tool_choice, unmatched_tool_result
 
 log = logging.getLogger("clawbus.worker")
 
@@ -122,6 +123,7 @@ class Worker:
         self._leases: Leases | None = None
         self._leader: LeaderGet | None = None
         self._transcripts: Transcripts | None = None
+        self._payloads: Objects | None = None
         self.ready = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------
@@ -140,6 +142,7 @@ class Worker:
         self._leader = LeaderGet(publisher, wait=JS_TIMEOUT)
         self._leases = Leases(js, lease_ttl_seconds(bus), publisher)
         self._transcripts = Transcripts(js, self.nc, publisher)
+        self._payloads = Objects(js, PAYLOADS_BUCKET)
         cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
         done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
@@ -273,8 +276,28 @@ class Worker:
             log.error("dropping malformed run message on %s: %s", msg.subject, exc)
             await msg.term()
             return
+        if run.payload:
+            whole = await self._whole_request(msg, run)
+            if whole is None:
+                return
+            run = whole
         with run_context(run.run_id, run.session_key):
             await self._serve_run(msg, run)
+
+    async def _whole_request(self, msg: Msg, stub: RunRequest) -> RunRequest | None:
+        """A request too large for a bus message, read from the payloads bucket;
+        None (the message dropped) when it is gone: its run is over."""
+        assert self._payloads is not None
+        try:
+            return RunRequest.model_validate_json(await self._payloads.get(stub.payload))
+        except PayloadMissingError:
+            with run_context(stub.run_id, stub.session_key):
+                log.info("dropping run: its request is gone (the run ended)")
+            await msg.term()
+            return None
+        except BUS_UNAVAILABLE:
+            await msg.nak(delay=NAK_DELAY)
+            return None
 
     async def _serve_run(self, msg: Msg, run: RunRequest) -> None:
         token = subjects.last_token(msg.subject)
@@ -430,15 +453,25 @@ class Worker:
             if window.last is not None and window.last.run_id == run.run_id:
                 # Completed before (the ack was lost): report, never run twice.
                 await acceptance.confirm(cancelled)
-                await emitter.done(window.last.assistant, window.last.usage, "stop")
+                await emitter.done(window.last.assistant, window.last.usage, "stop",
+                                   window.last.tool_calls)
                 await msg.ack()
                 outcome = "completed"
+                return
+            unmatched = None if lease is None else unmatched_tool_result(run, window.last)
+            if unmatched is not None:
+                await emitter.failed(errors.unmatched_tool_result(unmatched))
+                await msg.term()
                 return
             reply = await self._generate(run, window.turns, emitter, execution)
             if reply is None:
                 outcome = await self._stopped(msg, emitter, execution)
                 return
             self._observe(run, reply)
+            if missed_tool_choice(run, reply):
+                await emitter.failed(errors.missed_tool_choice())
+                await msg.term()
+                return
             await acceptance.confirm(cancelled)  # nothing is stored for an unwanted run
             outcome = await self._store(msg, run, token, lease=lease, window=window,
                                         reply=reply, emitter=emitter)
@@ -479,7 +512,9 @@ class Worker:
         """Store the turn, then report it done and ack the run; the outcome."""
         assert self._transcripts is not None
         turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
-                    assistant=reply.text, ts=time.time(), usage=reply.usage)
+                    assistant=reply.text, ts=time.time(), usage=reply.usage,
+                    input=tuple(item.stored() for item in run.input),
+                    tool_calls=reply.tool_calls)
         if lease is None:
             # Ephemeral: nobody can read this session back through the API, so
             # the turn is recorded without waiting for the store's ack.
@@ -496,7 +531,7 @@ class Worker:
                     "session changed while the run was in progress; the turn was not saved"))
                 await msg.term()
                 return "failed"
-        await emitter.done(reply.text, reply.usage, reply.finish_reason)
+        await emitter.done(reply.text, reply.usage, reply.finish_reason, reply.tool_calls)
         await msg.ack()
         return "completed"
 
@@ -529,6 +564,11 @@ class Worker:
         if agent is None:
             raise ProviderError("failed", f"agent '{run.agent_id}' is not configured here")
         provider_name, _, model = settings.agent_model(agent)
+        if run.model:  # x-openclaw-model
+            provider_name, _, model = run.model.partition("/")
+            if provider_name not in settings.providers:
+                raise ProviderError("failed", f"model provider '{provider_name}' is not "
+                                    "configured here")
         provider = self._provider(provider_name)
         history = within_budget(turns, settings.session.history_budget_chars)
         prompt = self._system_prompts.get(agent.id)
@@ -617,6 +657,8 @@ class Worker:
 
     def _provider_name(self, run: RunRequest) -> str:
         """The provider label of a run's agent (settings never change in a process)."""
+        if run.model:
+            return run.model.partition("/")[0]
         name = self._provider_names.get(run.agent_id)
         if name is None:
             agent = self.settings.agent(run.agent_id)
