@@ -63,9 +63,60 @@ class AuthConfig(_Model):
     rate_limit: RateLimitConfig = RateLimitConfig()
 
 
+# A MIME type as `type/subtype` (RFC 6838 name characters, lower case), no parameters.
+MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
+# A DNS name in ASCII (IDNs as punycode), one label at least.
+_HOST = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+
+
+class ImagesConfig(_Model):
+    """Image parts of chat requests (SPEC §8): which MIME types are taken, and
+    whether and how ``http(s)`` image URLs are fetched by the gateway."""
+
+    allow_url: bool = False
+    # Lists in the file: strict mode alone would want a Python tuple.
+    allowed_mimes: tuple[str, ...] = Field(
+        ("image/jpeg", "image/png", "image/gif", "image/webp"), strict=False)
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    timeout_ms: int = Field(10_000, ge=1)
+    max_redirects: int = Field(3, ge=0)
+    # Hosts an image URL may name: `img.example.com`, or `*.example.com` for any
+    # name below example.com (not example.com itself). Empty: any host.
+    url_allowlist: tuple[str, ...] = Field((), strict=False)
+
+    @field_validator("allowed_mimes")
+    @classmethod
+    def _check_mimes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        mimes = tuple(m.strip().lower() for m in value)
+        for mime in mimes:
+            if not MIME_TYPE.fullmatch(mime):
+                raise ValueError(f"{mime!r} is not a MIME type like 'image/png'")
+        return mimes
+
+    @field_validator("url_allowlist")
+    @classmethod
+    def _check_allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        patterns = tuple(p.strip().lower().rstrip(".") for p in value)
+        for pattern in patterns:
+            host = pattern.removeprefix("*.")
+            if not _HOST.fullmatch(host) and not (host == pattern and _is_ip(host)):
+                raise ValueError(f"{pattern!r} is not a host name, '*.suffix' or IP address "
+                                 f"(international names in punycode, xn--...)")
+        return patterns
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class ChatCompletionsConfig(_Model):
     enabled: bool = False
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    images: ImagesConfig = ImagesConfig()
 
 
 class EndpointsConfig(_Model):
