@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from bus.messages import SamplingParams, Usage
 from clawbus.config import ProviderConfig
-from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.anthropic_upstream import FakeAnthropic, FakeReply
 from tests.fakes.http_upstream import RequestRecord
+from tests.test_provider_openai import (
+    CLOCK,
+    GENERATED_ID,
+    PARIS_CALLS,
+    PNG,
+    WEATHER,
+    assemble,
+    collect,
+    image,
+    kinds,
+    stream_items,
+)
 from workers.providers import ANTHROPIC_DEFAULT_BASE_URL, make_provider
 from workers.providers.anthropic_messages import (
     ANTHROPIC_VERSION,
     DEFAULT_MAX_TOKENS,
     AnthropicMessagesProvider,
+    _Reply,
 )
 from workers.providers.base import (
     ChatMessage,
@@ -26,6 +42,10 @@ from workers.providers.base import (
     ProviderError,
     ProviderRequest,
     TextDelta,
+    ToolCall,
+    ToolCallChunk,
+    ToolChoice,
+    ToolSpec,
 )
 
 KEY = "sk-ant-test-key"
@@ -41,21 +61,6 @@ def request(text: str = "hello big world", *, system: str = "",
 def make(base_url: str, *, api_key: str | None = KEY, timeout: float = 10.0,
          headers: dict[str, str] | None = None) -> AnthropicMessagesProvider:
     return AnthropicMessagesProvider(base_url, api_key, headers or {}, timeout, 5.0)
-
-
-async def collect(provider: AnthropicMessagesProvider,
-                  req: ProviderRequest) -> tuple[list[str], Finish]:
-    deltas: list[str] = []
-    finish: Finish | None = None
-    async with contextlib.aclosing(provider.stream(req)) as items:
-        async for item in items:
-            assert finish is None, "nothing may follow Finish"
-            if isinstance(item, TextDelta):
-                deltas.append(item.text)
-            else:
-                finish = item
-    assert finish is not None
-    return deltas, finish
 
 
 async def failure(provider: AnthropicMessagesProvider, req: ProviderRequest) -> ProviderError:
@@ -432,3 +437,290 @@ def test_fake_serves_plain_json_to_sync_clients() -> None:
         assert missing.json() == {"type": "error", "error": {
             "type": "invalid_request_error", "message": "max_tokens: Field required"}}
         up.wait_for(lambda reqs: len(reqs) == 2 and all(r.completed for r in reqs), 1.0)
+
+
+
+# -------------------------------------------------------------------- client tools
+
+def tool_request(*messages: ChatMessage, choice: ToolChoice | None = None,
+                 tools: tuple[ToolSpec, ...] = (WEATHER, CLOCK)) -> ProviderRequest:
+    return ProviderRequest(model="claude-test", system="",
+                           messages=messages or (ChatMessage("user", "weather?"),),
+                           tools=tools, tool_choice=choice)
+
+
+def events(*payloads: dict[str, Any]) -> str:
+    """Anthropic SSE events as one piece of body."""
+    return "".join(f"event: {p['type']}\ndata: {orjson.dumps(p).decode()}\n\n"
+                   for p in payloads)
+
+
+def block_start(index: int, block: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_start", "index": index, "content_block": block}
+
+
+def block_delta(index: int, delta: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": index, "delta": delta}
+
+
+def json_delta(index: int, partial: str) -> dict[str, Any]:
+    return block_delta(index, {"type": "input_json_delta", "partial_json": partial})
+
+
+def tool_use(index: int, call_id: str, name: str) -> dict[str, Any]:
+    return block_start(index, {"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+
+def stop(index: int) -> dict[str, Any]:
+    return {"type": "content_block_stop", "index": index}
+
+
+def message_end(stop_reason: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    return ({"type": "message_delta", "delta": {"stop_reason": stop_reason},
+             "usage": {"output_tokens": 5}}, {"type": "message_stop"})
+
+
+async def test_tools_sent_with_input_schemas(up: FakeAnthropic,
+                                             provider: AnthropicMessagesProvider) -> None:
+    await collect(provider, tool_request(tools=(WEATHER, CLOCK,
+                                                ToolSpec(name="noop", parameters={}))))
+    body = up.requests[0].body
+    empty = {"type": "object", "properties": {}}
+    assert body["tools"] == [
+        {"name": "get_weather", "description": "Current weather of a city",
+         "input_schema": WEATHER.parameters},
+        {"name": "get_time", "input_schema": empty},
+        {"name": "noop", "input_schema": empty},
+    ]
+    assert "tool_choice" not in body
+
+
+@pytest.mark.parametrize(("choice", "sent"), [
+    (ToolChoice(mode="auto"), {"type": "auto"}),
+    (ToolChoice(mode="none"), {"type": "none"}),
+    (ToolChoice(mode="required"), {"type": "any"}),
+    (ToolChoice(mode="function", name="get_time"), {"type": "tool", "name": "get_time"}),
+    (ToolChoice(parallel=False), {"type": "auto", "disable_parallel_tool_use": True}),
+    (ToolChoice(mode="required", parallel=False),
+     {"type": "any", "disable_parallel_tool_use": True}),
+    (ToolChoice(mode="function", name="get_weather", parallel=False),
+     {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}),
+    (ToolChoice(mode="none", parallel=False), {"type": "none"}),  # the API rejects the flag
+    (ToolChoice(parallel=True), {"type": "auto"}),  # parallel is the default
+])
+async def test_tool_choice(up: FakeAnthropic, provider: AnthropicMessagesProvider,
+                           choice: ToolChoice, sent: dict[str, Any]) -> None:
+    await collect(provider, tool_request(choice=choice))  # the fake checks it too
+    assert up.requests[0].body["tool_choice"] == sent
+
+
+async def test_no_tools_means_no_tool_fields(up: FakeAnthropic,
+                                             provider: AnthropicMessagesProvider) -> None:
+    await collect(provider, tool_request(tools=(), choice=ToolChoice(mode="required")))
+    assert "tools" not in up.requests[0].body
+    assert "tool_choice" not in up.requests[0].body
+
+
+async def test_tool_traffic_and_images_as_content_blocks(
+        up: FakeAnthropic, provider: AnthropicMessagesProvider) -> None:
+    req = tool_request(
+        ChatMessage("user", "Weather in Paris, and the time?"),
+        ChatMessage("assistant", "Checking.", tool_calls=PARIS_CALLS),
+        ChatMessage("tool", "Sunny, 21 C", tool_call_id="call_1", name="get_weather"),
+        ChatMessage("tool", "", tool_call_id="call_2"),
+        ChatMessage("user", "Also, what is this?", images=(image(), image(b"GIF89a",
+                                                                          "image/gif"))),
+        ChatMessage("user", "And this one."),
+    )
+    deltas, finish = await collect(provider, req)  # the fake checks the pairing rules
+    assert "".join(deltas) == "echo: Also, what is this?And this one."
+    png = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                       "data": base64.b64encode(PNG).decode()}}
+    gif = {"type": "image", "source": {"type": "base64", "media_type": "image/gif",
+                                       "data": base64.b64encode(b"GIF89a").decode()}}
+    messages = up.requests[0].body["messages"]
+    assert messages == [
+        {"role": "user", "content": "Weather in Paris, and the time?"},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "call_1", "name": "get_weather",
+             "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_time", "input": {}},
+        ]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "Sunny, 21 C"},
+            {"type": "tool_result", "tool_use_id": "call_2"},
+            png, gif,
+            {"type": "text", "text": "Also, what is this?"},
+            {"type": "text", "text": "And this one."},
+        ]},
+    ]
+    assert base64.b64decode(messages[2]["content"][2]["source"]["data"]) == PNG
+    assert finish.reason == "stop"
+
+
+async def test_tool_results_lead_the_user_message(
+        up: FakeAnthropic, provider: AnthropicMessagesProvider) -> None:
+    req = tool_request(
+        ChatMessage("user", "Time?"),
+        ChatMessage("assistant", " ", tool_calls=(ToolCall(id="toolu_1", name="get_time",
+                                                           arguments="{}"),)),
+        ChatMessage("user", "(take your time)"),
+        ChatMessage("tool", "12:00", tool_call_id="toolu_1"),
+    )
+    await collect(provider, req)
+    assert up.requests[0].body["messages"][1:] == [
+        {"role": "assistant", "content": [  # blank text left out, the call kept
+            {"type": "tool_use", "id": "toolu_1", "name": "get_time", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"},
+            {"type": "text", "text": "(take your time)"},
+        ]},
+    ]
+
+
+@pytest.mark.parametrize(("arguments", "sent"), [
+    ('{"city": "Zürich"}', {"city": "Zürich"}),
+    ("", {}),
+    ("  ", {}),
+    ('{"city": "Zür', {"_raw_arguments": '{"city": "Zür'}),
+    ("[1, 2]", {"_raw_arguments": "[1, 2]"}),
+    ("null", {"_raw_arguments": "null"}),
+])
+async def test_call_arguments_as_tool_use_input(up: FakeAnthropic,
+                                                provider: AnthropicMessagesProvider,
+                                                arguments: str, sent: dict[str, Any]) -> None:
+    req = tool_request(
+        ChatMessage("user", "go"),
+        ChatMessage("assistant", "", tool_calls=(
+            ToolCall(id="toolu_1", name="get_weather", arguments=arguments),)),
+        ChatMessage("tool", "bad arguments", tool_call_id="toolu_1"),
+    )
+    await collect(provider, req)
+    assert up.requests[0].body["messages"][1]["content"][0]["input"] == sent
+
+
+async def test_unanswered_call_is_rejected_by_the_fake(
+        up: FakeAnthropic, provider: AnthropicMessagesProvider) -> None:
+    # The fake enforces the API's pairing rule, so the tests above mean something.
+    req = tool_request(
+        ChatMessage("user", "go"),
+        ChatMessage("assistant", "", tool_calls=(ToolCall(id="toolu_1", name="get_time"),)),
+        ChatMessage("user", "never mind"),
+    )
+    err = await failure(provider, req)
+    assert err.kind == "failed" and err.status == 400
+    assert "`tool_use` ids were found without `tool_result` blocks" in err.message
+
+
+async def test_tool_use_round_trip(up: FakeAnthropic,
+                                   provider: AnthropicMessagesProvider) -> None:
+    zurich = '{"city":"Zürich ☃"}'
+    up.reply = lambda body: FakeReply("Checking.", [("get_weather", zurich),
+                                                    ("get_time", "{}")])
+    items = await stream_items(provider, tool_request())
+    text, calls, finish = assemble(items)
+    assert text == "Checking."
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", zurich),
+                                                      ("get_time", "{}")]
+    assert all(c.id.startswith("toolu_") for c in calls)
+    assert kinds(items) == ["text", "call 0", "call 1"]
+    assert finish.reason == "tool_calls"
+    assert finish.usage.completion_tokens == 3  # 1 word and 2 calls, as the fake counts
+
+    up.reply = lambda body: "Sunny at noon."
+    follow_up = tool_request(
+        ChatMessage("user", "weather?"),
+        ChatMessage("assistant", text, tool_calls=tuple(calls)),
+        *(ChatMessage("tool", result, tool_call_id=call.id)
+          for call, result in zip(calls, ["Sunny", "12:00"], strict=True)))
+    deltas, finish = await collect(provider, follow_up)
+    assert "".join(deltas) == "Sunny at noon."
+    assert finish.reason == "stop"
+    assistant, results = up.requests[-1].body["messages"][1:]
+    assert [(b["id"], b["input"]) for b in assistant["content"][1:]] == [
+        (calls[0].id, {"city": "Zürich ☃"}), (calls[1].id, {})]
+    assert [b["tool_use_id"] for b in results["content"]] == [c.id for c in calls]
+
+
+async def test_call_without_text(up: FakeAnthropic, provider: AnthropicMessagesProvider) -> None:
+    up.reply = lambda body: FakeReply(tool_calls=[("get_time", '{"tz":"UTC"}')])
+    items = await stream_items(provider, tool_request())
+    text, calls, finish = assemble(items)
+    assert text == ""
+    assert [(c.name, c.arguments) for c in calls] == [("get_time", '{"tz":"UTC"}')]
+    assert kinds(items) == ["call 0"]
+    assert finish.reason == "tool_calls"
+
+
+async def test_tool_use_blocks_after_thinking(up: FakeAnthropic,
+                                              provider: AnthropicMessagesProvider) -> None:
+    up.raw_sse = [events(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 3}}},
+        block_start(0, {"type": "thinking", "thinking": ""}),
+        block_delta(0, {"type": "thinking_delta", "thinking": "hmm"}),
+        stop(0),
+        # a call without input text, and one without an id
+        tool_use(1, "toolu_a", "get_time"), json_delta(1, ""), stop(1),
+        block_start(2, {"type": "tool_use", "name": "get_weather", "input": {}}),
+        json_delta(2, '{"city":'), json_delta(2, '"Oslo"}'), stop(2),
+        *message_end("end_turn"),
+    )]
+    _, calls, finish = assemble(await stream_items(provider, tool_request()))
+    assert calls[0] == ToolCall(id="toolu_a", name="get_time", arguments="{}")
+    assert (calls[1].name, calls[1].arguments) == ("get_weather", '{"city":"Oslo"}')
+    assert GENERATED_ID.fullmatch(calls[1].id)
+    assert finish.reason == "tool_calls"  # calls were made, whatever the stop reason
+
+
+@pytest.mark.parametrize(("stop_reason", "with_call", "expected"), [
+    ("tool_use", True, "tool_calls"), ("tool_use", False, "stop"),
+    ("max_tokens", True, "length"), ("end_turn", False, "stop"),
+])
+async def test_finish_reasons(up: FakeAnthropic, provider: AnthropicMessagesProvider,
+                              stop_reason: str, with_call: bool, expected: str) -> None:
+    call = (tool_use(0, "toolu_a", "f"), json_delta(0, '{"a":'), stop(0)) if with_call \
+        else (block_start(0, {"type": "text", "text": ""}),
+              block_delta(0, {"type": "text_delta", "text": "hi"}), stop(0))
+    up.raw_sse = [events(*call, *message_end(stop_reason))]
+    _, calls, finish = assemble(await stream_items(provider, tool_request()))
+    assert len(calls) == with_call
+    assert finish.reason == expected
+
+
+def test_events_of_one_read_are_normalized_and_joined() -> None:
+    reply = _Reply()
+    batch = events(
+        block_start(0, {"type": "text", "text": ""}),
+        block_delta(0, {"type": "text_delta", "text": "Let me "}),
+        block_delta(0, {"type": "text_delta", "text": "see."}),
+        stop(0),
+        tool_use(1, "toolu_a", "f"), json_delta(1, ""), json_delta(1, '{"a":'),
+        json_delta(1, '"b"}'), stop(1),
+        tool_use(2, "toolu_b", "g"), stop(2),
+        block_start(3, {"type": "text", "text": ""}),
+        block_delta(3, {"type": "text_delta", "text": " Done."}),
+    ).encode().splitlines()
+    text, failure = reply.parse(batch)
+    assert failure is None
+    assert text == " Done."  # the text after the calls, yielded after them
+    assert reply.items == [
+        TextDelta("Let me see."),
+        ToolCallChunk(index=0, id="toolu_a", name="f", arguments='{"a":"b"}'),
+        ToolCallChunk(index=1, id="toolu_b", name="g", arguments="{}"),
+    ]
+
+
+def test_fake_answers_tool_use_in_plain_json() -> None:
+    with FakeAnthropic() as up, httpx.Client(base_url=up.base_url) as client:
+        up.reply = lambda body: FakeReply("On it.", [("get_time", '{"tz":"UTC"}')])
+        reply = client.post("/messages", json={
+            "model": "m", "max_tokens": 100,
+            "tools": [{"name": "get_time", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "time?"}]})
+        data = reply.json()
+        assert data["stop_reason"] == "tool_use"
+        text, call = data["content"]
+        assert text == {"type": "text", "text": "On it."}
+        assert call["type"] == "tool_use" and call["id"].startswith("toolu_")
+        assert (call["name"], call["input"]) == ("get_time", {"tz": "UTC"})

@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from bus.messages import SamplingParams, Usage
 from clawbus.config import ProviderConfig
-from tests.fakes.openai_upstream import FakeOpenAI, RequestRecord
+from tests.fakes.openai_upstream import TOOL_QUIRKS, FakeOpenAI, FakeReply, RequestRecord
 from workers.providers import OPENAI_DEFAULT_BASE_URL, make_provider
 from workers.providers.base import (
     ChatMessage,
     Finish,
+    ImagePart,
+    Provider,
     ProviderError,
     ProviderRequest,
+    StreamItem,
     TextDelta,
+    ToolCall,
+    ToolCallChunk,
+    ToolChoice,
+    ToolSpec,
 )
 from workers.providers.echo import EchoProvider
-from workers.providers.openai_completions import OpenAICompletionsProvider
+from workers.providers.openai_completions import (
+    OpenAICompletionsProvider,
+    _parse_batch,
+    _StreamState,
+)
 
 KEY = "sk-test-key"
 
@@ -39,19 +54,57 @@ def make(base_url: str, *, api_key: str | None = KEY, timeout: float = 10.0,
     return OpenAICompletionsProvider(base_url, api_key, headers or {}, timeout, 5.0)
 
 
-async def collect(provider: OpenAICompletionsProvider,
-                  req: ProviderRequest) -> tuple[list[str], Finish]:
-    deltas: list[str] = []
-    finish: Finish | None = None
+async def stream_items(provider: Provider, req: ProviderRequest) -> list[StreamItem]:
+    """Every item of one reply (checked to end with its one Finish)."""
+    out: list[StreamItem] = []
     async with contextlib.aclosing(provider.stream(req)) as items:
         async for item in items:
-            assert finish is None, "nothing may follow Finish"
-            if isinstance(item, TextDelta):
-                deltas.append(item.text)
-            else:
-                finish = item
-    assert finish is not None
-    return deltas, finish
+            assert not out or not isinstance(out[-1], Finish), "nothing may follow Finish"
+            out.append(item)
+    assert out and isinstance(out[-1], Finish)
+    return out
+
+
+async def collect(provider: Provider, req: ProviderRequest) -> tuple[list[str], Finish]:
+    items = await stream_items(provider, req)
+    finish = items[-1]
+    assert isinstance(finish, Finish)
+    return [item.text for item in items if isinstance(item, TextDelta)], finish
+
+
+def assemble(items: list[StreamItem]) -> tuple[str, list[ToolCall], Finish]:
+    """(text, calls, finish) of a reply's items, checking the normalized tool-call
+    contract (workers/providers/base.py): indices 0-based in call order, a call's
+    first piece carrying its id and name, later pieces neither."""
+    text: list[str] = []
+    calls: list[ToolCall] = []
+    for item in items[:-1]:
+        if isinstance(item, TextDelta):
+            text.append(item.text)
+            continue
+        assert isinstance(item, ToolCallChunk), item
+        if item.index == len(calls):
+            assert item.id and item.name, f"first piece without id and name: {item}"
+            calls.append(ToolCall(id=item.id, name=item.name, arguments=item.arguments))
+        else:
+            assert item.index < len(calls), f"index out of order: {item}"
+            assert item.id is None and item.name is None, f"id/name repeated: {item}"
+            call = calls[item.index]
+            calls[item.index] = call.model_copy(
+                update={"arguments": call.arguments + item.arguments})
+    finish = items[-1]
+    assert isinstance(finish, Finish)
+    return "".join(text), calls, finish
+
+
+def kinds(items: list[StreamItem]) -> list[str]:
+    """The reply's shape: "text" / "call <index>" runs, in order."""
+    shape: list[str] = []
+    for item in items[:-1]:
+        kind = "text" if isinstance(item, TextDelta) else f"call {item.index}"  # type: ignore[union-attr]
+        if not shape or shape[-1] != kind:
+            shape.append(kind)
+    return shape
 
 
 async def failure(provider: OpenAICompletionsProvider, req: ProviderRequest) -> ProviderError:
@@ -379,3 +432,294 @@ def test_event_payload_with_invalid_utf8_is_decoded_with_replacement() -> None:
     assert event["choices"][0]["delta"]["content"] == "a\ufffdb"
     with pytest.raises(ProviderError):
         decode_event(b"{not json")
+
+
+
+# -------------------------------------------------------------------- client tools
+
+WEATHER = ToolSpec(name="get_weather", description="Current weather of a city",
+                   parameters={"type": "object", "properties": {"city": {"type": "string"}},
+                               "required": ["city"]}, strict=True)
+CLOCK = ToolSpec(name="get_time")
+GENERATED_ID = re.compile(r"call_[0-9A-Za-z]{24}")
+PNG = bytes(range(256)) * 3  # every byte value: base64 must carry them intact
+# An assistant turn's two calls, the second without arguments.
+PARIS_CALLS = (ToolCall(id="call_1", name="get_weather", arguments='{"city":"Paris"}'),
+               ToolCall(id="call_2", name="get_time"))
+
+
+def tool_request(*messages: ChatMessage, choice: ToolChoice | None = None,
+                 tools: tuple[ToolSpec, ...] = (WEATHER, CLOCK)) -> ProviderRequest:
+    return ProviderRequest(model="gpt-test", system="",
+                           messages=messages or (ChatMessage("user", "weather?"),),
+                           tools=tools, tool_choice=choice)
+
+
+def image(data: bytes = PNG, mime: str = "image/png", detail: str | None = None) -> ImagePart:
+    return ImagePart(mime=mime, data=base64.b64encode(data).decode(), size=len(data),
+                     detail=detail)
+
+
+def sse(*chunks: dict[str, Any]) -> str:
+    """Chat completion chunks as one piece of SSE body."""
+    return "".join(f"data: {orjson.dumps(c).decode()}\n\n" for c in chunks)
+
+
+def tool_delta(*fragments: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"tool_calls": list(fragments)},
+                         "finish_reason": finish}]}
+
+
+def text_delta(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+def finish_chunk(reason: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+
+
+async def test_tools_sent_as_function_tools(up: FakeOpenAI,
+                                            provider: OpenAICompletionsProvider) -> None:
+    await collect(provider, tool_request())
+    body = up.requests[0].body
+    assert body["tools"] == [
+        {"type": "function", "function": {
+            "name": "get_weather", "description": "Current weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]},
+            "strict": True}},
+        {"type": "function", "function": {"name": "get_time"}},
+    ]
+    assert "tool_choice" not in body and "parallel_tool_calls" not in body
+
+
+@pytest.mark.parametrize(("choice", "sent", "parallel"), [
+    (ToolChoice(mode="auto"), "auto", None),
+    (ToolChoice(mode="none"), "none", None),
+    (ToolChoice(mode="required", parallel=True), "required", True),
+    (ToolChoice(mode="function", name="get_time"),
+     {"type": "function", "function": {"name": "get_time"}}, None),
+    (ToolChoice(parallel=False), "auto", False),
+])
+async def test_tool_choice_and_parallel(up: FakeOpenAI, provider: OpenAICompletionsProvider,
+                                        choice: ToolChoice, sent: object,
+                                        parallel: bool | None) -> None:
+    await collect(provider, tool_request(choice=choice))
+    body = up.requests[0].body
+    assert body["tool_choice"] == sent
+    assert body.get("parallel_tool_calls") == parallel
+    assert ("parallel_tool_calls" in body) == (parallel is not None)
+
+
+async def test_no_tools_means_no_tool_fields(up: FakeOpenAI,
+                                             provider: OpenAICompletionsProvider) -> None:
+    await collect(provider, tool_request(tools=(), choice=ToolChoice(mode="required",
+                                                                     parallel=False)))
+    body = up.requests[0].body
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        assert name not in body
+
+
+async def test_tool_traffic_and_images_sent_structured(
+        up: FakeOpenAI, provider: OpenAICompletionsProvider) -> None:
+    req = tool_request(
+        ChatMessage("user", "Weather in Paris, and the time?"),
+        ChatMessage("assistant", "", tool_calls=PARIS_CALLS),
+        ChatMessage("tool", "Sunny, 21 C", tool_call_id="call_1", name="get_weather"),
+        ChatMessage("tool", "12:00", tool_call_id="call_2"),
+        ChatMessage("assistant", "Let me look again.", tool_calls=(
+            ToolCall(id="call_3", name="get_weather", arguments='{"city":"Nice"}'),)),
+        ChatMessage("tool", "Rain", tool_call_id="call_3"),
+        ChatMessage("assistant", "Sunny, noon."),
+        ChatMessage("user", "And these?", images=(image(detail="low"),
+                                                  image(b"GIF89a", "image/gif"))),
+        ChatMessage("user", "", images=(image(),)),
+    )
+    await collect(provider, req)
+    messages = up.requests[0].body["messages"]
+    png_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert messages == [
+        {"role": "user", "content": "Weather in Paris, and the time?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "get_time", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+        {"role": "assistant", "content": "Let me look again.", "tool_calls": [
+            {"id": "call_3", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Nice"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_3", "content": "Rain"},
+        {"role": "assistant", "content": "Sunny, noon."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "And these?"},
+            {"type": "image_url", "image_url": {"url": png_url, "detail": "low"}},
+            {"type": "image_url", "image_url": {
+                "url": "data:image/gif;base64," + base64.b64encode(b"GIF89a").decode()}},
+        ]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url}}]},
+    ]
+    sent = messages[-1]["content"][0]["image_url"]["url"]
+    assert base64.b64decode(sent.split(",", 1)[1]) == PNG
+
+
+async def test_streamed_call_after_text(up: FakeOpenAI,
+                                       provider: OpenAICompletionsProvider) -> None:
+    up.reply = lambda body: FakeReply("Let me check.", [("get_weather", '{"city":"Paris"}')])
+    items = await stream_items(provider, tool_request())
+    text, calls, finish = assemble(items)
+    assert text == "Let me check."
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city":"Paris"}')]
+    assert GENERATED_ID.fullmatch(calls[0].id)  # the fake's own id, in the same shape
+    assert kinds(items) == ["text", "call 0"]
+    assert finish.reason == "tool_calls"
+    assert finish.usage.completion_tokens == 4  # 3 words and 1 call, as the fake counts
+
+
+ZURICH = '{"city":"Zürich ☃"}'
+TIME = '{"tz":"Europe/Zürich","format":"24h"}'
+
+
+@pytest.mark.parametrize("quirks", [
+    set(), {"no_index"}, {"no_id"}, {"stop_finish"}, {"whole_args"}, {"split_utf8"},
+    {"offset_index"}, {"no_index", "no_id"}, {"no_index", "no_id", "whole_args"},
+    {"offset_index", "split_utf8", "no_id"}, set(TOOL_QUIRKS),
+], ids=lambda quirks: "+".join(sorted(quirks)) or "none")
+async def test_parallel_calls_normalized_whatever_the_quirks(
+        up: FakeOpenAI, provider: OpenAICompletionsProvider, quirks: set[str]) -> None:
+    up.tool_quirks = quirks
+    up.reply = lambda body: FakeReply("Checking.", [("get_weather", ZURICH), ("get_time", TIME)])
+    items = await stream_items(provider, tool_request())
+    text, calls, finish = assemble(items)
+    assert text == "Checking."
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", ZURICH),
+                                                      ("get_time", TIME)]
+    assert all(GENERATED_ID.fullmatch(c.id) for c in calls)
+    assert calls[0].id != calls[1].id
+    assert kinds(items) == ["text", "call 0", "call 1"]
+    assert finish.reason == "tool_calls"
+    await wait_for(up, lambda reqs: reqs[-1].completed)  # the fake's stream went through
+
+
+async def test_fake_splits_utf8_inside_a_character() -> None:
+    # What the split_utf8 quirk is for: the provider must see a cut character.
+    from tests.fakes.openai_upstream import _utf8_cuts
+
+    data = ZURICH.encode()
+    pieces = _utf8_cuts(data)
+    assert b"".join(pieces) == data and len(pieces) == 3
+    with pytest.raises(UnicodeDecodeError):
+        pieces[0].decode()
+
+
+async def test_known_quirks_from_raw_streams(up: FakeOpenAI,
+                                             provider: OpenAICompletionsProvider) -> None:
+    up.raw_sse = [sse(
+        text_delta("Hm. "),
+        # a later chunk repeating id, type and name
+        tool_delta({"index": 0, "id": "call_a", "type": "function",
+                    "function": {"name": "f", "arguments": '{"x"'}}),
+        tool_delta({"index": 0, "id": "call_a", "type": "function",
+                    "function": {"name": "f", "arguments": ":1}"}}),
+        # an index with a gap
+        tool_delta({"index": 2, "id": "call_b", "type": "function",
+                    "function": {"name": "g", "arguments": ""}}),
+        tool_delta({"index": 2, "function": {"arguments": "{}"}}),
+        # an index reused for another call (ids and names tell them apart)
+        tool_delta({"index": 2, "id": "call_c", "type": "function",
+                    "function": {"name": "h", "arguments": {"y": [2]}}}),
+        # noise some servers send on text deltas
+        {"choices": [{"index": 0, "delta": {"content": "", "tool_calls": None},
+                      "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": []}, "finish_reason": None}]},
+        finish_chunk("stop"),
+    ), "data: [DONE]\n\n"]
+    items = await stream_items(provider, tool_request())
+    text, calls, finish = assemble(items)
+    assert text == "Hm. "
+    assert calls == [ToolCall(id="call_a", name="f", arguments='{"x":1}'),
+                     ToolCall(id="call_b", name="g", arguments="{}"),
+                     ToolCall(id="call_c", name="h", arguments='{"y":[2]}')]
+    assert finish.reason == "tool_calls"  # "stop" while calls were made
+
+
+@pytest.mark.parametrize(("reason", "expected"), [
+    ("tool_calls", "tool_calls"), ("stop", "tool_calls"), ("length", "length"),
+    ("function_call", "tool_calls"),
+])
+async def test_finish_reason_with_calls(up: FakeOpenAI, provider: OpenAICompletionsProvider,
+                                        reason: str, expected: str) -> None:
+    up.raw_sse = [sse(tool_delta({"index": 0, "id": "call_a", "type": "function",
+                                  "function": {"name": "f", "arguments": "{}"}}),
+                      finish_chunk(reason)), "data: [DONE]\n\n"]
+    _, calls, finish = assemble(await stream_items(provider, tool_request()))
+    assert len(calls) == 1
+    assert finish.reason == expected
+
+
+async def test_tool_calls_finish_without_calls_is_stop(
+        up: FakeOpenAI, provider: OpenAICompletionsProvider) -> None:
+    up.raw_sse = [sse(text_delta("no call after all"), finish_chunk("tool_calls")),
+                  "data: [DONE]\n\n"]
+    _, finish = await collect(provider, tool_request())
+    assert finish.reason == "stop"
+
+
+async def test_text_and_calls_keep_the_upstreams_order(
+        up: FakeOpenAI, provider: OpenAICompletionsProvider) -> None:
+    up.raw_sse = [sse(
+        text_delta("A"),
+        tool_delta({"id": "call_x", "function": {"name": "f", "arguments": "{"}}),
+        tool_delta({"function": {"arguments": "}"}}),
+        text_delta("B"),
+        tool_delta({"id": "call_y", "function": {"name": "g", "arguments": "{}"}}),
+        text_delta("C", finish="tool_calls"),
+    ), "data: [DONE]\n\n"]
+    items = await stream_items(provider, tool_request())
+    text, calls, _ = assemble(items)
+    assert text == "ABC"
+    assert [(c.id, c.arguments) for c in calls] == [("call_x", "{}"), ("call_y", "{}")]
+    assert kinds(items) == ["text", "call 0", "text", "call 1", "text"]
+
+
+def test_fragments_of_one_read_are_joined() -> None:
+    state = _StreamState()
+    batch = [f"data: {orjson.dumps(c).decode()}".encode() for c in (
+        text_delta("Let me "), text_delta("see."),
+        tool_delta({"index": 5, "type": "function", "function": {"name": "f", "arguments": ""}}),
+        tool_delta({"index": 5, "function": {"arguments": '{"a":'}}),
+        tool_delta({"index": 5, "function": {"arguments": '"b"}'}},
+                   {"index": 6, "id": "call_g", "function": {"name": "g", "arguments": "["}}),
+        tool_delta({"index": 6, "function": {"arguments": "]"}}),
+        text_delta(" Done."),
+    )]
+    text, failure = _parse_batch(batch, state)
+    assert failure is None
+    assert text == " Done."  # the text after the calls, yielded after them
+    first, call_f, call_g = state.items
+    assert first == TextDelta("Let me see.")
+    assert isinstance(call_f, ToolCallChunk) and GENERATED_ID.fullmatch(call_f.id or "")
+    assert call_f == ToolCallChunk(index=0, id=call_f.id, name="f", arguments='{"a":"b"}')
+    assert call_g == ToolCallChunk(index=1, id="call_g", name="g", arguments="[]")
+    # the next read continues the calls by their upstream index
+    state.items.clear()
+    _parse_batch([b"data: " + orjson.dumps(tool_delta({"index": 6, "function": {
+        "arguments": "x"}}))], state)
+    assert state.items == [ToolCallChunk(index=1, arguments="x")]
+
+
+def test_fake_answers_tool_calls_in_plain_json() -> None:
+    with FakeOpenAI() as up, httpx.Client(base_url=up.base_url) as client:
+        up.reply = lambda body: FakeReply(tool_calls=[("get_time", "{}")])
+        reply = client.post("/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "time?"}]})
+        choice = reply.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["type"] == "function"
+        assert call["function"] == {"name": "get_time", "arguments": "{}"}
+        assert GENERATED_ID.fullmatch(call["id"])

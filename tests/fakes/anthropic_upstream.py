@@ -11,11 +11,18 @@ Route: ``POST /v1/messages`` (the real SSE event sequence when ``stream: true``,
 else a JSON message). Requests are validated like the real API does: ``max_tokens``
 is required, ``messages`` must alternate user/assistant starting with user and have
 non-blank content (but for a final message), and a ``system`` role inside ``messages``
-is rejected (all 400 ``invalid_request_error``).
+is rejected; content blocks must be well-formed (no blank text, base64 images of an
+image type), ``tools`` need a name and an object ``input_schema``, ``tool_choice`` a
+known type, tool blocks need ``tools``, and every ``tool_use`` must be answered by a
+``tool_result`` in the next message, the results leading it (all 400
+``invalid_request_error``).
 Behaviour is set through plain attributes (read per request):
 
 * ``token_delay`` - seconds between streamed tokens (one token per word);
-* ``reply`` - request body -> reply text (default: ``"echo: " + last user message``);
+* ``reply`` - request body -> reply text, or a :class:`FakeReply` (text, then tool
+  calls: ``tool_use`` content blocks whose input comes in several
+  ``input_json_delta`` fragments; stop reason ``tool_use``) (default:
+  ``"echo: " + last user message``);
 * ``fail_status`` - answer with this status and an Anthropic error envelope
   (``retry-after: 1`` on 429);
 * ``stall`` - send the response headers, then nothing until the client goes away;
@@ -31,16 +38,26 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import orjson
 
-from .http_upstream import FakeUpstream, RequestRecord, forever, send_chunk, text_of, words
+from .http_upstream import (
+    FakeReply,
+    FakeUpstream,
+    ReplyFn,
+    RequestRecord,
+    as_reply,
+    default_reply,
+    forever,
+    fragments,
+    send_chunk,
+    text_of,
+    words,
+)
 
-__all__ = ["FakeAnthropic", "ReplyFn", "RequestRecord", "default_reply"]
-
-ReplyFn = Callable[[dict[str, Any]], str]
+__all__ = ["FakeAnthropic", "FakeReply", "ReplyFn", "RequestRecord", "default_reply"]
 
 _TOKENS = re.compile(r"\s*\S+\s*")
 
@@ -56,11 +73,8 @@ _ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
-def default_reply(body: dict[str, Any]) -> str:
-    for message in reversed(body.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return "echo: " + text_of(message.get("content"))
-    return "echo: "
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
 
 def _invalid(body: Any) -> str | None:
@@ -74,7 +88,11 @@ def _invalid(body: Any) -> str | None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "messages: at least one message is required"
+    problem = _invalid_tools(body)
+    if problem is not None:
+        return problem
     expected = "user"
+    pending: list[str] = []  # tool_use ids the next message must answer
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("user", "assistant"):
@@ -83,10 +101,99 @@ def _invalid(body: Any) -> str | None:
             return ("messages: roles must alternate between \"user\" and \"assistant\", "
                     "but found multiple \"" + str(role) + "\" roles in a row"
                     if i else "messages: first message must use the \"user\" role")
-        if not text_of(message.get("content")).strip() and i < len(messages) - 1:
+        content = message.get("content")
+        if _blank(content) and i < len(messages) - 1:
             return (f"messages.{i}: all messages must have non-empty content except for "
                     "the optional final assistant message")
+        blocks = content if isinstance(content, list) else []
+        problem = _invalid_blocks(f"messages.{i}.content", role, blocks)
+        if problem is None and blocks and "tools" not in body and any(
+                b.get("type") in ("tool_use", "tool_result") for b in blocks):
+            problem = "Requests which include `tool_use` or `tool_result` blocks must define tools."
+        if problem is None:
+            problem = _unanswered(i, pending, blocks)
+        if problem is not None:
+            return problem
+        pending = [b["id"] for b in blocks if b.get("type") == "tool_use"]
         expected = "assistant" if role == "user" else "user"
+    return None
+
+
+def _blank(content: Any) -> bool:
+    if isinstance(content, list):
+        return not content
+    return not text_of(content).strip()
+
+
+def _invalid_tools(body: dict[str, Any]) -> str | None:
+    tools = body.get("tools", [])
+    if not isinstance(tools, list):
+        return "tools: Input should be a valid list"
+    names = set()
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not _TOOL_NAME.fullmatch(str(tool.get("name"))):
+            return f"tools.{i}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
+        schema = tool.get("input_schema")
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            return f"tools.{i}.custom.input_schema.type: Input should be 'object'"
+        names.add(tool["name"])
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+        return "tool_choice: Input tag does not match any of the expected tags"
+    if choice["type"] == "tool" and choice.get("name") not in names:
+        return f"tool_choice: tool '{choice.get('name')}' not found in tools"
+    if choice["type"] == "none" and "disable_parallel_tool_use" in choice:
+        return "tool_choice.none.disable_parallel_tool_use: Extra inputs are not permitted"
+    return None
+
+
+def _invalid_blocks(where: str, role: str, blocks: list[Any]) -> str | None:
+    allowed = {"text", "image", "tool_result"} if role == "user" else {"text", "tool_use"}
+    seen_other = False
+    for j, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in allowed:
+            return f"{where}.{j}.type: Input tag {kind!r} is not allowed in a {role} message"
+        if kind == "text" and not (isinstance(block.get("text"), str)
+                                   and block["text"].strip()):
+            return f"{where}.{j}.text: text content blocks must contain non-whitespace text"
+        if kind == "image":
+            source = block.get("source")
+            if not (isinstance(source, dict) and source.get("type") == "base64"
+                    and source.get("media_type") in _IMAGE_TYPES
+                    and isinstance(source.get("data"), str) and source["data"]):
+                return f"{where}.{j}.source: Input should be a valid base64 image source"
+        if kind == "tool_use" and not (isinstance(block.get("id"), str)
+                                       and isinstance(block.get("name"), str)
+                                       and isinstance(block.get("input"), dict)):
+            return f"{where}.{j}: tool_use blocks need an id, a name and an object input"
+        if kind == "tool_result":
+            if seen_other:
+                return (f"{where}.{j}: tool_result blocks must come first in the content, "
+                        "before any other block")
+            content = block.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                return f"{where}.{j}.content: Input should be a valid string or list"
+        else:
+            seen_other = True
+    return None
+
+
+def _unanswered(i: int, pending: list[str], blocks: list[Any]) -> str | None:
+    """The API's check that message ``i`` answers the previous one's tool calls."""
+    results = [b.get("tool_use_id") for b in blocks if b.get("type") == "tool_result"]
+    missing = [call_id for call_id in pending if call_id not in results]
+    if missing:
+        return (f"messages.{i}: `tool_use` ids were found without `tool_result` blocks "
+                f"immediately after: {', '.join(missing)}. Each `tool_use` block must have "
+                "a corresponding `tool_result` block in the next message.")
+    unexpected = [call_id for call_id in results if call_id not in pending]
+    if unexpected:
+        return (f"messages.{i}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                f"{unexpected[0]}. Each `tool_result` block must have a corresponding "
+                "`tool_use` block in the previous message.")
     return None
 
 
@@ -126,20 +233,25 @@ class FakeAnthropic(FakeUpstream):
         if body.get("stream"):
             await self._stream(record, writer, body)
             return
-        message, tokens = self._message(body)
+        message, tokens, calls = self._message(body)
         if self.stall:
             await self._head(record, writer, 200, {"content-type": "application/json",
                                                    "transfer-encoding": "chunked"})
             await forever()
         for _ in tokens[1:]:
             await asyncio.sleep(self.token_delay)
-        await self._send_json(record, writer, 200, {
-            **message, "content": [{"type": "text", "text": "".join(tokens)}],
-        })
+        content = [{"type": "text", "text": "".join(tokens)}] if tokens or not calls else []
+        content.extend({"type": "tool_use", "id": call_id, "name": name,
+                        "input": orjson.loads(arguments or "{}")}
+                       for call_id, name, arguments in calls)
+        await self._send_json(record, writer, 200, {**message, "content": content})
 
-    def _message(self, body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """(the final message object, its reply tokens) for a messages request."""
-        text = self.reply(body)
+    def _message(self, body: dict[str, Any]
+                 ) -> tuple[dict[str, Any], list[str], list[tuple[str, str, str]]]:
+        """(the final message object, its reply tokens, its tool calls as (id, name,
+        arguments)) for a messages request."""
+        reply = as_reply(self.reply(body))
+        text = reply.text
         stop_reason, stop_sequence = "end_turn", None
         stops = body.get("stop_sequences")
         cuts = [(text.index(s), s) for s in stops if isinstance(s, str) and s and s in text] \
@@ -150,6 +262,12 @@ class FakeAnthropic(FakeUpstream):
         tokens = _TOKENS.findall(text)
         if len(tokens) > body["max_tokens"]:
             tokens, stop_reason, stop_sequence = tokens[:body["max_tokens"]], "max_tokens", None
+        # A reply cut short never gets to its calls.
+        calls = [] if stop_reason == "max_tokens" else [
+            (f"toolu_{uuid.uuid4().hex[:24]}", name, arguments)
+            for name, arguments in reply.tool_calls]
+        if calls:
+            stop_reason, stop_sequence = "tool_use", None
         input_tokens = words(text_of(body.get("system"))) + sum(
             words(text_of(m.get("content"))) for m in body["messages"])
         message = {
@@ -160,13 +278,13 @@ class FakeAnthropic(FakeUpstream):
             "content": [],
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": {"input_tokens": input_tokens, "output_tokens": len(tokens)},
+            "usage": {"input_tokens": input_tokens, "output_tokens": len(tokens) + len(calls)},
         }
-        return message, tokens
+        return message, tokens, calls
 
     async def _stream(self, record: RequestRecord, writer: asyncio.StreamWriter,
                       body: dict[str, Any]) -> None:
-        message, tokens = self._message(body)
+        message, tokens, calls = self._message(body)
         await self._start_sse(record, writer)
         if self.stall:
             await forever()
@@ -183,15 +301,30 @@ class FakeAnthropic(FakeUpstream):
             **message, "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": usage["input_tokens"], "output_tokens": 1},
         }})
-        await event("content_block_start",
-                    {"index": 0, "content_block": {"type": "text", "text": ""}})
-        await event("ping", {})
-        for i, token in enumerate(tokens):
-            if i and self.token_delay:
-                await asyncio.sleep(self.token_delay)
-            await event("content_block_delta",
-                        {"index": 0, "delta": {"type": "text_delta", "text": token}})
-        await event("content_block_stop", {"index": 0})
+        block = 0
+        if tokens or not calls:  # a reply that goes straight to its calls has no text block
+            await event("content_block_start",
+                        {"index": 0, "content_block": {"type": "text", "text": ""}})
+            await event("ping", {})
+            for i, token in enumerate(tokens):
+                if i and self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                await event("content_block_delta",
+                            {"index": 0, "delta": {"type": "text_delta", "text": token}})
+            await event("content_block_stop", {"index": 0})
+            block = 1
+        else:
+            await event("ping", {})
+        for call_id, name, arguments in calls:
+            await event("content_block_start", {"index": block, "content_block": {
+                "type": "tool_use", "id": call_id, "name": name, "input": {}}})
+            for piece in ["", *fragments(arguments)]:
+                if piece and self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                await event("content_block_delta", {"index": block, "delta": {
+                    "type": "input_json_delta", "partial_json": piece}})
+            await event("content_block_stop", {"index": block})
+            block += 1
         await event("message_delta", {
             "delta": {"stop_reason": message["stop_reason"],
                       "stop_sequence": message["stop_sequence"]},

@@ -7,6 +7,9 @@ records and the connection handling; a subclass implements :meth:`FakeUpstream._
 with the helpers :meth:`~FakeUpstream._head`, :meth:`~FakeUpstream._send_json`,
 :func:`send_chunk` and :func:`forever`.
 
+What a fake answers comes from its ``reply`` callable (:data:`ReplyFn`): the request
+body to a text, or to a :class:`FakeReply` (text, then tool calls).
+
 Every request is recorded (:attr:`FakeUpstream.requests`); records change under a
 condition variable, so :meth:`FakeUpstream.wait_for` wakes on each change instead of
 polling with sleeps. Client disconnects are noticed by watching the connection for
@@ -22,13 +25,44 @@ import threading
 import time
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, ClassVar, Self, TypeVar
 
 import orjson
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FakeReply:
+    """A fake upstream's reply: ``text``, then the ``tool_calls`` as
+    ``(name, arguments JSON text)`` pairs (the fake makes up their ids)."""
+
+    text: str = ""
+    tool_calls: list[tuple[str, str]] = field(default_factory=list)
+
+
+ReplyFn = Callable[[dict[str, Any]], "str | FakeReply"]
+
+
+def as_reply(reply: str | FakeReply) -> FakeReply:
+    return FakeReply(reply) if isinstance(reply, str) else reply
+
+
+def default_reply(body: dict[str, Any]) -> str:
+    """``"echo: "`` and the text of the last user message."""
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return "echo: " + text_of(message.get("content"))
+    return "echo: "
+
+
+def fragments(text: str, count: int = 3) -> list[str]:
+    """``text`` cut into ``count`` pieces (fewer when it is shorter), as models
+    stream a call's arguments."""
+    size = max(1, -(-len(text) // count))
+    return [text[i:i + size] for i in range(0, len(text), size)]
 
 
 @dataclass

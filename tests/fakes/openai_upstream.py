@@ -12,7 +12,15 @@ Routes: ``POST /v1/chat/completions`` (SSE when ``stream: true``, else JSON) and
 ``GET /v1/models``. Behaviour is set through plain attributes (read per request):
 
 * ``token_delay`` - seconds between streamed tokens (one token per word);
-* ``reply`` - request body -> reply text (default: ``"echo: " + last user message``);
+* ``reply`` - request body -> reply text, or a :class:`FakeReply` (text, then tool
+  calls: streamed as ``delta.tool_calls`` chunks, the first with ``index``, ``id``,
+  ``type`` and ``function.name``, the arguments in several fragments; finish
+  reason ``tool_calls``) (default: ``"echo: " + last user message``);
+* ``tool_quirks`` - how tool calls are streamed wrong, as some OpenAI-compatible
+  servers do: ``"no_index"`` (no ``index``), ``"no_id"`` (no ``id``),
+  ``"stop_finish"`` (finish reason ``stop``), ``"whole_args"`` (the arguments
+  whole in the first chunk), ``"split_utf8"`` (events with non-ASCII text written
+  in pieces cut inside a UTF-8 character), ``"offset_index"`` (indices from 3);
 * ``fail_status`` - answer chat completions with this status and an OpenAI error
   envelope (``Retry-After: 1`` on 429);
 * ``garbage_after`` - after N content chunks send a non-JSON ``data:`` line and end;
@@ -33,32 +41,48 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
 
 from .http_upstream import (
+    FakeReply,
     FakeUpstream,
+    ReplyFn,
     RequestRecord,
+    as_reply,
+    default_reply,
     forever,
+    fragments,
     send_chunk,
     text_of,
     words,
 )
 
-__all__ = ["FakeOpenAI", "ReplyFn", "RequestRecord", "default_reply"]
+__all__ = ["TOOL_QUIRKS", "FakeOpenAI", "FakeReply", "ReplyFn", "RequestRecord",
+           "default_reply"]
 
-ReplyFn = Callable[[dict[str, Any]], str]
+TOOL_QUIRKS = frozenset({"no_index", "no_id", "stop_finish", "whole_args", "split_utf8",
+                         "offset_index"})
 
 _TOKENS = re.compile(r"\s*\S+\s*")
 
 
-def default_reply(body: dict[str, Any]) -> str:
-    for message in reversed(body.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return "echo: " + text_of(message.get("content"))
-    return "echo: "
+@dataclass
+class _Completion:
+    model: str
+    tokens: list[str]
+    reason: str
+    usage: dict[str, int]
+    calls: list[tuple[str, str, str]]  # (id, name, arguments)
+
+
+def _utf8_cuts(data: bytes) -> list[bytes]:
+    """``data`` cut after the first byte of each multi-byte UTF-8 character."""
+    cuts = [i + 1 for i, byte in enumerate(data) if byte >= 0xC0]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 class FakeOpenAI(FakeUpstream):
@@ -76,6 +100,7 @@ class FakeOpenAI(FakeUpstream):
         self.raw_sse = raw_sse
         self.api_key = api_key
         self.models = tuple(models)
+        self.tool_quirks: set[str] = set()
         super().__init__()
 
     # -- responses -------------------------------------------------------------
@@ -107,33 +132,47 @@ class FakeOpenAI(FakeUpstream):
         if body.get("stream"):
             await self._stream(record, writer, body)
             return
-        model, tokens, reason, usage = self._completion(body)
+        reply = self._reply(body)
         if self.stall:
             await self._head(record, writer, 200, {"content-type": "application/json",
                                                    "transfer-encoding": "chunked"})
             await forever()
-        for _ in tokens[1:]:
+        for _ in reply.tokens[1:]:
             await asyncio.sleep(self.token_delay)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.tokens),
+                                   "refusal": None}
+        if reply.calls:
+            message["content"] = message["content"] or None
+            message["tool_calls"] = [
+                {"id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": arguments}}
+                for call_id, name, arguments in reply.calls]
         await self._send_json(record, writer, 200, {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": model,
+            "model": reply.model,
             "system_fingerprint": "fp_fake",
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": reason,
+                "finish_reason": reply.reason,
             }],
-            "usage": usage,
+            "usage": reply.usage,
         })
 
     def _completion(self, body: dict[str, Any]
                     ) -> tuple[str, list[str], str, dict[str, int]]:
         """(model, reply tokens, finish reason, usage) for a chat completion request."""
+        reply = self._reply(body)
+        return reply.model, reply.tokens, reply.reason, reply.usage
+
+    def _reply(self, body: dict[str, Any]) -> _Completion:
+        """The whole reply to a chat completion request."""
         model = str(body.get("model") or self.models[0])
-        text = self.reply(body)
+        answer = as_reply(self.reply(body))
+        text = answer.text
         reason = "stop"
         stop = body.get("stop")
         for s in [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []:
@@ -143,15 +182,23 @@ class FakeOpenAI(FakeUpstream):
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(limit, int) and len(tokens) > limit:
             tokens, reason = tokens[:limit], "length"
+        # A reply cut short never gets to its calls.
+        calls = [] if reason == "length" else [
+            (f"call_{uuid.uuid4().hex[:24]}", name, arguments)
+            for name, arguments in answer.tool_calls]
+        if calls:
+            reason = "stop" if "stop_finish" in self.tool_quirks else "tool_calls"
         prompt_tokens = sum(words(text_of(m.get("content")))
                             for m in body["messages"] if isinstance(m, dict))
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                 "total_tokens": prompt_tokens + len(tokens)}
-        return model, tokens, reason, usage
+        completion_tokens = len(tokens) + len(calls)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return _Completion(model, tokens, reason, usage, calls)
 
     async def _stream(self, record: RequestRecord, writer: asyncio.StreamWriter,
                       body: dict[str, Any]) -> None:
-        model, tokens, reason, usage = self._completion(body)
+        reply = self._reply(body)
+        model, tokens, reason, usage = reply.model, reply.tokens, reply.reason, reply.usage
         await self._start_sse(record, writer)
         if self.stall:
             await forever()
@@ -173,7 +220,13 @@ class FakeOpenAI(FakeUpstream):
                                           "finish_reason": finish}]}
             if include_usage:
                 chunk["usage"] = None
-            await send_chunk(writer, b"data: " + orjson.dumps(chunk) + b"\n\n")
+            data = b"data: " + orjson.dumps(chunk) + b"\n\n"
+            if "split_utf8" not in self.tool_quirks or data.isascii():
+                await send_chunk(writer, data)
+                return
+            for piece in _utf8_cuts(data):
+                await send_chunk(writer, piece)
+                await asyncio.sleep(0.005)  # apart, so that they arrive in separate reads
 
         await event({"role": "assistant", "content": "", "refusal": None}, None)
         for i, token in enumerate(tokens):
@@ -186,12 +239,32 @@ class FakeOpenAI(FakeUpstream):
             await send_chunk(writer, b"data: {this is not json\n\n")
             await send_chunk(writer, b"")
             return
+        for number, call in enumerate(reply.calls):
+            await self._stream_call(event, number, *call)
         await event({}, reason)
         if include_usage:
             final = {**base, "choices": [], "usage": usage}
             await send_chunk(writer, b"data: " + orjson.dumps(final) + b"\n\n")
         await send_chunk(writer, b"data: [DONE]\n\n")
         await send_chunk(writer, b"")
+
+    async def _stream_call(self, event: Callable[[dict[str, Any], str | None], Awaitable[None]],
+                           number: int, call_id: str, name: str, arguments: str) -> None:
+        """Stream the ``delta.tool_calls`` chunks of the ``number``-th call."""
+        quirks = self.tool_quirks
+        position = {} if "no_index" in quirks else {
+            "index": number + 3 if "offset_index" in quirks else number}
+        rest = [] if "whole_args" in quirks else fragments(arguments)
+        first: dict[str, Any] = {**position, "type": "function", "function": {
+            "name": name, "arguments": arguments if "whole_args" in quirks else ""}}
+        if "no_id" not in quirks:
+            first["id"] = call_id
+        await event({"tool_calls": [first]}, None)
+        for piece in rest:
+            if self.token_delay:
+                await asyncio.sleep(self.token_delay)
+            await event({"tool_calls": [{**position, "function": {"arguments": piece}}]}, None)
+
     async def _send_error(self, record: RequestRecord, writer: asyncio.StreamWriter,
                           status: int) -> None:
         kind, code, message = {

@@ -2,20 +2,37 @@
 
 It replies with the current user message, word by word (``tokenDelayMs`` between
 words), and reports usage as whitespace-separated word counts. ``max_tokens``
-cuts the reply to that many words with finish reason ``length``.
+cuts the reply to that many words with finish reason ``length``. Images of that
+message are counted at the end of the echo (`` [1 image]``, `` [2 images]``), so an
+offline user sees they arrived.
+
+Client tools (SPEC §7) can be tried offline too:
+
+* a last user message ``call <tool> <json>`` (the whole text; ``<json>`` a JSON
+  object) where ``<tool>`` is one of the request's tools is answered with that
+  call, and no text: one :class:`ToolCallChunk` (id ``call_`` and a hash of the
+  message count, name and arguments, so reruns give the same id; ``arguments``
+  the object compact-encoded) and finish reason ``tool_calls``. Not with
+  ``tool_choice: none``;
+* when the conversation ends with tool results, the reply is
+  ``Tool results: <name or tool_call_id>: <content>; ...``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import AsyncGenerator
 
-from bus.messages import Usage
+import orjson
+
+from bus.messages import ToolCallChunk, Usage
 
 from .base import Finish, ProviderRequest, StreamItem, TextDelta
 
 _WORDS = re.compile(r"\S+\s*")
+_CALL = re.compile(r"call\s+(\S+)\s+(.*)", re.DOTALL)
 
 
 def _count(text: str) -> int:
@@ -27,11 +44,15 @@ class EchoProvider:
         self._delay = token_delay_ms / 1000.0
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
-        current = request.messages[-1].content if request.messages else ""
         prompt_tokens = _count(request.system) + sum(_count(m.content) for m in request.messages)
-        reply = current
+        call = _requested_call(request)
+        if call is not None:
+            yield call
+            yield Finish(reason="tool_calls",
+                         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=1))
+            return
         limit = request.params.max_tokens
-        words = _WORDS.findall(reply)
+        words = _WORDS.findall(_reply(request))
         reason: str = "stop"
         if limit is not None and len(words) > limit:
             words, reason = words[:limit], "length"
@@ -46,3 +67,48 @@ class EchoProvider:
 
     async def aclose(self) -> None:
         return None
+
+
+def _requested_call(request: ProviderRequest) -> ToolCallChunk | None:
+    """The call a last user message ``call <tool> <json>`` asks for, if the request
+    offers that tool and allows calls."""
+    if not request.messages or not request.tools:
+        return None
+    if request.tool_choice is not None and request.tool_choice.mode == "none":
+        return None
+    last = request.messages[-1]
+    match = _CALL.fullmatch(last.content.strip()) if last.role == "user" else None
+    if match is None:
+        return None
+    name, raw = match.groups()
+    if name not in {tool.name for tool in request.tools}:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    arguments = orjson.dumps(value).decode()
+    digest = hashlib.sha256(
+        f"{len(request.messages)}\0{name}\0{arguments}".encode()).hexdigest()[:12]
+    return ToolCallChunk(index=0, id=f"call_{digest}", name=name, arguments=arguments)
+
+
+def _reply(request: ProviderRequest) -> str:
+    messages = request.messages
+    if not messages:
+        return ""
+    results: list[str] = []
+    for message in reversed(messages):
+        if message.role != "tool":
+            break
+        results.append(f"{message.name or message.tool_call_id}: {message.content}")
+    if results:
+        return "Tool results: " + "; ".join(reversed(results))
+    last = messages[-1]
+    if not last.images:
+        return last.content
+    count = len(last.images)
+    label = f"[{count} image{'s' if count > 1 else ''}]"
+    return f"{last.content} {label}" if last.content else label

@@ -1,6 +1,8 @@
 """Shared helpers for the HTTP streaming providers (``openai-completions``,
 ``anthropic-messages``): the pooled HTTP client, SSE line splitting, draining,
-``Retry-After`` parsing and the translation of HTTP failures into :class:`ProviderError`.
+``Retry-After`` parsing, the translation of HTTP failures into :class:`ProviderError`,
+and the pieces of the normalized tool-call stream (:func:`new_call_id`,
+:func:`add_text`, :func:`add_arguments`).
 
 The client is :mod:`.http_client` (asyncio + httptools), not aiohttp or httpx:
 their per-request and per-read machinery costs a worker several times its CPU
@@ -14,15 +16,17 @@ import contextlib
 import email.utils
 import importlib.metadata
 import os
+import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import orjson
 
+from bus.messages import ToolCallChunk
 from clawbus.config import proxy_for
 
-from .base import ProviderError
+from .base import ProviderError, StreamItem, TextDelta
 from .http_client import HTTPClient, HTTPError, Response
 
 
@@ -229,3 +233,28 @@ def _body_text(body: bytes, charset: str | None) -> str:
         return body.decode(charset or "utf-8", "replace")
     except LookupError:  # an unknown charset
         return body.decode("utf-8", "replace")
+
+
+def new_call_id() -> str:
+    """An id for a tool call the upstream gave none: ``call_`` and 24 hex digits."""
+    return "call_" + secrets.token_hex(12)
+
+
+def add_text(out: list[StreamItem], pieces: list[str]) -> None:
+    """Move the text gathered so far in ``pieces`` to ``out`` (before a tool-call piece
+    that followed it), so a read's items keep the upstream's order."""
+    if pieces:
+        out.append(TextDelta("".join(pieces)))
+        pieces.clear()
+
+
+def add_arguments(out: list[StreamItem], index: int, fragment: str) -> None:
+    """Append the next ``arguments`` fragment of call ``index`` to ``out``, joined to
+    the last item when that is a piece of the same call: what arrived together
+    travels together."""
+    last = out[-1] if out else None
+    if isinstance(last, ToolCallChunk) and last.index == index:
+        out[-1] = ToolCallChunk(index=index, id=last.id, name=last.name,
+                                arguments=last.arguments + fragment)
+    else:
+        out.append(ToolCallChunk(index=index, arguments=fragment))

@@ -7,6 +7,14 @@ event that arrived together) and one :class:`Finish`.
 One pooled :class:`~.http_client.HTTPClient` is shared by all runs (it connects
 on the first request).
 
+Client tools (SPEC §7) and images (§8) go out in OpenAI's own terms: ``tools``,
+``tool_choice`` and ``parallel_tool_calls`` (only with tools), assistant messages
+with ``tool_calls``, ``role: "tool"`` results, and user content as text and
+``image_url`` parts with data URIs. ``delta.tool_calls`` in the reply become
+:class:`ToolCallChunk` items normalized by :class:`_ToolCalls` (the base.py
+contract), in the upstream's order relative to the text of the same read; the
+argument fragments of one call that arrive in one read are joined.
+
 When the consumer is cancelled or closes the generator mid-stream, the response's
 connection is closed at once (never returned to the pool half-read), so the upstream
 sees the disconnect and stops generating.
@@ -19,18 +27,21 @@ from typing import Any, Literal
 
 import orjson
 
-from bus.messages import Usage
+from bus.messages import ImagePart, ToolCallChunk, ToolChoice, Usage
 
-from .base import Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
+from .base import ChatMessage, Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
 from .http_client import HTTPError, Response
 from .http_stream import (
     MAX_DETAIL,
     SSELines,
+    add_arguments,
+    add_text,
     decode_event,
     drain,
     env_proxy,
     finish_response,
     incomplete_stream,
+    new_call_id,
     request_headers,
     status_error,
     transport_error,
@@ -71,6 +82,11 @@ class OpenAICompletionsProvider:
                 # (with thousands of streams waiting, what a generator frame keeps
                 # between tokens is what every young collection walks).
                 del batch
+                if state.items:  # tool-call pieces, and the text that came before them
+                    items, state.items = state.items, []
+                    for item in items:
+                        yield item
+                    del items
                 if text:
                     yield TextDelta(text)
                 if failure is not None:
@@ -84,19 +100,110 @@ class OpenAICompletionsProvider:
         finally:
             if response is not None:
                 finish_response(response)
-        yield Finish(reason=state.reason, usage=state.usage)
+        yield Finish(reason="tool_calls" if state.reason == "stop" and state.calls.count
+                     else state.reason, usage=state.usage)
 
 
 class _StreamState:
     """What one reply's events said so far."""
 
-    __slots__ = ("done", "finished", "reason", "usage")
+    __slots__ = ("calls", "done", "finished", "items", "reason", "usage")
 
     def __init__(self) -> None:
         self.done = False  # [DONE] seen
         self.finished = False  # a finish_reason seen
+        # "tool_calls" from the upstream counts as "stop": the reply's reason
+        # is "tool_calls" when calls were seen, whatever the upstream said.
         self.reason: Literal["stop", "length"] = "stop"
         self.usage = Usage()
+        self.calls = _ToolCalls()
+        # Items of the current read that come before its trailing text: the
+        # pieces of tool calls, and the text that preceded each of them.
+        self.items: list[StreamItem] = []
+
+
+class _ToolCalls:
+    """Turns an upstream's ``delta.tool_calls`` fragments into normalized
+    :class:`ToolCallChunk` items (base.py), absorbing the dialects of
+    OpenAI-compatible servers (SPEC §7):
+
+    * ``index`` is ours, 0-based in first-appearance order, whatever the
+      upstream's indices were (offset, gaps) or when it sent none;
+    * a fragment opens a new call when it names one not seen yet: an unseen
+      ``index``; without an index, an unseen ``id``; with neither, a ``name``
+      while the latest call already has one. Otherwise it continues the call it
+      names (by ``id``, else ``index``), or the latest call;
+    * a known ``index`` arriving with an unseen ``id`` *and* a ``name`` is a new
+      call too (servers that number every call 0);
+    * a call without an upstream ``id`` gets :func:`new_call_id`;
+    * ``id`` and ``name`` go out once, on the call's first piece (its name on a
+      later piece only when the upstream sent it late);
+    * ``arguments`` that are a JSON object rather than its text are encoded.
+    """
+
+    __slots__ = ("_by_id", "_by_index", "_named")
+
+    def __init__(self) -> None:
+        self._by_index: dict[int, int] = {}  # upstream index -> ours
+        self._by_id: dict[str, int] = {}
+        self._named: list[bool] = []  # per call of ours: its name went out
+
+    @property
+    def count(self) -> int:
+        return len(self._named)
+
+    def feed(self, fragments: list[Any], out: list[StreamItem]) -> None:
+        """Append the pieces of one delta's ``tool_calls`` to ``out``."""
+        for fragment in fragments:
+            if not isinstance(fragment, dict):
+                continue
+            index = fragment.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                index = None
+            call_id = fragment.get("id")
+            if not isinstance(call_id, str) or not call_id:
+                call_id = None
+            function = fragment.get("function")
+            if not isinstance(function, dict):
+                function = {}
+            name = function.get("name")
+            if not isinstance(name, str) or not name:
+                name = None
+            arguments = function.get("arguments")
+            if not isinstance(arguments, str):
+                arguments = orjson.dumps(arguments).decode() if isinstance(
+                    arguments, dict) else ""
+            ours = self._find(index, call_id, name)
+            if ours is None:
+                ours = len(self._named)
+                self._named.append(name is not None)
+                if index is not None:
+                    self._by_index[index] = ours
+                call_id = call_id or new_call_id()
+                self._by_id[call_id] = ours
+                out.append(ToolCallChunk(index=ours, id=call_id, name=name,
+                                         arguments=arguments))
+                continue
+            if call_id is not None:
+                self._by_id.setdefault(call_id, ours)
+            if name is not None and not self._named[ours]:
+                self._named[ours] = True
+                out.append(ToolCallChunk(index=ours, name=name, arguments=arguments))
+            elif arguments:
+                add_arguments(out, ours, arguments)
+
+    def _find(self, index: int | None, call_id: str | None, name: str | None) -> int | None:
+        """The call of ours a fragment continues; None: it opens a new one."""
+        if call_id is not None and (known := self._by_id.get(call_id)) is not None:
+            return known
+        if index is not None:
+            known = self._by_index.get(index)
+            if known is not None and call_id is not None and name is not None:
+                return None  # an index reused for another call
+            return known
+        if call_id is None and self._named and not (name is not None and self._named[-1]):
+            return len(self._named) - 1
+        return None
 
 
 def _parse_batch(batch: list[bytes], state: _StreamState) -> tuple[str, ProviderError | None]:
@@ -124,9 +231,16 @@ def _parse_batch(batch: list[bytes], state: _StreamState) -> tuple[str, Provider
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             choice = choices[0]
             delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(text, str) and text:
-                pieces.append(text)
+            if isinstance(delta, dict):
+                text = delta.get("content")
+                if isinstance(text, str) and text:
+                    pieces.append(text)
+                # Text deltas carry no such key: the tool path costs them one lookup.
+                if "tool_calls" in delta:
+                    fragments = delta["tool_calls"]
+                    if isinstance(fragments, list) and fragments:
+                        add_text(state.items, pieces)
+                        state.calls.feed(fragments, state.items)
             finish_reason = choice.get("finish_reason")
             if isinstance(finish_reason, str) and finish_reason:
                 state.finished = True
@@ -138,10 +252,10 @@ def _parse_batch(batch: list[bytes], state: _StreamState) -> tuple[str, Provider
 
 
 def _request_body(request: ProviderRequest) -> dict[str, Any]:
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     if request.system:
         messages.append({"role": "system", "content": request.system})
-    messages.extend({"role": m.role, "content": m.content} for m in request.messages)
+    messages.extend(_message(m) for m in request.messages)
     body: dict[str, Any] = {
         "model": request.model,
         "messages": messages,
@@ -152,7 +266,50 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     if "stop" in params:
         params["stop"] = list(params["stop"])
     body.update(params)
+    if request.tools:
+        body["tools"] = [{"type": "function", "function": tool.model_dump(exclude_none=True)}
+                         for tool in request.tools]
+        if request.tool_choice is not None:
+            body["tool_choice"] = _tool_choice(request.tool_choice)
+            if request.tool_choice.parallel is not None:
+                body["parallel_tool_calls"] = request.tool_choice.parallel
     return body
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id,
+                "content": message.content}
+    if message.tool_calls:
+        return {
+            "role": message.role,
+            "content": message.content or None,
+            "tool_calls": [
+                # "" is not JSON: strict servers reject it where "{}" means no arguments.
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments or "{}"}}
+                for call in message.tool_calls],
+        }
+    if message.images:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}] \
+            if message.content else []
+        parts.extend({"type": "image_url", "image_url": _image_url(image)}
+                     for image in message.images)
+        return {"role": message.role, "content": parts}
+    return {"role": message.role, "content": message.content}
+
+
+def _image_url(image: ImagePart) -> dict[str, str]:
+    url = {"url": f"data:{image.mime};base64,{image.data}"}
+    if image.detail is not None:
+        url["detail"] = image.detail
+    return url
+
+
+def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.mode == "function":
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice.mode
 
 
 def _decode_chunk(data: bytes) -> dict[str, Any]:
