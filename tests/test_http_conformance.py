@@ -113,7 +113,7 @@ async def run(provider: Provider, model: str) -> tuple[str, Finish]:
             if isinstance(item, TextDelta):
                 text.append(item.text)
             else:
-                assert finish is None
+                assert isinstance(item, Finish) and finish is None
                 finish = item
     assert finish is not None
     return "".join(text), finish

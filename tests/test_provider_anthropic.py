@@ -724,3 +724,20 @@ def test_fake_answers_tool_use_in_plain_json() -> None:
         assert text == {"type": "text", "text": "On it."}
         assert call["type"] == "tool_use" and call["id"].startswith("toolu_")
         assert (call["name"], call["input"]) == ("get_time", {"tz": "UTC"})
+
+
+def test_tool_history_without_tools_declares_them_uncallable() -> None:
+    """A session turn sent without `tools` after a tool round: the API refuses tool
+    blocks without tool definitions, so the used tools are declared with
+    tool_choice none."""
+    from bus.messages import ToolCall
+    from workers.providers.anthropic_messages import _request_body
+
+    call = ToolCall(id="c1", name="get_weather", arguments='{"city": "Oslo"}')
+    body = _request_body(ProviderRequest(model="m", system="", messages=(
+        ChatMessage("user", "weather?"), ChatMessage("assistant", "", tool_calls=(call,)),
+        ChatMessage("tool", "sunny", tool_call_id="c1", name="get_weather"),
+        ChatMessage("assistant", "It is sunny."), ChatMessage("user", "thanks"))))
+    assert body["tools"] == [{"name": "get_weather",
+                              "input_schema": {"type": "object", "properties": {}}}]
+    assert body["tool_choice"] == {"type": "none"}

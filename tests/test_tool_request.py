@@ -15,7 +15,7 @@ from gateway.chat_request import parse_chat_request
 from gateway.conversation import read_conversation
 from gateway.errors import ApiError
 
-TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+TOOL: dict[str, Any] = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}
 USER = {"role": "user", "content": "weather?"}
 CALL = {"role": "assistant", "content": None, "tool_calls": [

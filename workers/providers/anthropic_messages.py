@@ -257,7 +257,23 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
         body["tools"] = [_tool(tool) for tool in request.tools]
         if request.tool_choice is not None:
             body["tool_choice"] = _tool_choice(request.tool_choice)
+    elif used := _tools_in_history(request):
+        # The API refuses tool blocks in `messages` without `tools` (a session's
+        # later turn sent without them): the tools the history used are declared,
+        # bare, and the model may not call them.
+        body["tools"] = [{"name": name, "input_schema": {"type": "object", "properties": {}}}
+                         for name in used]
+        body["tool_choice"] = {"type": "none"}
     return body
+
+
+def _tools_in_history(request: ProviderRequest) -> list[str]:
+    """The names of the tools the conversation's calls used, in first-use order."""
+    names: dict[str, None] = {}
+    for message in request.messages:
+        for call in message.tool_calls:
+            names.setdefault(call.name, None)
+    return list(names)
 
 
 def _tool(tool: ToolSpec) -> dict[str, Any]:
