@@ -298,7 +298,9 @@ class Emitter:
     async def done(self, text: str, usage: Usage, finish_reason: str,
                    tool_calls: tuple[ToolCall, ...] = ()) -> None:
         await self.drain()
-        reason = "tool_calls" if tool_calls else "length" if finish_reason == "length" else "stop"
+        # A call cut by max tokens stays "length" (its arguments are broken).
+        reason = "length" if finish_reason == "length" else \
+            "tool_calls" if tool_calls else "stop"
         event = Done(seq=self._next_seq(), attempt=self.attempt, text=text, usage=usage,
                      finish_reason=reason, tool_calls=tool_calls)
         await self._publish(event.model_dump_json().encode())

@@ -145,3 +145,15 @@ def unmatched_tool_result(run: RunRequest, last: Turn | None) -> str | None:
         if item.role == "tool" and item.tool_call_id not in pending:
             return item.tool_call_id
     return None
+
+
+def with_tool_names(run: RunRequest, last: Turn | None) -> RunRequest:
+    """A session run whose tool results lack their function's name (a client that
+    sent only the results) gets them from the session's pending calls."""
+    if last is None or not last.tool_calls or all(
+            item.role != "tool" or item.name for item in run.input):
+        return run
+    names = {call.id: call.name for call in last.tool_calls}
+    items = tuple(item.model_copy(update={"name": names.get(item.tool_call_id, "")})
+                  if item.role == "tool" and not item.name else item for item in run.input)
+    return run.model_copy(update={"input": items})

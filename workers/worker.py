@@ -58,7 +58,14 @@ from .liveness import Liveness
 from .metrics import WorkerMetrics
 from .providers import make_provider
 from .providers.base import Provider, ProviderError
-from .run import Reply, build_request, generate, missed_tool_choice, unmatched_tool_result
+from .run import (
+    Reply,
+    build_request,
+    generate,
+    missed_tool_choice,
+    unmatched_tool_result,
+    with_tool_names,
+)
 
 log = logging.getLogger("clawbus.worker")
 
@@ -463,6 +470,8 @@ class Worker:
                 await emitter.failed(errors.unmatched_tool_result(unmatched))
                 await msg.term()
                 return
+            if lease is not None:
+                run = with_tool_names(run, window.last)
             reply = await self._generate(run, window.turns, emitter, execution)
             if reply is None:
                 outcome = await self._stopped(msg, emitter, execution)
