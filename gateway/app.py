@@ -252,7 +252,7 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
         g.metrics.ws_connections.inc()
         try:
             await Connection(ws, settings, auth=g.auth, runs=g.runs, sessions=g.sessions,
-                             health=g.health).serve()
+                             images=g.chat.images, health=g.health).serve()
         finally:
             g.metrics.ws_connections.dec()
 

@@ -6,9 +6,11 @@ server speaks first (``connect.challenge``); the client's first request must be
 ``connect`` with valid auth, else the socket is closed with 1008.
 
 Every ``agent`` run goes through the same :class:`~gateway.runs.RunClient` as
-HTTP. Several runs may be in flight per socket; closing the socket cancels them.
-All frames leave through one bounded outbox drained by one writer task: a
-client that stops reading is disconnected instead of growing memory.
+HTTP, and its ``images`` through the chat endpoint's
+:class:`~gateway.images.ImageResolver` (same limits and URL policy). Several
+runs may be in flight per socket; closing the socket cancels them. All frames
+leave through one bounded outbox drained by one writer task: a client that stops
+reading is disconnected instead of growing memory.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from clawbus.config import Settings
 
 from . import errors
-from .agent_turn import agent_turn
+from .agent_turn import agent_turn, image_sources, with_images
 from .auth import Authenticator
 from .chat import failure_error
 from .chat_request import MAX_SESSION_KEY
 from .errors import ApiError
+from .images import ImageResolver
 from .runs import NoWorkerError, RunClient, RunHandle, RunRejected
 from .sessions import Sessions
 
@@ -71,12 +74,13 @@ class Connection:
     """One WebSocket client."""
 
     def __init__(self, ws: WebSocket, settings: Settings, *, auth: Authenticator,
-                 runs: RunClient, sessions: Sessions,
+                 runs: RunClient, sessions: Sessions, images: ImageResolver,
                  health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         self.ws = ws
         self.settings = settings
         self.auth = auth
         self.runs = runs
+        self.images = images
         self.sessions = sessions
         self.health = health
         self.conn_id = uuid.uuid4().hex
@@ -265,6 +269,9 @@ class Connection:
         if len(self._run_tasks) >= MAX_RUNS_PER_SOCKET:
             raise ApiError(429, f"at most {MAX_RUNS_PER_SOCKET} runs per connection",
                            "rate_limit_error", "too_many_runs")
+        sources = image_sources(params)
+        if sources:
+            spec = with_images(spec, await self.images.resolve(sources))
         try:
             handle = await self.runs.submit(spec, door="ws")
         except RunRejected as rej:

@@ -10,12 +10,15 @@ never downloads a browser. Without a Chromium binary these tests skip.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
+from bus.messages import size_label
 from tests.fakes.http_upstream import text_of
 from tests.fakes.openai_upstream import FakeOpenAI, RequestRecord, default_reply
 from tests.helpers import TOKEN, Stack, base_config
@@ -34,6 +38,7 @@ from playwright.sync_api import (
     Browser,
     ConsoleMessage,
     Dialog,
+    FilePayload,
     Locator,
     Page,
     WebSocketRoute,
@@ -97,6 +102,34 @@ def reply(body: dict[str, Any]) -> str:
 
 def with_tag(records: list[RequestRecord], tag: str) -> list[RequestRecord]:
     return [r for r in records if r.path == "/v1/chat/completions" and tag in str(r.body)]
+
+
+def png(tag: str) -> bytes:
+    """A real 2×2 PNG (the page can show it), made unique by ``tag`` in a tEXt chunk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    rows = b"".join(b"\x00" + b"\x2f\x6f\xec\xff" * 2 for _ in range(2))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 6, 0, 0, 0))
+            + chunk(b"tEXt", b"Comment\x00" + tag.encode()) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode()
+
+
+def png_file(name: str, blob: bytes) -> FilePayload:
+    """A file for Playwright's ``set_input_files`` / ``set_files``."""
+    return {"name": name, "mimeType": "image/png", "buffer": blob}
+
+
+def upstream_images(records: list[RequestRecord], blob: bytes) -> list[bytes]:
+    """The images of the one upstream request that carried ``blob``, in order."""
+    (record,) = with_tag(records, b64(blob))
+    content = record.body["messages"][-1]["content"]
+    return [base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+            for p in content if p.get("type") == "image_url"]
 
 
 # -- fixtures ------------------------------------------------------------------
@@ -215,6 +248,29 @@ def wait_done(page: Page) -> Locator:
     reply_node = last_reply(page)
     expect(reply_node).to_have_attribute("data-state", "done")
     return reply_node
+
+
+def thumbnails(page: Page) -> Locator:
+    """The images waiting above the composer."""
+    return page.locator("#attachments .attachment img")
+
+
+def dispatch_files(page: Page, selector: str, kind: str, files: list[tuple[str, bytes]]) -> bool:
+    """Fire a synthetic ``paste`` (ClipboardEvent) or ``dragover``/``drop`` (DragEvent)
+    carrying ``files`` at ``selector``; whether the page took it (defaultPrevented)."""
+    return bool(page.evaluate("""([selector, kind, files]) => {
+        const data = new DataTransfer();
+        for (const [name, b64] of files) {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            data.items.add(new File([bytes], name, { type: "image/png" }));
+        }
+        const init = { bubbles: true, cancelable: true };
+        const event = kind === "paste"
+            ? new ClipboardEvent("paste", { ...init, clipboardData: data })
+            : new DragEvent(kind, { ...init, dataTransfer: data });
+        document.querySelector(selector).dispatchEvent(event);
+        return event.defaultPrevented;
+    }""", [selector, kind, [(name, b64(blob)) for name, blob in files]]))
 
 
 # -- HTTP side -----------------------------------------------------------------
@@ -479,6 +535,98 @@ def test_a_dropped_connection_reconnects(web_stack: Stack, page: Page) -> None:
     web_stack.upstream.token_delay = 0.0
     send(page, f"after the drop {tag}")
     expect(wait_done(page).locator(".body")).to_have_text(f"echo: after the drop {tag}")
+
+
+def test_attach_an_image_and_send_it(web_stack: Stack, page: Page) -> None:
+    sign_in(page, web_stack.url)
+    tag = uuid.uuid4().hex[:8]
+    image = png(tag)
+    with page.expect_file_chooser() as chooser:  # the button opens the picker
+        page.click("#attach")
+    chooser.value.set_files(files=[png_file("dot.png", image)])
+    expect(thumbnails(page)).to_have_count(1)
+    expect(thumbnails(page)).to_have_attribute("alt", "dot.png")
+    expect(page.locator("#attachments .remove")).to_have_attribute("aria-label", "Remove dot.png")
+    send(page, f"what is this {tag}")
+    expect(wait_done(page).locator(".body")).to_have_text(f"echo: what is this {tag}")
+    # The model got exactly the file's bytes.
+    assert upstream_images(web_stack.upstream.requests, image) == [image]
+    # The user's bubble shows the image (a data: URL the page made), the composer
+    # is empty again.
+    shown = page.locator("#messages .msg.user").last.locator("img")
+    expect(shown).to_have_count(1)
+    assert shown.get_attribute("src") == f"data:image/png;base64,{b64(image)}"
+    assert shown.evaluate("img => img.complete && img.naturalWidth") == 2  # it renders
+    expect(thumbnails(page)).to_have_count(0)
+    expect(page.locator("#attachments")).to_be_hidden()
+    # After a reload, the session's history shows the transcript's placeholder.
+    key = page.locator("#session-title").inner_text()
+    page.reload()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "online")
+    page.click(f'#sessions .session[data-key="{key}"]')
+    user = page.locator("#messages .msg.user .body")
+    expect(user).to_have_text(re.compile(
+        rf"^what is this {tag}\s+\[image: image/png, {size_label(len(image))}\]$"))
+    expect(page.locator("#messages img")).to_have_count(0)
+
+
+def test_paste_and_drop_images_then_send_them_alone(web_stack: Stack, page: Page) -> None:
+    sign_in(page, web_stack.url)
+    tag = uuid.uuid4().hex[:8]
+    pasted, dropped = png(f"pasted {tag}"), png(f"dropped {tag}")
+    page.focus("#input")
+    assert dispatch_files(page, "#input", "paste", [("", pasted)])
+    expect(thumbnails(page)).to_have_count(1)
+    expect(page.locator("#input")).to_have_value("")  # nothing pasted as text
+    assert dispatch_files(page, "#composer", "dragover", [("dropped.png", dropped)])
+    expect(page.locator("#composer")).to_have_attribute("data-drop", "true")
+    assert dispatch_files(page, "#composer", "drop", [("dropped.png", dropped)])
+    expect(thumbnails(page)).to_have_count(2)
+    assert thumbnails(page).evaluate_all("imgs => imgs.map((i) => i.alt)") == [
+        "pasted image", "dropped.png"]
+    expect(page.locator("#composer")).not_to_have_attribute("data-drop", "true")
+    send(page, "")  # images alone, no text
+    wait_done(page)
+    assert upstream_images(web_stack.upstream.requests, pasted) == [pasted, dropped]
+    bubble = page.locator("#messages .msg.user").last
+    expect(bubble.locator("img")).to_have_count(2)
+    expect(bubble.locator(".body")).to_have_text("")
+
+
+def test_images_the_page_refuses(web_stack: Stack, page: Page) -> None:
+    """Non-images, files over 10 MB, over 11 MB in all (a WebSocket frame holds
+    16 MiB) and a ninth image are refused with a message; a removed image is not sent."""
+    sign_in(page, web_stack.url)
+    tag = uuid.uuid4().hex[:8]
+    mb = 1024 * 1024
+    keep = png(tag)
+    text: FilePayload = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}
+    page.set_input_files("#attach-input", files=[
+        text,
+        png_file("huge.png", png("huge") + bytes(10 * mb)),
+        png_file("six.png", png("six") + bytes(6 * mb)),
+        png_file("six-again.png", png("six-again") + bytes(6 * mb)),
+        png_file("keep.png", keep),
+    ])
+    error = page.locator("#attach-error")
+    expect(error).to_have_text("notes.txt is not an image. huge.png is larger than 10 MB. "
+                               "six-again.png: at most 11 MB of images per message.")
+    expect(error).to_have_attribute("role", "alert")
+    expect(thumbnails(page)).to_have_count(2)
+    page.click('#attachments .remove[aria-label="Remove six.png"]')
+    expect(thumbnails(page)).to_have_count(1)
+    expect(page.locator('#attachments .remove[aria-label="Remove keep.png"]')).to_be_focused()
+    page.set_input_files("#attach-input", files=[
+        png_file(f"{i}.png", png(f"{tag} {i}")) for i in range(8)])
+    expect(error).to_have_text("7.png: at most 8 images per message.")
+    expect(thumbnails(page)).to_have_count(8)
+    for i in range(1, 7):
+        page.click(f'#attachments .remove[aria-label="Remove {i}.png"]')
+    expect(thumbnails(page)).to_have_count(2)
+    send(page, f"two of them {tag}")
+    wait_done(page)
+    assert upstream_images(web_stack.upstream.requests, keep) == [keep, png(f"{tag} 0")]
+    expect(error).to_be_hidden()
 
 
 def test_no_worker_available_is_explained(web_stack: Stack, page: Page) -> None:

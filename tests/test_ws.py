@@ -4,8 +4,10 @@ client, plus ``/v1/models`` and ``clawbus agent``: three doors, one run path."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -80,6 +82,22 @@ async def ws(stack: Stack) -> AsyncIterator[ClientConnection]:
 
 def upstream_with(stack: Stack, text: str) -> list[RequestRecord]:
     return [r for r in stack.upstream.requests if text in orjson.dumps(r.body).decode()]
+
+
+def png(size: int) -> bytes:
+    """A PNG-signed blob (the gateway checks the declared MIME type, not the pixels)."""
+    header = b"\x89PNG\r\n\x1a\n"
+    return header + os.urandom(size - len(header))
+
+
+def data_uri(blob: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(blob).decode()}"
+
+
+def image_parts(record: RequestRecord) -> list[dict[str, Any]]:
+    """The ``image_url`` objects of the upstream request's last message."""
+    content = record.body["messages"][-1]["content"]
+    return [p["image_url"] for p in content if p.get("type") == "image_url"]
 
 
 async def test_handshake_hello_ok(stack: Stack) -> None:
@@ -250,6 +268,77 @@ async def test_sessions_list_history_reset(stack: Stack, ws: ClientConnection) -
     assert after == []
     bad = await call(ws, "chat.history", {"sessionKey": 5})
     assert bad["ok"] is False
+
+
+async def test_agent_with_images_reaches_the_upstream_intact(stack: Stack,
+                                                            ws: ClientConnection) -> None:
+    tag = uuid.uuid4().hex[:8]
+    key = f"ws-img:{tag}"
+    first, second = png(3000), png(200_000)
+    req_id = await request(ws, "agent", {
+        "message": f"what are these {tag}", "sessionKey": key,
+        "images": [data_uri(first), {"url": data_uri(second), "detail": "low"}]})
+    assert (await res_for(ws, req_id))["payload"]["status"] == "accepted"
+    final = await res_for(ws, req_id)
+    assert final["ok"], final
+    (record,) = upstream_with(stack, tag)
+    parts = image_parts(record)
+    assert [base64.b64decode(p["url"].split(",", 1)[1]) for p in parts] == [first, second]
+    assert [p["url"].split(",", 1)[0] for p in parts] == ["data:image/png;base64"] * 2
+    assert [p.get("detail") for p in parts] == [None, "low"]
+    # The transcript keeps the text and a placeholder per image, never the bytes.
+    history = (await call(ws, "chat.history", {"sessionKey": key}))["payload"]["messages"]
+    assert history[0]["content"] == (f"what are these {tag}\n[image: image/png, 3 KB]\n"
+                                     "[image: image/png, 195 KB]")
+
+
+async def test_agent_with_only_an_image(stack: Stack, ws: ClientConnection) -> None:
+    """With images, the message may be empty (or left out)."""
+    key = f"ws-img:{uuid.uuid4().hex[:8]}"
+    uri = data_uri(png(1500))
+    req_id = await request(ws, "agent", {"sessionKey": key, "images": [uri]})
+    assert (await res_for(ws, req_id))["payload"]["status"] == "accepted"
+    assert (await res_for(ws, req_id))["ok"]
+    (record,) = [r for r in stack.upstream.requests if uri in orjson.dumps(r.body).decode()]
+    assert [p["url"] for p in image_parts(record)] == [uri]
+    history = (await call(ws, "chat.history", {"sessionKey": key}))["payload"]["messages"]
+    assert history[0]["content"] == "[image: image/png, 1 KB]"
+
+
+PNG_URI = data_uri(png(64))
+NOT_AN_ARRAY = "`images` must be an array of image URLs or {url, detail?} objects."
+NOT_AN_IMAGE = "must be a data URI or an http(s) URL, or an object {url, detail?}."
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"images": PNG_URI}, NOT_AN_ARRAY),
+    ({"images": {"url": PNG_URI}}, NOT_AN_ARRAY),
+    ({"images": [PNG_URI] * 9}, "`images` holds 9 images; at most 8 a turn."),
+    ({"images": [PNG_URI, 5]}, f"`images[1]` {NOT_AN_IMAGE}"),
+    ({"images": [None]}, f"`images[0]` {NOT_AN_IMAGE}"),
+    ({"images": [{"detail": "low"}]}, f"`images[0]` {NOT_AN_IMAGE}"),
+    ({"images": [{"url": PNG_URI, "detail": 1}]}, "`images[0].detail` must be a string."),
+    ({"images": [PNG_URI, "data:image/png;base64,@@@"]},
+     "`images[1]`: bad data URI (invalid base64)."),
+    ({"images": ["data:image/png,rawbytes"]}, "`images[0]`: bad data URI (not base64-encoded)."),
+    ({"images": [data_uri(b"<svg/>", "image/svg+xml")]},
+     "`images[0]`: image type 'image/svg+xml' is not allowed"),
+    ({"images": ["http://127.0.0.1/cat.png"]}, "`images[0]`: image URL fetching is disabled."),
+    ({"images": ["ftp://example.com/cat.png"]},
+     "`images[0]`: unsupported image URL scheme 'ftp'."),
+    ({"message": " ", "images": []}, "`message` must be a non-empty string."),
+    ({"message": 5, "images": [PNG_URI]}, "`message` must be a string."),
+])
+async def test_agent_image_errors(stack: Stack, ws: ClientConnection, params: dict[str, Any],
+                                  message: str) -> None:
+    """Each is an error ``res`` (the OpenAI error fields, 400) and reaches no model."""
+    tag = uuid.uuid4().hex[:8]
+    res = await call(ws, "agent", {"message": f"bad image {tag}", **params})
+    assert res["ok"] is False
+    assert res["error"]["code"] == "invalid_request_error" and res["error"]["status"] == 400
+    assert res["error"]["message"].startswith(message)
+    assert (await call(ws, "health"))["ok"]  # the socket still serves
+    assert not upstream_with(stack, tag)
 
 
 def test_models_endpoint_with_the_sdk(stack: Stack) -> None:

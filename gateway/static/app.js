@@ -5,6 +5,11 @@
  * the agent picker. The secret lives in sessionStorage only (never in a URL or a
  * log line). Replies are Markdown rendered by marked, with raw HTML shown as
  * text, then sanitised by DOMPurify before they touch the DOM.
+ *
+ * Images (the attach button, a paste or a drop on the composer) are read into
+ * data: URLs by FileReader and sent in `agent`'s `images`; the only image URLs
+ * this page ever puts into the DOM are those, set through `img.src`. The
+ * transcript keeps a placeholder per image, so the history shows that text.
  */
 "use strict";
 
@@ -14,6 +19,11 @@
   const REQUEST_TIMEOUT_MS = 15000;
   const RECONNECT_MIN_MS = 500;
   const RECONNECT_MAX_MS = 10000;
+  const MB = 1024 * 1024;
+  const MAX_IMAGES = 8;                 // the gateway's limit per turn
+  const MAX_IMAGE_BYTES = 10 * MB;
+  // A WebSocket frame is limited to 16 MiB and base64 adds a third.
+  const MAX_IMAGES_TOTAL_BYTES = 11 * MB;
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -24,6 +34,8 @@
     refreshSessions: $("refresh-sessions"), sessions: $("sessions"),
     sessionTitle: $("session-title"), messages: $("messages"), composer: $("composer"),
     input: $("input"), send: $("send"), stop: $("stop"),
+    attach: $("attach"), attachInput: $("attach-input"), attachments: $("attachments"),
+    attachError: $("attach-error"),
   };
 
   const state = {
@@ -43,6 +55,7 @@
     reconnectDelay: RECONNECT_MIN_MS,
     reconnectTimer: null,
     bannerTimer: null,
+    attachments: [],         // images to send: {name, size, dataUrl (null while read)}
   };
 
   // -- rendering ------------------------------------------------------------
@@ -94,8 +107,21 @@
     return { wrap, body, meta };
   }
 
-  function userMessage(text) {
+  function imageNode(attachment) {
+    const img = document.createElement("img");
+    img.src = attachment.dataUrl;   // a data:image/… URL this page read from the file
+    img.alt = attachment.name;
+    return img;
+  }
+
+  function userMessage(text, images = []) {
     const node = messageNode("user");
+    if (images.length) {
+      const row = document.createElement("div");
+      row.className = "images";
+      row.append(...images.map(imageNode));
+      node.body.before(row);
+    }
     node.body.textContent = text;
     return node;
   }
@@ -383,6 +409,7 @@
     ui.signinView.hidden = false;
     ui.messages.replaceChildren();
     ui.sessions.replaceChildren();
+    clearAttachments();
     hideBanner();
     setConn("offline", "offline");
     if (message) showAuthError(message); else ui.authError.hidden = true;
@@ -527,6 +554,96 @@
     ui.stop.disabled = !running;
   }
 
+  // -- images to send -------------------------------------------------------
+
+  function showAttachError(text) {
+    ui.attachError.textContent = text;
+    ui.attachError.hidden = !text;
+  }
+
+  function readDataUrl(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+  }
+
+  /** Check files (from the picker, a paste or a drop), then read the good ones;
+   * each refused file is named in a visible message. */
+  function addImages(files) {
+    const problems = [];
+    let total = state.attachments.reduce((n, a) => n + a.size, 0);
+    for (const file of files) {
+      const name = file.name || "pasted image";
+      if (!file.type.startsWith("image/")) {
+        problems.push(`${name} is not an image.`);
+      } else if (file.size > MAX_IMAGE_BYTES) {
+        problems.push(`${name} is larger than ${MAX_IMAGE_BYTES / MB} MB.`);
+      } else if (state.attachments.length >= MAX_IMAGES) {
+        problems.push(`${name}: at most ${MAX_IMAGES} images per message.`);
+      } else if (total + file.size > MAX_IMAGES_TOTAL_BYTES) {
+        problems.push(`${name}: at most ${MAX_IMAGES_TOTAL_BYTES / MB} MB of images per message.`);
+      } else {
+        total += file.size;
+        const entry = { name, size: file.size, dataUrl: null };
+        state.attachments.push(entry);   // holds its place while it is read
+        readAttachment(entry, file);
+      }
+    }
+    showAttachError(problems.join(" "));
+  }
+
+  async function readAttachment(entry, file) {
+    let url = null;
+    try {
+      url = await readDataUrl(file);
+    } catch { /* reported below */ }
+    if (!state.attachments.includes(entry)) return;   // cleared meanwhile (signed out)
+    if (typeof url === "string" && url.startsWith("data:image/")) {
+      entry.dataUrl = url;
+    } else {
+      state.attachments = state.attachments.filter((a) => a !== entry);
+      showAttachError(`${entry.name} could not be read.`);
+    }
+    renderAttachments();
+  }
+
+  function renderAttachments() {
+    const ready = state.attachments.filter((a) => a.dataUrl);
+    ui.attachments.replaceChildren(...ready.map((a) => {
+      const li = document.createElement("li");
+      li.className = "attachment";
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "remove";
+      remove.textContent = "×";
+      remove.title = `Remove ${a.name}`;
+      remove.setAttribute("aria-label", `Remove ${a.name}`);
+      remove.addEventListener("click", () => removeAttachment(a));
+      li.append(imageNode(a), remove);
+      return li;
+    }));
+    ui.attachments.hidden = ready.length === 0;
+  }
+
+  function removeAttachment(entry) {
+    state.attachments = state.attachments.filter((a) => a !== entry);
+    renderAttachments();
+    const next = ui.attachments.querySelector(".remove");
+    (next || ui.input).focus();
+  }
+
+  function clearAttachments() {
+    state.attachments = [];
+    renderAttachments();
+    showAttachError("");
+  }
+
+  const carriesFiles = (ev) => Boolean(ev.dataTransfer)
+    && Array.from(ev.dataTransfer.types).includes("Files");
+
   // -- runs -----------------------------------------------------------------
 
   function noWorker(error) {
@@ -545,7 +662,7 @@
   }
 
   class Run {
-    constructor(sessionKey, agentId, text) {
+    constructor(sessionKey, agentId, text, images) {
       this.sessionKey = sessionKey;
       this.agentId = agentId;
       this.runId = null;
@@ -555,7 +672,7 @@
       this.abortRequested = false;
       this.renderQueued = false;
       this.finished = false;
-      this.userNode = userMessage(text);
+      this.userNode = userMessage(text, images);
       this.node = messageNode("assistant");
       this.node.wrap.dataset.state = "waiting";
       this.node.body.classList.add("typing");
@@ -639,16 +756,24 @@
 
   async function sendMessage() {
     const text = ui.input.value.trim();
+    const images = state.attachments;
     const key = state.sessionKey;
-    if (!text || !key || state.liveRuns.has(key)) return;
+    if ((!text && !images.length) || !key || state.liveRuns.has(key)) return;
+    if (images.some((a) => !a.dataUrl)) {
+      showAttachError("An image is still being read; send again in a moment.");
+      return;
+    }
     if (!state.ws) {
       showBanner("disconnected", "Not connected to the gateway; reconnecting…");
       return;
     }
     const agentId = state.sessionAgent || ui.agent.value;
-    const run = new Run(key, agentId, text);
+    const run = new Run(key, agentId, text, images);
     state.liveRuns.set(key, run);
+    const params = { message: text, agentId, sessionKey: key };
+    if (images.length) params.images = images.map((a) => a.dataUrl);
     ui.input.value = "";
+    clearAttachments();
     ui.messages.append(run.userNode.wrap, run.node.wrap);
     scrollToEnd();
     updateComposer();
@@ -656,7 +781,7 @@
     try {
       // No client-side timer: queueing may legitimately take up to the gateway's
       // queue timeout, and a run as long as the agent's; a dead socket ends it.
-      const final = await request("agent", { message: text, agentId, sessionKey: key },
+      const final = await request("agent", params,
         { onAccepted: (p) => run.onAccepted(p), timeout: 0 });
       run.finish("done", null, final.result);
     } catch (error) {
@@ -695,6 +820,36 @@
       run.abort();
     }
   });
+  ui.attach.addEventListener("click", () => ui.attachInput.click());
+  ui.attachInput.addEventListener("change", () => {
+    addImages(Array.from(ui.attachInput.files));
+    ui.attachInput.value = "";   // so that picking the same file again is a change
+  });
+  ui.input.addEventListener("paste", (ev) => {
+    const files = ev.clipboardData ? Array.from(ev.clipboardData.files) : [];
+    if (!files.length) return;
+    // Text on the clipboard beside the file is pasted as usual.
+    if (!ev.clipboardData.types.includes("text/plain")) ev.preventDefault();
+    addImages(files);
+  });
+  ui.composer.addEventListener("dragover", (ev) => {
+    if (!carriesFiles(ev)) return;
+    ev.preventDefault();
+    ev.dataTransfer.dropEffect = "copy";
+    ui.composer.dataset.drop = "true";
+  });
+  ui.composer.addEventListener("dragleave", (ev) => {
+    if (!ui.composer.contains(ev.relatedTarget)) delete ui.composer.dataset.drop;
+  });
+  ui.composer.addEventListener("drop", (ev) => {
+    delete ui.composer.dataset.drop;
+    if (!carriesFiles(ev)) return;
+    ev.preventDefault();
+    addImages(Array.from(ev.dataTransfer.files));
+  });
+  // A file dropped beside the composer must not replace the page.
+  window.addEventListener("dragover", (ev) => { if (carriesFiles(ev)) ev.preventDefault(); });
+  window.addEventListener("drop", (ev) => { if (carriesFiles(ev)) ev.preventDefault(); });
   ui.newSession.addEventListener("click", () => newSession());
   ui.refreshSessions.addEventListener("click", () => refreshSessions());
   ui.agent.addEventListener("change", () => {
