@@ -172,11 +172,15 @@ def _serve_gateway(settings: Settings, bus_url: str, port: int | None,
     from gateway.app import create_app
 
     app = create_app(settings, bus_url)
+    # A WebSocket `agent` turn may carry images as data URIs: frames as large as
+    # the HTTP endpoint's body limit in base64 (4/3) plus room for the JSON.
+    max_body = settings.gateway.http.endpoints.chat_completions.max_body_bytes
     config = uvicorn.Config(
         app, host=settings.gateway.host,
         port=settings.gateway.port if port is None else port,
         loop="uvloop", http="httptools", ws="websockets-sansio", lifespan="on",
         log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+        ws_max_size=max(16 * 1024 * 1024, max_body * 4 // 3 + 64 * 1024),
     )
 
     class Server(uvicorn.Server):
