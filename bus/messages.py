@@ -228,6 +228,9 @@ class Done(_Event):
     usage: Usage = Usage()
     finish_reason: FinishReason = "stop"
     tool_calls: tuple[ToolCall, ...] = ()
+    # A reply too large for one bus message: ``text`` is in the payloads bucket
+    # under this name (bus/payloads.py), and empty here.
+    body: str = ""
 
 
 class Failed(_Event):
@@ -241,8 +244,22 @@ class Failed(_Event):
     retry_after: float | None = None
 
 
+class ToolEvent(_Event):
+    """A step of the agent's own tool loop (SPEC §9): a call starting (``args``:
+    its JSON text) or its result (``result`` cut to 4 KB, ``is_error``). ``name``
+    is the model-facing ``<server>__<tool>``."""
+
+    type: Literal["tool"] = "tool"
+    phase: Literal["start", "result"]
+    name: str
+    call_id: str
+    args: str = ""
+    result: str = ""
+    is_error: bool = False
+
+
 Event = Annotated[
-    Queued | Accepted | Delta | ToolDelta | Heartbeat | Done | Failed,
+    Queued | Accepted | Delta | ToolDelta | ToolEvent | Heartbeat | Done | Failed,
     Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
@@ -277,15 +294,21 @@ class Turn(_Wire):
     usage: Usage = Usage()
     input: tuple[ChatItem, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
+    # The agent's own tool loop (SPEC §9): each round's assistant message with
+    # its agent tool calls, then their results, before the final reply, whose
+    # text is then ``reply`` (``assistant`` is all the text the client saw).
+    steps: tuple[ChatItem, ...] = ()
+    reply: str | None = None
     # A turn too large for one bus message is stored as an object of the
     # payloads bucket under this name; the transcript holds this stub.
     body: str = ""
 
     def size(self) -> int:
         """Characters it costs against a history budget."""
-        if not self.input and not self.tool_calls:
+        if not self.input and not self.tool_calls and not self.steps:
             return len(self.user) + len(self.assistant)
         size = len(self.assistant) + sum(len(c.name) + len(c.arguments) for c in self.tool_calls)
+        size += sum(item.size() for item in self.steps)
         if self.input:
             return size + sum(item.size() for item in self.input)
         return size + len(self.user)
@@ -294,4 +317,9 @@ class Turn(_Wire):
         return self.input or (ChatItem(role="user", text=self.user),)
 
     def reply_item(self) -> ChatItem:
-        return ChatItem(role="assistant", text=self.assistant, tool_calls=self.tool_calls)
+        text = self.assistant if self.reply is None else self.reply
+        return ChatItem(role="assistant", text=text, tool_calls=self.tool_calls)
+
+    def structured(self) -> bool:
+        """More than user text and assistant text."""
+        return bool(self.input or self.tool_calls or self.steps)

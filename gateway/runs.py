@@ -213,6 +213,8 @@ class RunHandle:
                     return
                 last_event = queue.time()
                 event = decode_event(data)
+                if isinstance(event, Done) and event.body:
+                    event = await self._client.whole_reply(event)
                 if isinstance(event, Accepted | Queued):
                     self._track_holder(event)
                 gaps = sequencer.gaps
@@ -457,6 +459,18 @@ class RunClient:
             raise RunRejected("No agent worker available.") from exc
         handle.stream_seq = int(ack["seq"])
         return handle
+
+    async def whole_reply(self, done: Done) -> Done | Failed:
+        """A Done whose text was too large for a bus message, with its text read
+        from the payloads bucket (then deleted); a failure if it cannot be read."""
+        try:
+            text = (await self._payloads.get(done.body)).decode()
+        except Exception as exc:  # gone or unreadable: the run fails, cleanly
+            log.warning("could not read a large reply (%s): %r", done.body, exc)
+            failed = failure(502, "api_error", "the agent's reply could not be read", "internal")
+            return failed.model_copy(update={"seq": done.seq, "attempt": done.attempt})
+        self.in_background(self._payloads.delete(done.body))
+        return done.model_copy(update={"text": text, "body": ""})
 
     async def _stored(self, handle: RunHandle, request: RunRequest, payload: bytes) -> bytes:
         """Put a request too large for a bus message in the payloads bucket; the

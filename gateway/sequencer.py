@@ -21,7 +21,9 @@ exactly one ``Accepted``, then text ``Delta``s, then exactly one ``Done`` or
   text or its end says a worker took it, and an ``Accepted`` is shown first.
 - **Tool calls.** Streamed tool-call pieces (``ToolDelta``) count as shown
   output like text; after a gap, the final ``Done`` (which carries the calls
-  whole) supplies what the client has not seen of each call.
+  whole) supplies what the client has not seen of each call. Agent tool steps
+  (``ToolEvent``) are shown as they come but are not reply output: a retry
+  before any text stays transparent (its steps are shown again).
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from bus.messages import (
     Queued,
     ToolCallChunk,
     ToolDelta,
+    ToolEvent,
 )
 
-RunEvent = Accepted | Delta | ToolDelta | Done | Failed | Heartbeat
+RunEvent = Accepted | Delta | ToolDelta | ToolEvent | Done | Failed | Heartbeat
 
 _NOTHING: tuple[RunEvent, ...] = ()
 
@@ -107,7 +110,10 @@ class Sequencer:
             self._next_seq = 1
             self.resync = False
 
-    def _show(self, event: Delta | ToolDelta | Done | Failed) -> tuple[RunEvent, ...]:
+    def _show(self, event: Delta | ToolDelta | ToolEvent | Done | Failed) \
+            -> tuple[RunEvent, ...]:
+        if isinstance(event, ToolEvent):
+            return _NOTHING if self.resync else (event,)
         if isinstance(event, Delta):
             if self.resync:
                 return _NOTHING

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from bus.messages import ToolEvent
 from clawbus.config import Settings
 
 from . import errors
@@ -51,6 +52,18 @@ SERVER_NAME = "clawbus"
 METHODS = ("health", "agents.list", "agent", "chat.abort", "sessions.list", "chat.history",
            "sessions.reset")
 EVENTS = ("connect.challenge", "agent")  # only what this server actually sends
+# A client that sends this in connect's `caps` also gets the agent's tool steps
+# as `event agent {stream: "tool"}`.
+TOOL_EVENTS_CAP = "tool-events"
+
+
+def tool_event_data(event: ToolEvent) -> dict[str, Any]:
+    """The ``data`` of a ``stream: "tool"`` agent event (SPEC §9)."""
+    if event.phase == "start":
+        return {"phase": "start", "name": event.name, "toolCallId": event.call_id,
+                "args": event.args}
+    return {"phase": "result", "name": event.name, "toolCallId": event.call_id,
+            "isError": event.is_error, "result": event.result}
 
 Handler = Callable[[Any], Awaitable[dict[str, Any]]]
 
@@ -84,6 +97,7 @@ class Connection:
         self.sessions = sessions
         self.health = health
         self.conn_id = uuid.uuid4().hex
+        self.tool_events = False  # the client asked for tool steps (connect caps)
         self._seq = 0
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue(OUTBOX_FRAMES)
         self._run_tasks: dict[str, asyncio.Task[None]] = {}
@@ -192,6 +206,8 @@ class Connection:
         if isinstance(auth, dict):
             value = auth.get("token") or auth.get("password")
             presented = value if isinstance(value, str) else None
+        caps = params.get("caps")
+        self.tool_events = isinstance(caps, list) and TOOL_EVENTS_CAP in caps
         client = self.ws.client.host if self.ws.client else None
         try:
             self.auth.verify_secret(presented, client)
@@ -301,6 +317,11 @@ class Connection:
                     agent_event("lifecycle", {"phase": "start"})
                 elif event.type == "delta":
                     agent_event("assistant", {"delta": event.text})
+                elif event.type == "tool":
+                    if self.tool_events:  # only for clients that asked (caps)
+                        agent_event("tool", tool_event_data(event))
+                elif event.type == "tool_delta":
+                    continue  # (a WS turn declares no client tools)
                 elif event.type == "done":
                     usage = {"prompt_tokens": event.usage.prompt_tokens,
                              "completion_tokens": event.usage.completion_tokens,

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 from nats.aio.client import Client
 
@@ -41,10 +41,12 @@ from bus.messages import (
     ToolCall,
     ToolCallChunk,
     ToolDelta,
+    ToolEvent,
     Usage,
     encode_delta,
 )
 from bus.nats_adapter import Requester
+from bus.payloads import Objects, fits
 
 from .liveness import Liveness
 from .probes import NO_RESPONDERS, Probe, send_probe
@@ -94,7 +96,7 @@ def _abandoned(reply: bytes | None) -> str | None:
 class Emitter:
     def __init__(self, nc: Client, requests: Requester, subject: str, attempt: int,
                  coalesce_seconds: float = COALESCE_SECONDS, *, streaming: bool = True,
-                 liveness: Liveness | None = None) -> None:
+                 liveness: Liveness | None = None, payloads: Objects | None = None) -> None:
         self._nc = nc
         self._requests = requests
         self._subject = subject
@@ -102,6 +104,7 @@ class Emitter:
         self._seq = 0
         self._coalesce = coalesce_seconds
         self._streaming = streaming
+        self._payloads = payloads  # where a reply too large for one message goes
         self._buffer: list[str] = []
         self._buffered = 0
         # Tool-call pieces waiting to go (after the buffered text, which came first).
@@ -224,6 +227,17 @@ class Emitter:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(delay, self._window_over)
 
+    async def tool_event(self, phase: Literal["start", "result"], name: str, call_id: str, *,
+                         args: str = "", result: str = "", is_error: bool = False) -> None:
+        """A step of the agent's tool loop, sent at once after the text before it
+        (for every client: the gateway decides who sees it)."""
+        await self.drain()
+        if time.monotonic() >= self.lease_deadline or not self.sure:
+            return  # held text would go first; a step is not worth waiting for
+        event = ToolEvent(seq=self._next_seq(), attempt=self.attempt, phase=phase, name=name,
+                          call_id=call_id, args=args, result=result, is_error=is_error)
+        await self._publish(event.model_dump_json().encode())
+
     def _wait_for_credit(self) -> float:
         """Seconds until a text event may go (0: now); brings the credit up to date."""
         if self._coalesce <= 0:
@@ -303,7 +317,13 @@ class Emitter:
             "tool_calls" if tool_calls else "stop"
         event = Done(seq=self._next_seq(), attempt=self.attempt, text=text, usage=usage,
                      finish_reason=reason, tool_calls=tool_calls)
-        await self._publish(event.model_dump_json().encode())
+        data = event.model_dump_json().encode()
+        if self._payloads is not None and not fits(len(data), self._nc.max_payload):
+            # The gateway reads the text from the payloads bucket (and deletes it).
+            name = f"reply-{self._subject.rpartition('.')[2]}-{self.attempt}"
+            await self._payloads.put(name, text.encode())
+            data = event.model_copy(update={"text": "", "body": name}).model_dump_json().encode()
+        await self._publish(data)
 
     async def failed(self, event_fields: dict[str, object]) -> None:
         # A failure noticed after a stall (e.g. the provider's timeout firing as a

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bus.messages import ChatItem, RunRequest, ToolCall, ToolCallChunk, Turn, Usage
@@ -26,6 +27,9 @@ class Reply:
     first_token_seconds: float | None = None
     seconds: float = 0.0
     tool_calls: tuple[ToolCall, ...] = field(default=())
+    # The agent's own tool loop, when it ran (see workers/agent_loop.py).
+    steps: tuple[ChatItem, ...] = field(default=())
+    final_text: str | None = None
 
 
 def build_request(model: str, system_prompt: str, run: RunRequest,
@@ -37,10 +41,11 @@ def build_request(model: str, system_prompt: str, run: RunRequest,
     messages: list[ChatMessage] = []
     structured = bool(run.input)
     for turn in history:
-        if turn.input or turn.tool_calls:
+        if turn.structured():
             structured = True
             messages.extend(_message(item) for item in turn.input_items())
-            messages.append(ChatMessage("assistant", turn.assistant, tool_calls=turn.tool_calls))
+            messages.extend(_message(item) for item in turn.steps)
+            messages.append(_message(turn.reply_item()))
         else:  # the common case, without building items
             messages.append(ChatMessage("user", turn.user))
             messages.append(ChatMessage("assistant", turn.assistant))
@@ -94,9 +99,16 @@ def paired(messages: list[ChatMessage]) -> list[ChatMessage]:
     return out
 
 
-async def generate(provider: Provider, request: ProviderRequest, emitter: Emitter) -> Reply:
+async def generate(provider: Provider, request: ProviderRequest, emitter: Emitter, *,
+                   hidden: Callable[[str], bool] | None = None, prefix: str = "",
+                   first_index: int = 0) -> Reply:
+    """One model call, streamed through ``emitter``. Tool calls whose name
+    ``hidden`` accepts (the agent's own tools) are not shown to the client; the
+    shown ones are numbered from ``first_index``. ``prefix`` goes out before the
+    reply's first text (a separator after an earlier round's text)."""
     parts: list[str] = []
     calls: dict[int, tuple[str, str, list[str]]] = {}  # index → (id, name, fragments)
+    shown: dict[int, int | None] = {}  # upstream index → client index (None: hidden)
     finish = Finish()
     started = time.monotonic()
     first: float | None = None
@@ -107,6 +119,8 @@ async def generate(provider: Provider, request: ProviderRequest, emitter: Emitte
             if isinstance(item, TextDelta):
                 if first is None:
                     first = time.monotonic() - started
+                if prefix and not parts:
+                    await emitter.delta(prefix)
                 parts.append(item.text)
                 await emitter.delta(item.text)
             elif isinstance(item, ToolCallChunk):
@@ -115,8 +129,13 @@ async def generate(provider: Provider, request: ProviderRequest, emitter: Emitte
                 call = calls.get(item.index)
                 if call is None:
                     call = calls[item.index] = (item.id or "", item.name or "", [])
+                    shown[item.index] = None if hidden is not None and hidden(call[1]) else \
+                        first_index + sum(1 for v in shown.values() if v is not None)
                 call[2].append(item.arguments)
-                await emitter.tool_delta(item)
+                index = shown[item.index]
+                if index is not None:
+                    await emitter.tool_delta(
+                        item if index == item.index else item.model_copy(update={"index": index}))
             else:
                 finish = item
     tool_calls = tuple(ToolCall(id=call_id, name=name, arguments="".join(fragments))

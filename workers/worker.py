@@ -310,7 +310,8 @@ class Worker:
         token = subjects.last_token(msg.subject)
         meta = msg.metadata
         emitter = Emitter(self.nc, self._requests, run.events_subject, attempt=meta.num_delivered,
-                          streaming=run.stream, liveness=self.liveness)
+                          streaming=run.stream, liveness=self.liveness,
+                          payloads=self._payloads)
         try:
             if run.ephemeral:
                 # A gateway-generated stateless session: this is its only run, so
