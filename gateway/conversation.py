@@ -61,7 +61,7 @@ class Conversation:
     structured: bool = False  # tool traffic: input is the conversation's items
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: a frozen dataclass is slower to build)
 class _Entry:
     index: int  # position in `messages`
     role: str  # "user" | "assistant" | "tool"
@@ -79,33 +79,42 @@ def read_conversation(messages: object, *, stateless: bool) -> Conversation:
         raise invalid_request(MESSAGES_NOT_ARRAY)
     system_parts: list[str] = []
     entries: list[_Entry] = []
+    tool_traffic = False
     for index, raw in enumerate(messages):
-        if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
+        if not isinstance(raw, dict):
             continue
-        role = raw["role"].strip().lower()
-        if role == "function":
-            role = "tool"
+        role = raw.get("role")
+        if not isinstance(role, str):
+            continue
+        role = role.strip().lower()
         content = raw.get("content")
         text = content_text(content)
         if role in _SYSTEM_ROLES:
             if text:
                 system_parts.append(text)
             continue
-        if role not in ("user", "assistant", "tool"):
+        if role == "function":
+            role = "tool"
+        elif role == "user":
+            images = _image_parts(content) if isinstance(content, list) else ()
+            entries.append(_Entry(index, role, raw, text, images))
             continue
-        images = _image_parts(content) if role == "user" else ()
-        entries.append(_Entry(index, role, raw, text, images))
+        elif role not in ("assistant", "tool"):
+            continue
+        if not tool_traffic:
+            tool_traffic = _is_tool_traffic(role, raw)
+        entries.append(_Entry(index, role, raw, text, ()))
     extra_system_prompt = "\n\n".join(system_parts)
-    if any(_is_tool_traffic(e) for e in entries):
+    if tool_traffic:
         return _structured(entries, extra_system_prompt, stateless)
     return _flattened(entries, extra_system_prompt)
 
 
-def _is_tool_traffic(entry: _Entry) -> bool:
-    if entry.role == "assistant":
-        calls = entry.raw.get("tool_calls")
+def _is_tool_traffic(role: str, raw: dict[str, Any]) -> bool:
+    if role == "assistant":
+        calls = raw.get("tool_calls")
         return isinstance(calls, list) and bool(calls)
-    return entry.role == "tool" and isinstance(entry.raw.get("tool_call_id"), str)
+    return role == "tool" and isinstance(raw.get("tool_call_id"), str)
 
 
 # --- plain text (SPEC §2) ----------------------------------------------------------

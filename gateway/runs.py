@@ -226,7 +226,7 @@ class RunHandle:
                     if isinstance(event, Accepted):
                         self.queue_wait = time.time() - self.created
                         self._client.observe("queue_wait", self.queue_wait)
-                    elif isinstance(event, Delta | ToolDelta):
+                    elif isinstance(event, (Delta, ToolDelta)):  # (a tuple: no union built)
                         if not self._text_shown:
                             self._text_shown = True
                             self._client.observe("ttft", time.time() - self.created)

@@ -112,14 +112,14 @@ class Sequencer:
 
     def _show(self, event: Delta | ToolDelta | ToolEvent | Done | Failed) \
             -> tuple[RunEvent, ...]:
-        if isinstance(event, ToolEvent):
-            return _NOTHING if self.resync else (event,)
-        if isinstance(event, Delta):
+        if isinstance(event, Delta):  # (first: one per streamed token)
             if self.resync:
                 return _NOTHING
             self.sent += len(event.text)
             self.streamed = True
             return (event,)
+        if isinstance(event, ToolEvent):
+            return _NOTHING if self.resync else (event,)
         if isinstance(event, ToolDelta):
             if self.resync:
                 return _NOTHING
