@@ -130,3 +130,35 @@ def test_a_newer_attempt_that_only_queues_never_ends_the_running_one() -> None:
     assert shown(seq, delta(3, "two"), done(4, "one two")) == [
         ("Delta", "two"), ("Done", "one two")]
     assert not seq.interrupted and seq.attempt == 1
+
+
+def test_tool_call_pieces_count_as_shown_and_a_gap_is_filled_from_done() -> None:
+    from bus.messages import ToolCall, ToolCallChunk, ToolDelta, ToolEvent
+
+    seq = Sequencer()
+    first = ToolDelta(seq=2, attempt=1, calls=(
+        ToolCallChunk(index=0, id="c0", name="f", arguments='{"a"'),))
+    step = ToolEvent(seq=3, attempt=1, phase="start", name="srv__x", call_id="t1")
+    # seq 4 (the rest of call 0 and call 1's start) is lost on the way.
+    end = Done(seq=5, attempt=1, text="", finish_reason="tool_calls", tool_calls=(
+        ToolCall(id="c0", name="f", arguments='{"a":1}'),
+        ToolCall(id="c1", name="g", arguments="{}")))
+    out = [item for event in (acc(1), first, step, end) for item in seq.feed(event)]
+    assert [type(item).__name__ for item in out] == [
+        "Accepted", "ToolDelta", "ToolEvent", "ToolDelta", "Done"]
+    assert seq.streamed and seq.gaps == 1
+    tail = out[3]
+    assert isinstance(tail, ToolDelta)
+    assert tail.calls == (ToolCallChunk(index=0, arguments=":1}"),
+                          ToolCallChunk(index=1, id="c1", name="g", arguments="{}"))
+
+
+def test_tool_steps_alone_keep_a_retry_transparent() -> None:
+    from bus.messages import ToolEvent
+
+    seq = Sequencer()
+    step = ToolEvent(seq=2, attempt=1, phase="start", name="srv__x", call_id="t1")
+    assert shown(seq, acc(1), step) == [("Accepted", ""), ("ToolEvent", "")]
+    assert not seq.streamed
+    assert shown(seq, acc(1, attempt=2), done(2, "ok", attempt=2)) == [("Done", "ok")]
+    assert not seq.interrupted
