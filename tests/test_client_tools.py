@@ -17,7 +17,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import agents
 import httpx
@@ -25,6 +25,7 @@ import openai
 import orjson
 import pytest
 
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.http_upstream import FakeReply, text_of
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import TOKEN, Stack, base_config
@@ -77,9 +78,22 @@ def tstack(tool_upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) 
         st.stop()
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def sdk(url: str) -> Any:
-    """The SDK client (typed loosely: the tests send hand-written message dicts)."""
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=30)
+    """An SDK client, closed after the test (typed loosely: the tests send
+    hand-written message dicts)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=30)
+    _clients.append(client)
+    return client
 
 
 def tag() -> str:
@@ -357,3 +371,66 @@ def test_upstream_requests_carry_no_flattened_tool_text(tstack: Stack) -> None:
     bad = [r for r in tstack.upstream.requests if isinstance(r.body, dict)
            and "Tool:" in orjson.dumps(r.body).decode() and r.body.get("tools")]
     assert bad == [], [r.body for r in bad[:1]]
+
+
+# ------------------------------------------------------------------------- Anthropic
+
+
+def anthropic_reply(body: dict[str, Any]) -> str | FakeReply:
+    """agent_reply, reading Anthropic's message shapes (tool_result blocks)."""
+    content = body["messages"][-1]["content"]
+    blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+    results = [text_of(b.get("content")) for b in blocks if b.get("type") == "tool_result"]
+    if results:
+        return "Result: " + "; ".join(results)
+    text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+    if "weather in" in text and any(t["name"] == "get_weather" for t in body.get("tools") or []):
+        city = text.split("weather in", 1)[1].strip(" ?")
+        return FakeReply("Let me check.", [("get_weather", json.dumps({"city": city}))])
+    return "plain: " + text
+
+
+@pytest.fixture(scope="module")
+def astack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with FakeAnthropic(reply=anthropic_reply) as up:
+        config = base_config(None)
+        config["models"]["providers"]["claude"] = {"api": "anthropic-messages",
+                                                   "baseUrl": up.base_url, "apiKey": "sk-a"}
+        config["agents"]["defaults"]["model"] = "claude/claude-test"
+        st = Stack.start(tmp_path_factory.mktemp("anthropic"), cast(FakeOpenAI, up), config,
+                         gateways=2, workers=2)
+        try:
+            yield st
+        finally:
+            st.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_tool_round_trip_in_a_session(astack: Stack, stream: bool) -> None:
+    t = tag()
+    one, two = sdk(astack.gateways[0].url), sdk(astack.gateways[1].url)
+    question = {"role": "user", "content": f"[{t}] weather in Riga"}
+    if stream:
+        with one.chat.completions.stream(model="openclaw", user=f"a-{t}", messages=[question],
+                                         tools=[WEATHER_TOOL]) as events:
+            first = events.get_final_completion()
+    else:
+        first = one.chat.completions.create(model="openclaw", user=f"a-{t}",
+                                            messages=[question], tools=[WEATHER_TOOL])
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Riga"}
+    second = two.chat.completions.create(
+        model="openclaw", user=f"a-{t}", tools=[WEATHER_TOOL],
+        messages=[question, assistant_echo(choice.message), tool_result(call, "snow")])
+    assert second.choices[0].message.content == "Result: snow"
+    # Upstream, the follow-up was Anthropic's shape: tool_use then tool_result.
+    *_, body = upstream_bodies(cast(FakeOpenAI, astack.upstream), f"[{t}]")
+    assert body["tools"][0]["name"] == "get_weather" and "input_schema" in body["tools"][0]
+    use = [b for b in body["messages"][-2]["content"] if b["type"] == "tool_use"]
+    assert use == [{"type": "tool_use", "id": call.id, "name": "get_weather",
+                    "input": {"city": "Riga"}}]
+    (result,) = body["messages"][-1]["content"]
+    assert result["type"] == "tool_result" and result["tool_use_id"] == call.id
