@@ -427,7 +427,7 @@ def test_anthropic_tool_round_trip_in_a_session(astack: Stack, stream: bool) -> 
         messages=[question, assistant_echo(choice.message), tool_result(call, "snow")])
     assert second.choices[0].message.content == "Result: snow"
     # Upstream, the follow-up was Anthropic's shape: tool_use then tool_result.
-    *_, body = upstream_bodies(cast(FakeOpenAI, astack.upstream), f"[{t}]")
+    *_, body = upstream_bodies(astack.upstream, f"[{t}]")
     assert body["tools"][0]["name"] == "get_weather" and "input_schema" in body["tools"][0]
     use = [b for b in body["messages"][-2]["content"] if b["type"] == "tool_use"]
     assert use == [{"type": "tool_use", "id": call.id, "name": "get_weather",
