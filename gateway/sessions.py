@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus import subjects
-from bus.messages import Turn
+from bus.messages import ChatItem, Turn
 from bus.transcripts import Transcripts
 
 LIST_LIMIT = 500
@@ -63,15 +63,30 @@ class Sessions:
         turns, _ = await self._transcripts.load(subjects.session_token(session_key))
         messages: list[dict[str, Any]] = []
         for turn in turns:
-            messages.append({"role": "user", "content": turn.user, "ts": turn.ts,
-                             "runId": turn.run_id})
-            messages.append({"role": "assistant", "content": turn.assistant, "ts": turn.ts,
-                             "runId": turn.run_id,
-                             "usage": turn.usage.model_dump() | {
-                                 "total_tokens": turn.usage.total_tokens}})
+            common = {"ts": turn.ts, "runId": turn.run_id}
+            if not turn.structured():
+                messages.append({"role": "user", "content": turn.user, **common})
+            else:  # tool results and agent tool steps are messages of their own
+                messages.extend(_item(item, common) for item in turn.input_items())
+                messages.extend(_item(item, common) for item in turn.steps)
+            final = _item(turn.reply_item(), common)
+            final["usage"] = turn.usage.model_dump() | {"total_tokens": turn.usage.total_tokens}
+            messages.append(final)
         if limit is not None:
             messages = messages[-limit:] if limit > 0 else []
         return messages
 
     async def reset(self, session_key: str) -> None:
         await self._transcripts.reset(subjects.session_token(session_key))
+
+
+def _item(item: ChatItem, common: dict[str, Any]) -> dict[str, Any]:
+    """One structured transcript message as ``chat.history`` shows it."""
+    message: dict[str, Any] = {"role": item.role, "content": item.text, **common}
+    if item.tool_calls:
+        message["toolCalls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                for c in item.tool_calls]
+    if item.role == "tool":
+        message["toolCallId"] = item.tool_call_id
+        message["name"] = item.name
+    return message
