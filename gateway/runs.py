@@ -45,6 +45,7 @@ from bus.messages import (
     SamplingParams,
     ToolChoice,
     ToolDelta,
+    ToolEvent,
     ToolSpec,
     decode_event,
 )
@@ -230,6 +231,8 @@ class RunHandle:
                         if not self._text_shown:
                             self._text_shown = True
                             self._client.observe("ttft", time.time() - self.created)
+                    elif isinstance(event, ToolEvent):
+                        pass  # an agent tool step: shown, not an end
                     elif sequencer.interrupted:
                         await self.cancel("interrupted")
                         self._client.bus_error("interrupted")
