@@ -8,6 +8,13 @@ environment; everything else receives the resulting object.
 
 This module lives in ``bus`` because gateways, workers and the CLI all need it
 and ``bus`` is the only package every side imports.
+
+Agent tools (SPEC §9) merge like this: an agent's effective ``tools`` are
+``agents.defaults.tools`` with the agent's own ``tools`` over them, key by key.
+``mcpServers`` are joined (a server of the same name: the agent's wins, whole);
+``allow``, ``deny``, ``maxRounds``, ``callTimeoutSeconds`` and
+``resultMaxChars`` are the agent's where it sets them, else the defaults'
+(:meth:`Settings.agent_tools`).
 """
 
 from __future__ import annotations
@@ -160,10 +167,93 @@ class GatewayConfig(_Model):
         return ipaddress.ip_address(self.host).is_loopback
 
 
+MCP_SERVER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class McpServerConfig(_Model):
+    """One MCP server (SPEC §9): a child process spoken to over stdio (``command``,
+    with ``env`` and ``cwd``) or a streamable-HTTP endpoint (``url``, with
+    ``headers``); exactly one of ``command`` and ``url``. A stdio server's
+    environment is its ``env`` plus the MCP SDK's few safe variables (``PATH``,
+    ``HOME``, ``USER``, ...), never the rest of the worker's."""
+
+    # A list in the file: strict mode alone would want a Python tuple.
+    command: tuple[str, ...] | None = Field(None, strict=False)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (not value or not value[0]):
+            raise ValueError("command must name a program: [\"program\", \"arg\", ...]")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"env: {name!r} is not an environment variable name")
+            if "\0" in text:
+                raise ValueError(f"env: {name!r}: a value may not contain NUL")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value, "url")
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_headers(value)
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerConfig:
+        if self.command is not None and self.url is not None:
+            raise ValueError("set command (a stdio server) or url (a streamable-HTTP server), "
+                             "not both")
+        if self.command is None and self.url is None:
+            raise ValueError("set command (a stdio server) or url (a streamable-HTTP server)")
+        if self.url is not None and (self.env or self.cwd is not None):
+            raise ValueError("env and cwd apply to stdio servers (command), not to url")
+        if self.command is not None and self.headers:
+            raise ValueError("headers apply to streamable-HTTP servers (url), not to command")
+        return self
+
+
+class AgentToolsConfig(_Model):
+    """An agent's own tools (SPEC §9): the MCP servers serving them, which of their
+    tools it is offered (``allow``/``deny``: globs on the model-facing name
+    ``<server>__<tool>``; deny wins; no ``allow``: all), and the loop's limits.
+    How an agent's tools merge with the defaults': the module docstring."""
+
+    mcp_servers: dict[str, McpServerConfig] = Field(default_factory=dict)
+    allow: tuple[str, ...] | None = Field(None, strict=False)
+    deny: tuple[str, ...] = Field((), strict=False)
+    max_rounds: int = Field(8, ge=1)
+    call_timeout_seconds: float = Field(60.0, gt=0)
+    result_max_chars: int = Field(16_000, ge=100)
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _check_names(cls, value: dict[str, McpServerConfig]) -> dict[str, McpServerConfig]:
+        for name in value:
+            if not MCP_SERVER_NAME.fullmatch(name):
+                raise ValueError(f"MCP server name {name!r} does not match "
+                                 f"[A-Za-z0-9_-]{{1,32}}")
+        return value
+
+
 class AgentDefaults(_Model):
     model: str = "echo/echo"
     timeout_seconds: float = Field(600.0, gt=0)
     max_concurrent: int = Field(16, ge=1, le=4096)
+    tools: AgentToolsConfig = AgentToolsConfig()
 
 
 class AgentConfig(_Model):
@@ -173,6 +263,7 @@ class AgentConfig(_Model):
     system_prompt: str | None = None
     system_prompt_file: str | None = None
     timeout_seconds: float | None = Field(None, gt=0)
+    tools: AgentToolsConfig | None = None
 
     @field_validator("id")
     @classmethod
@@ -212,30 +303,38 @@ class ProviderConfig(_Model):
     @field_validator("base_url")
     @classmethod
     def _valid_base_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parts = urllib.parse.urlsplit(value)
-            _ = parts.port
-        except ValueError as exc:
-            raise ValueError(f"baseUrl {value!r}: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"baseUrl {value!r} is not an http:// or https:// URL with a host")
-        return value
+        return None if value is None else _check_http_url(value, "baseUrl")
 
     @field_validator("headers")
     @classmethod
     def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, text in value.items():
-            if not _HEADER_NAME.fullmatch(name):
-                raise ValueError(f"header name {name!r} is not an HTTP token")
-            if any(c in text for c in "\r\n\0"):
-                raise ValueError(f"header {name!r}: a value may not contain CR, LF or NUL")
-            try:
-                text.encode("latin-1")
-            except UnicodeEncodeError:
-                raise ValueError(f"header {name!r}: the value is not Latin-1 text") from None
-        return value
+        return _check_headers(value)
+
+
+def _check_http_url(value: str, key: str) -> str:
+    """``value`` if it is an http(s) URL with a host; else a ValueError naming ``key``."""
+    try:
+        parts = urllib.parse.urlsplit(value)
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{key} {value!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key} {value!r} is not an http:// or https:// URL with a host")
+    return value
+
+
+def _check_headers(value: dict[str, str]) -> dict[str, str]:
+    """``value`` if every header name is an HTTP token and every value is sendable."""
+    for name, text in value.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"header name {name!r} is not an HTTP token")
+        if any(c in text for c in "\r\n\0"):
+            raise ValueError(f"header {name!r}: a value may not contain CR, LF or NUL")
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"header {name!r}: the value is not Latin-1 text") from None
+    return value
 
 
 class ModelsConfig(_Model):
@@ -357,6 +456,17 @@ class Settings(_Model):
 
     def agent_timeout(self, agent: AgentConfig) -> float:
         return agent.timeout_seconds or self.agents.defaults.timeout_seconds
+
+    def agent_tools(self, agent: AgentConfig) -> AgentToolsConfig:
+        """The agent's effective tools: the defaults' with the agent's own over them
+        (the merge rule of the module docstring)."""
+        defaults = self.agents.defaults.tools
+        own = agent.tools
+        if own is None:
+            return defaults
+        update = {name: getattr(own, name) for name in own.model_fields_set}
+        update["mcp_servers"] = {**defaults.mcp_servers, **own.mcp_servers}
+        return defaults.model_copy(update=update)
 
     @property
     def auth_mode(self) -> Literal["token", "password", "none"]:
@@ -590,4 +700,26 @@ def masked(settings: Settings) -> dict[str, Any]:
             provider["apiKey"] = "***"
         provider["headers"] = {k: "***" for k in provider.get("headers", {})}
     data["gateway"]["auth"]["mode"] = settings.auth_mode
+    _mask_tools(settings, data["agents"])
     return data
+
+
+def _mask_tools(settings: Settings, agents: dict[str, Any]) -> None:
+    """Agent tools in ``config check``'s output: shown only where the file sets
+    them (an agent's: only the keys it sets, the rest comes from the defaults), with
+    MCP servers' ``env`` and ``headers`` values masked (tokens live there)."""
+    if "tools" not in settings.agents.defaults.model_fields_set:
+        del agents["defaults"]["tools"]
+    shown = [agents["defaults"].get("tools")]
+    for entry, agent in zip(agents["list"], settings.agents.entries, strict=True):
+        if agent.tools is None:
+            del entry["tools"]
+        else:
+            entry["tools"] = agent.tools.model_dump(mode="json", by_alias=True,
+                                                    exclude_unset=True)
+        shown.append(entry.get("tools"))
+    for tools in shown:
+        for server in (tools or {}).get("mcpServers", {}).values():
+            for key in ("env", "headers"):
+                if key in server:
+                    server[key] = {k: "***" for k in server[key]}
