@@ -43,9 +43,26 @@ class WorkerMetrics:
         self.held = Gauge("clawbus_worker_held_runs",
                           "Runs held waiting for their session's earlier run", registry=r)
         self.naks = Counter("clawbus_worker_naks", "Runs handed back to the queue", registry=r)
+        # Agent tools (SPEC §9); `server` is the MCP server's configured name, `tool`
+        # the tool's own name on that server, `outcome` ok|error|timeout|cancelled.
+        self.tool_calls = Counter("clawbus_worker_tool_calls", "Agent tool calls by outcome",
+                                  ["server", "tool", "outcome"], registry=r)
+        self.tool_call_seconds = Histogram("clawbus_worker_tool_call_seconds",
+                                           "Agent tool call duration", ["server"],
+                                           buckets=BUCKETS, registry=r)
+        self.mcp_server_restarts = Counter(
+            "clawbus_worker_mcp_server_restarts",
+            "MCP server sessions started again after one ended", ["server"], registry=r)
+        self.mcp_server_failures = Counter("clawbus_worker_mcp_server_failures",
+                                           "MCP server starts that failed", ["server"],
+                                           registry=r)
         # the labelled ones, by label values (bus/prom.py)
         self.runs_by = Children(self.runs)
         self.errors_by = Children(self.errors)
         self.provider_latency_by = Children(self.provider_latency)
         self.run_duration_by = Children(self.run_duration)
         self.tokens_by = Children(self.tokens)
+        self.tool_calls_by = Children(self.tool_calls)
+        self.tool_call_seconds_by = Children(self.tool_call_seconds)
+        self.mcp_server_restarts_by = Children(self.mcp_server_restarts)
+        self.mcp_server_failures_by = Children(self.mcp_server_failures)
