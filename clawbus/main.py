@@ -7,7 +7,9 @@
   (:class:`clawbus.natsserver.Supervisor`: restarted on the same port and store
   if it dies; if it cannot be, everything stops and ``clawbus up`` exits 1).
 - ``clawbus gateway`` / ``clawbus worker``: one role each, for scaling out.
-- ``clawbus config check``: validate a config and print it with secrets masked.
+- ``clawbus config check``: validate a config and print it with secrets masked;
+  with agent tools configured, also start each MCP server and list its tools.
+- ``clawbus tools list``: each agent's tools as the model sees them (SPEC §9).
 
 With ``bus.url`` null, ``gateway`` and ``worker`` first look for a running
 ``clawbus up`` (its address is in the state dir) and otherwise start their own
@@ -366,12 +368,52 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = load(args)
     print(json.dumps(masked(settings), indent=2))
+    code = 0
     try:
         check_gateway_startable(settings)
     except ConfigError as exc:
         print(f"warning: a gateway would not start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    agents = [settings.agent(agent_id) for agent_id in settings.agent_ids]
+    if any(agent is not None and settings.agent_tools(agent).mcp_servers for agent in agents):
+        code = max(code, _check_mcp_servers(settings))
+    return code
+
+
+def _check_mcp_servers(settings: Settings) -> int:
+    """Start every configured MCP server once and list its tools (on stderr:
+    stdout holds the config)."""
+    from workers.mcp.listing import list_tools, status_line
+
+    _quiet_mcp_log()
+    listing = asyncio.run(list_tools(settings, os.environ, settings.agent_ids))
+    for status in listing.servers:
+        print(status_line(status), file=sys.stderr)
+    return 1 if listing.failures else 0
+
+
+def _quiet_mcp_log() -> None:
+    # A one-shot command reports failed servers itself; the workers' warning (which
+    # promises a retry) would only repeat it.
+    logging.getLogger("clawbus.mcp").setLevel(logging.ERROR)
+
+
+def cmd_tools_list(args: argparse.Namespace) -> int:
+    from workers.mcp.listing import as_json, list_tools, render
+
+    settings = load(args)
+    agent_ids = settings.agent_ids
+    if args.agent is not None:
+        agent = settings.agent(args.agent)
+        if agent is None:
+            print(f"clawbus tools list: unknown agent {args.agent!r} (agents: "
+                  f"{', '.join(agent_ids)})", file=sys.stderr)
+            return 2
+        agent_ids = [agent.id]
+    _quiet_mcp_log()
+    listing = asyncio.run(list_tools(settings, os.environ, agent_ids))
+    print(json.dumps(as_json(listing), indent=2) if args.json else render(listing))
+    return 1 if listing.failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +476,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate and print the effective config")
     common(check)
     check.set_defaults(func=cmd_config_check)
+
+    tools = sub.add_parser("tools", help="agent tools (MCP servers)")
+    tools_sub = tools.add_subparsers(dest="tools_command", required=True)
+    tools_list = tools_sub.add_parser(
+        "list", help="start the MCP servers and print each agent's tools as the model sees "
+                     "them (exit 1 if a server fails to start)")
+    common(tools_list)
+    tools_list.add_argument("--agent", default=None, help="only this agent")
+    tools_list.add_argument("--json", action="store_true",
+                            help="print JSON: agents with their tools, failed servers")
+    tools_list.set_defaults(func=cmd_tools_list, log_level="warning")
     return parser
 
 
