@@ -106,8 +106,8 @@ def parse_chat_request(
     """
     if not isinstance(body, dict):
         raise invalid_request(BODY_NOT_OBJECT)
-    model, model_agent = _parse_model(body.get("model"), settings)
-    agent_id = _resolve_agent(headers, model_agent, settings)
+    model, model_agent = parse_model(body.get("model"), settings)
+    agent_id = resolve_agent(headers, model_agent, settings)
     upstream_model = upstream_model_override(headers.get(MODEL_HEADER), agent_id, settings)
     session_key, ephemeral = _resolve_session_key(headers, body.get("user"), agent_id)
     stream, include_usage, params = _parse_params(body)
@@ -134,7 +134,7 @@ def parse_chat_request(
 # --- model and agent -------------------------------------------------------------
 
 
-def _parse_model(raw: object, settings: Settings) -> tuple[str, str]:
+def parse_model(raw: object, settings: Settings) -> tuple[str, str]:
     """(the model to echo, the agent the model names)."""
     if raw is None:
         return DEFAULT_MODEL, settings.default_agent_id
@@ -152,7 +152,7 @@ def _parse_model(raw: object, settings: Settings) -> tuple[str, str]:
     return raw, match.group("id").lower()
 
 
-def _resolve_agent(headers: Mapping[str, str], model_agent: str, settings: Settings) -> str:
+def resolve_agent(headers: Mapping[str, str], model_agent: str, settings: Settings) -> str:
     """The agent header's id if set (it wins over ``model``), else the model's; must exist."""
     agent_id = model_agent
     for name in AGENT_HEADERS:
