@@ -55,7 +55,7 @@ def test_tools_list(tmp_path: Path, http_server: HttpMcpServer) -> None:
     proc = clawbus(tmp_path, "tools", "list", "--config", str(config(tmp_path, http_server)))
     assert proc.returncode == 1, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "agent main: 8 tools"
+    assert lines[0] == "agent main: 9 tools"
     assert "  fs__add(a, b)  Add two integers." in lines
     assert "  fs__slow(seconds, marker?)  Sleep, then answer." in lines
     assert not any("fs__crash" in line for line in lines)  # denied
@@ -106,8 +106,8 @@ def test_config_check_starts_the_servers(tmp_path: Path, http_server: HttpMcpSer
     assert servers["fs"]["env"] == {"ROOT_TOKEN": "***"}
     assert servers["web"]["headers"] == {"Authorization": "***"}
     lines = proc.stderr.splitlines()
-    assert "MCP server 'fs' (stdio; agents: main): ok, 9 tools" in lines
-    assert "MCP server 'web' (http; agents: main, other): ok, 9 tools" in lines
+    assert "MCP server 'fs' (stdio; agents: main): ok, 10 tools" in lines
+    assert "MCP server 'web' (http; agents: main, other): ok, 10 tools" in lines
     assert BAD in lines
     assert "Traceback" not in proc.stderr
 

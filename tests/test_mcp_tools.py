@@ -30,7 +30,8 @@ from workers.metrics import WorkerMetrics
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 10.0
 BOTH_LOOPS = True  # workers run on uvloop: its child watcher reaps differently
-TOOLS = ["add", "echo_env", "slow", "boom", "crash", "meta", "picture", "pid", "add_tool"]
+TOOLS = ["add", "echo_env", "slow", "boom", "crash", "exit_soon", "meta", "picture", "pid",
+         "add_tool"]
 
 
 @pytest.fixture(scope="module")
@@ -309,6 +310,22 @@ async def test_a_crash_mid_call_is_an_error_then_the_server_restarts() -> None:
         assert now[second] != "Z"
         assert count(metrics, "clawbus_worker_mcp_server_restarts_total", server="fs") == 1
         assert (await tools.tools_for("main"))[0].name == "fs__add"
+
+
+async def test_a_server_that_exits_while_idle_is_reaped_and_restarted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with opened(settings({"fs": stdio()})) as (tools, metrics):
+        first = int((await call(tools, "fs__pid")).text)
+        assert (await call(tools, "fs__exit_soon")).text == "bye"
+
+        async def noticed() -> bool:
+            return any("'fs' closed the connection" in r.getMessage() for r in caplog.records)
+
+        await until(noticed, "the worker to notice the exit")
+        outcome = await call(tools, "fs__pid")  # no error: a new server answers
+        assert first not in children()  # reaped
+        assert not outcome.is_error and int(outcome.text) != first
+        assert count(metrics, "clawbus_worker_mcp_server_restarts_total", server="fs") == 1
 
 
 async def test_the_child_gets_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:

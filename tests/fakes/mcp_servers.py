@@ -10,8 +10,9 @@ One set of tools, served two ways:
   uvicorn accepts it) and no readiness wait is needed.
 
 The tools: ``add``, ``echo_env`` (an environment variable as the server sees it),
-``slow`` (hangs; with ``marker`` it writes ``cancelled`` to that file when its
-call is cancelled), ``boom`` (raises), ``crash`` (the process exits mid-call),
+``slow`` (hangs; with ``marker`` it writes ``started`` to that file, then
+``cancelled`` when its call is cancelled), ``boom`` (raises), ``crash`` (the
+process exits mid-call), ``exit_soon`` (the process exits just after answering),
 ``meta`` (the request's ``_meta`` as JSON), ``picture`` (an image and a text part),
 ``pid`` (the server's process id) and ``add_tool`` (registers a tool and sends
 ``notifications/tools/list_changed``).
@@ -72,6 +73,11 @@ def build_server(name: str = "fake") -> MCPServer:
     @server.tool(description="Kills the server process in the middle of the call.")
     def crash() -> str:
         os._exit(3)
+
+    @server.tool(description="Answers, then the server process exits (idle, between calls).")
+    def exit_soon() -> str:
+        threading.Timer(0.2, os._exit, args=(4,)).start()
+        return "bye"
 
     @server.tool(description="The _meta of this request.")
     def meta(ctx: Context) -> str:

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx2
@@ -37,6 +37,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.session import IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
 
 from clawbus.config import McpServerConfig, proxy_for
 
@@ -281,12 +282,17 @@ class McpServer:
             async with contextlib.AsyncExitStack() as stack:
                 read, write = await stack.enter_async_context(self._transport())
                 session = await stack.enter_async_context(ClientSession(
-                    read, write, message_handler=self._on_message, client_info=CLIENT_INFO))
+                    _EndWatch(read, stop), write, message_handler=self._on_message,
+                    client_info=CLIENT_INFO))
                 await session.initialize()
                 if ready.done():  # the starter gave up meanwhile
                     return
                 ready.set_result(session)
                 await stop.wait()
+                if self._session is session:  # not asked to stop: the server hung up
+                    self._session = None
+                    log.warning("MCP server %r closed the connection; it is started again "
+                                "on next use", self.name)
         except Exception as exc:
             if not ready.done():
                 ready.set_exception(exc)
@@ -295,6 +301,8 @@ class McpServer:
         finally:
             if session is not None and self._session is session:
                 self._session = None
+            if not ready.done():  # cancelled while starting: the starter must not wait on
+                ready.set_exception(ServerUnavailable(self.name, "closed while starting"))
 
     def _transport(self) -> contextlib.AbstractAsyncContextManager[Any]:
         config = self.config
@@ -365,3 +373,46 @@ class McpServer:
             done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
         if done and not task.cancelled() and (exc := task.exception()) is not None:
             log.warning("MCP server %r: closing failed: %s", self.name, describe(exc))
+
+
+class _Receiving(Protocol):
+    async def receive(self) -> SessionMessage | Exception: ...
+    async def aclose(self) -> None: ...
+
+
+class _EndWatch:
+    """A transport's read stream that sets ``ended`` when it ends: a stdio child
+    that exited, for one, is noticed (and reaped) at once, not by the next call
+    that would fail on it. The rest (``last_context``, ...) is the stream's own."""
+
+    def __init__(self, stream: _Receiving, ended: asyncio.Event) -> None:
+        self._stream = stream
+        self._ended = ended
+
+    async def receive(self) -> SessionMessage | Exception:
+        try:
+            return await self._stream.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._ended.set()
+            raise
+
+    def __aiter__(self) -> _EndWatch:
+        return self
+
+    async def __anext__(self) -> SessionMessage | Exception:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def __aenter__(self) -> _EndWatch:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
