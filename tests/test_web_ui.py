@@ -5,7 +5,12 @@ OpenAI upstream that streams slowly enough to watch.
 Chromium is Debian's (``/usr/bin/chromium``, installed by ``.ci/run``); Playwright
 never downloads a browser. Without a Chromium binary these tests skip.
 
-``CLAWBUS_SCREENSHOT=1`` also saves ``docs/screenshot.png`` (a finished reply).
+The agent's tool steps (SPEC §9) run against a second stack whose main agent has
+a real MCP server over stdio (``tests/fakes/mcp_servers.py``) and a fake model
+scripted to call its tools.
+
+``CLAWBUS_SCREENSHOT=1`` also saves ``docs/screenshot.png`` (a finished reply) and
+``docs/tool-steps.png`` (a session's history with its tool steps open).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from bus.messages import size_label
-from tests.fakes.http_upstream import text_of
+from tests.fakes.http_upstream import FakeReply, text_of
+from tests.fakes.mcp_servers import stdio_command
 from tests.fakes.openai_upstream import FakeOpenAI, RequestRecord, default_reply
 from tests.helpers import TOKEN, Stack, base_config
 from tests.procs import Gateway, write_config
@@ -54,7 +60,9 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'se
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+TOOL_SCREENSHOT = ROOT / "docs" / "tool-steps.png"
 
 XSS_PROMPT = "xss please"
 XSS_REPLY = ("<img src=x onerror=alert(1)> <script>window.__xss=1</script> **bold** "
@@ -73,6 +81,15 @@ clawbus up --workers 2
 ```
 
 Runs of one session never overlap, whichever gateway or worker serves them."""
+
+SUM_PROMPT = "What is 2 + 3, and then 5 + 8?"
+WAIT_PROMPT = "Wait a moment, then tell me."
+BOOM_PROMPT = "Try the broken tool."
+XSS_ARG = "<img src=x onerror=window.__xss=1>"
+SUM_ARGS = [{"a": 2, "b": 3}, {"a": 5, "b": 8}]
+WAIT_ARGS = {"seconds": 1.5}
+BOOM_ARGS = {"why": XSS_ARG}
+DANGER = "rgb(201, 55, 44)"  # app.css --danger
 
 expect.set_options(timeout=15_000)
 
@@ -97,6 +114,30 @@ def reply(body: dict[str, Any]) -> str:
         return " ".join(f"word{i}" for i in range(LONG_WORDS))
     if MARKDOWN_PROMPT in last:
         return MARKDOWN_REPLY
+    return default_reply(body)
+
+
+def tool_model(body: dict[str, Any]) -> str | FakeReply:
+    """A model that calls the ``calc`` MCP server's tools, scripted by the question,
+    and answers from their results."""
+    messages = body.get("messages") or []
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    question = text_of(messages[last].get("content"))
+    results = [text_of(m.get("content")) for m in messages[last:] if m.get("role") == "tool"]
+    if SUM_PROMPT in question:
+        if not results:
+            return FakeReply("Let me add those.", [("calc__add", json.dumps(SUM_ARGS[0]))])
+        if len(results) == 1:
+            return FakeReply("", [("calc__add", json.dumps(SUM_ARGS[1]))])
+        return f"2 + 3 = {results[0]}, and 5 + 8 = {results[1]}."
+    if WAIT_PROMPT in question:
+        if not results:
+            return FakeReply("Waiting as asked.", [("calc__slow", json.dumps(WAIT_ARGS))])
+        return f"The wait is over: {results[0]}."
+    if BOOM_PROMPT in question:
+        if not results:
+            return FakeReply("", [("calc__boom", json.dumps(BOOM_ARGS))])
+        return "That tool is broken today, so I have no answer for you."
     return default_reply(body)
 
 
@@ -170,6 +211,23 @@ def web_stack(web_upstream: FakeOpenAI,
         yield st
     finally:
         st.stop()
+
+
+@pytest.fixture(scope="module")
+def tools_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A gateway with the page and a worker whose main agent has the ``calc``
+    MCP server (stdio), on a model scripted by :func:`tool_model`."""
+    with FakeOpenAI(reply=tool_model) as up:
+        config = base_config(up)
+        config["gateway"]["controlUi"] = {"enabled": True}
+        config["agents"]["list"][0]["tools"] = {
+            "mcpServers": {"calc": {"command": stdio_command(), "cwd": str(ROOT)}},
+            "callTimeoutSeconds": 10}
+        st = Stack.start(tmp_path_factory.mktemp("webui-tools"), up, config)
+        try:
+            yield st
+        finally:
+            st.stop()
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +306,53 @@ def wait_done(page: Page) -> Locator:
     reply_node = last_reply(page)
     expect(reply_node).to_have_attribute("data-state", "done")
     return reply_node
+
+
+def steps(reply_node: Locator) -> Locator:
+    """The tool steps of one reply."""
+    return reply_node.locator(".body .tool-step")
+
+
+def body_parts(reply_node: Locator) -> list[str]:
+    """A reply's body in order: ``text:…`` per text segment, ``step:<tool>`` per step."""
+    return list(reply_node.locator(".body").evaluate("""body => Array.from(body.children,
+        (el) => el.classList.contains('tool-step')
+            ? 'step:' + el.querySelector('.tool-name').textContent
+            : 'text:' + el.textContent.trim())"""))
+
+
+def assert_step(step: Locator, name: str, status: str, args: str, result: str) -> None:
+    """A finished step: its summary, then (opened) its arguments and result."""
+    expect(step.locator("summary .tool-name")).to_have_text(name)
+    expect(step).to_have_attribute("data-status", status)
+    expect(step.locator("summary .tool-status")).to_have_text(status)
+    expect(step).to_have_attribute("aria-busy", "false")
+    if step.get_attribute("open") is None:
+        step.locator("summary").click()
+    expect(step.locator(".tool-args pre")).to_have_text(args)
+    assert step.locator(".tool-args pre").text_content() == args  # its line breaks too
+    expect(step.locator(".tool-result pre")).to_contain_text(result)
+    result_block = step.locator(".tool-result")
+    if status == "error":
+        expect(result_block).to_have_class(re.compile(r"\berror\b"))
+        expect(result_block.locator(".tool-label")).to_have_text("Error")
+        expect(result_block.locator("pre")).to_have_css("color", DANGER)
+    else:
+        expect(result_block).not_to_have_class(re.compile(r"\berror\b"))
+        expect(result_block.locator(".tool-label")).to_have_text("Result")
+
+
+def pretty(args: dict[str, Any]) -> str:
+    """Arguments as the page shows them."""
+    return json.dumps(args, indent=2)
+
+
+def assert_sum_reply(reply_node: Locator) -> None:
+    """The reply to SUM_PROMPT: text, two ``calc__add`` steps, text."""
+    assert body_parts(reply_node) == ["text:Let me add those.", "step:calc__add",
+                                      "step:calc__add", "text:2 + 3 = 5, and 5 + 8 = 13."]
+    for step, args, result in zip(steps(reply_node).all(), SUM_ARGS, ["5", "13"], strict=True):
+        assert_step(step, "calc__add", "done", pretty(args), result)
 
 
 def thumbnails(page: Page) -> Locator:
@@ -627,6 +732,95 @@ def test_images_the_page_refuses(web_stack: Stack, page: Page) -> None:
     wait_done(page)
     assert upstream_images(web_stack.upstream.requests, keep) == [keep, png(f"{tag} 0")]
     expect(error).to_be_hidden()
+
+
+def test_tool_steps_show_live_between_the_text(tools_stack: Stack, page: Page) -> None:
+    tools_stack.upstream.token_delay = 0.02
+    sign_in(page, tools_stack.url)
+    send(page, WAIT_PROMPT)
+    reply_node = last_reply(page)
+    # While the tool runs: its step, below the text that came before it.
+    step = steps(reply_node).first
+    expect(step).to_have_attribute("data-status", "running")
+    expect(step).to_have_attribute("aria-busy", "true")
+    expect(step.locator("summary .tool-status")).to_have_text("running…")
+    expect(reply_node).to_have_attribute("data-state", "streaming")
+    assert body_parts(reply_node) == ["text:Waiting as asked.", "step:calc__slow"]
+    assert step.get_attribute("open") is None  # collapsed until asked
+    step.locator("summary").click()
+    expect(step.locator(".tool-args pre")).to_have_text(pretty(WAIT_ARGS))
+    expect(step.locator(".tool-result")).to_have_count(0)
+    # Then its result, and the text after it below it.
+    wait_done(page)
+    assert_step(step, "calc__slow", "done", pretty(WAIT_ARGS), "done")
+    assert body_parts(reply_node) == ["text:Waiting as asked.", "step:calc__slow",
+                                      "text:The wait is over: done."]
+
+    send(page, SUM_PROMPT)
+    reply_node = wait_done(page)
+    assert_sum_reply(reply_node)
+    expect(reply_node.locator(".meta .usage")).to_contain_text("tokens")
+
+
+def test_stop_during_a_tool_step(tools_stack: Stack, page: Page) -> None:
+    sign_in(page, tools_stack.url)
+    send(page, WAIT_PROMPT)
+    reply_node = last_reply(page)
+    step = steps(reply_node).first
+    expect(step).to_have_attribute("data-status", "running")
+    page.click("#stop")
+    expect(reply_node).to_have_attribute("data-state", "aborted")
+    # No result will come: the step says so instead of spinning on.
+    expect(step).to_have_attribute("data-status", "stopped")
+    expect(step.locator("summary .tool-status")).to_have_text("no result")
+    expect(step).to_have_attribute("aria-busy", "false")
+    assert body_parts(reply_node) == ["text:Waiting as asked.", "step:calc__slow"]
+
+
+def test_a_failing_tool_is_an_error_step_and_inert(tools_stack: Stack, page: Page) -> None:
+    sign_in(page, tools_stack.url)
+    send(page, BOOM_PROMPT)
+    reply_node = wait_done(page)
+    (step,) = steps(reply_node).all()
+    assert_step(step, "calc__boom", "error", pretty(BOOM_ARGS), "boom went the tool")
+    expect(step).to_have_css("border-top-color", DANGER)
+    expect(step.locator(".tool-args pre")).to_contain_text(XSS_ARG)  # as text
+    page.wait_for_timeout(300)  # time for an onerror to fire, if one existed
+    assert page.locator("#messages img, #messages [onerror]").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+
+
+def test_history_shows_the_tool_steps(tools_stack: Stack, page: Page) -> None:
+    """After a reload, a session's stored turns show the same steps."""
+    sign_in(page, tools_stack.url)
+    send(page, SUM_PROMPT)
+    wait_done(page)
+    send(page, BOOM_PROMPT)
+    wait_done(page)
+    key = page.locator("#session-title").inner_text()
+    page.reload()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "online")
+    page.click(f'#sessions .session[data-key="{key}"]')
+    messages = page.locator("#messages .msg")
+    expect(messages).to_have_count(4)
+    assert [m.get_attribute("data-role") for m in messages.all()] == [
+        "user", "assistant", "user", "assistant"]
+    total, boom = messages.nth(1), messages.nth(3)
+    for node in (total, boom):
+        expect(node).to_have_attribute("data-state", "history")
+        expect(node.locator(".meta .usage")).to_have_count(1)
+    assert_sum_reply(total)
+    assert body_parts(boom)[0] == "step:calc__boom"
+    assert_step(steps(boom).first, "calc__boom", "error", pretty(BOOM_ARGS), "boom went the tool")
+    assert page.locator("#messages img").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+    if os.environ.get("CLAWBUS_SCREENSHOT") == "1":  # one step open, the others closed
+        for step in [*steps(total).all()[1:], *steps(boom).all()]:
+            step.locator("summary").click()
+        page.locator("#input").blur()
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.evaluate("document.getElementById('messages').scrollTop = 1e9")
+        page.screenshot(path=str(TOOL_SCREENSHOT))
 
 
 def test_no_worker_available_is_explained(web_stack: Stack, page: Page) -> None:

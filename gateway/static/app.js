@@ -10,6 +10,11 @@
  * data: URLs by FileReader and sent in `agent`'s `images`; the only image URLs
  * this page ever puts into the DOM are those, set through `img.src`. The
  * transcript keeps a placeholder per image, so the history shows that text.
+ *
+ * The page asks for the agent's tool steps (connect caps ["tool-events"]) and
+ * shows each as a collapsible item in the reply, where it happened between the
+ * streamed text; chat.history's tool calls and results render the same way.
+ * Tool names, arguments and results only ever reach the DOM as textContent.
  */
 "use strict";
 
@@ -126,10 +131,204 @@
     return node;
   }
 
-  function assistantMessage(text) {
-    const node = messageNode("assistant");
-    node.body.replaceChildren(renderMarkdown(text));
-    return node;
+  // -- agent tool steps (SPEC §9) --------------------------------------------
+
+  const STEP_STATUS = { running: "running…", done: "done", error: "error", stopped: "no result" };
+
+  /** JSON text indented when it parses to an object or an array; else as it came. */
+  function prettyJson(text) {
+    try {
+      const value = JSON.parse(text);
+      if (value !== null && typeof value === "object") return JSON.stringify(value, null, 2);
+    } catch { /* not JSON: shown as it is */ }
+    return text;
+  }
+
+  function stepBlock(label, cls, text) {
+    const block = document.createElement("div");
+    block.className = `tool-block ${cls}`;
+    const head = document.createElement("div");
+    head.className = "tool-label";
+    head.textContent = label;
+    const pre = document.createElement("pre");
+    pre.textContent = prettyJson(text);
+    block.append(head, pre);
+    return block;
+  }
+
+  /** One tool call of the agent: a <details> whose summary names the tool and
+   * its status, and whose body shows the arguments, then the result. */
+  class ToolStep {
+    constructor(name, args) {
+      this.el = document.createElement("details");
+      this.el.className = "tool-step";
+      const summary = document.createElement("summary");
+      const icon = document.createElement("span");
+      icon.className = "tool-icon";
+      icon.setAttribute("aria-hidden", "true");
+      const title = document.createElement("span");
+      title.className = "tool-name";
+      title.textContent = name || "tool";
+      this.status = document.createElement("span");
+      this.status.className = "tool-status";
+      summary.append(icon, title, this.status);
+      this.el.append(summary);
+      if (typeof args === "string") this.el.append(stepBlock("Arguments", "tool-args", args));
+      this.setStatus("running");
+    }
+
+    get running() { return this.el.dataset.status === "running"; }
+
+    setStatus(status) {
+      this.el.dataset.status = status;
+      this.el.setAttribute("aria-busy", String(status === "running"));
+      this.status.textContent = STEP_STATUS[status];
+    }
+
+    setResult(isError, text) {
+      const old = this.el.querySelector(".tool-result");
+      if (old) old.remove();
+      const block = stepBlock(isError ? "Error" : "Result", "tool-result", String(text ?? ""));
+      if (isError) block.classList.add("error");
+      this.el.append(block);
+      this.setStatus(isError ? "error" : "done");
+    }
+  }
+
+  class TextSegment {
+    constructor() {
+      this.text = "";
+      this.el = document.createElement("div");
+      this.el.className = "segment";
+      this.dirty = false;
+    }
+  }
+
+  /** An assistant reply's body: its text and tool steps in the order they came.
+   * Without steps the Markdown goes straight into the body; the first step
+   * splits the body into text segments around the steps, so text streamed before
+   * a step stays above it. */
+  class ReplyBody {
+    constructor(body) {
+      this.body = body;
+      this.text = "";          // all the text, in order
+      this.parts = [];         // TextSegment and ToolStep, in order
+      this.steps = new Map();  // toolCallId -> ToolStep
+      this.segmented = false;
+    }
+
+    addText(text) {
+      if (!text) return;
+      this.text += text;
+      let last = this.parts[this.parts.length - 1];
+      if (!(last instanceof TextSegment)) {
+        last = new TextSegment();
+        this.parts.push(last);
+        if (this.segmented) this.body.append(last.el);
+      }
+      last.text += text;
+      last.dirty = true;
+    }
+
+    startStep(name, callId, args) {
+      if (!this.segmented) {
+        this.segmented = true;
+        this.body.replaceChildren(...this.parts.map((p) => p.el));
+        this.render();
+      }
+      const step = new ToolStep(name, args);
+      this.parts.push(step);
+      if (callId) this.steps.set(callId, step);
+      this.body.append(step.el);
+      return step;
+    }
+
+    /** The result of a step; a result whose start was never seen gets a step of its own. */
+    finishStep(name, callId, isError, result) {
+      const step = this.steps.get(callId) || this.startStep(name, callId, null);
+      step.setResult(isError, result);
+    }
+
+    get running() { return [...this.steps.values()].some((s) => s.running); }
+
+    /** Steps still running when the reply ends will get no result. */
+    stopSteps() {
+      for (const step of this.steps.values()) if (step.running) step.setStatus("stopped");
+    }
+
+    /** Take the run's final text: it replaces the text of a reply without steps;
+     * with steps it can only add what the stream did not bring. */
+    settle(text) {
+      if (!this.segmented) {
+        this.text = "";
+        this.parts = [];
+        this.addText(text);
+      } else if (text.startsWith(this.text)) {
+        this.addText(text.slice(this.text.length));
+      }
+    }
+
+    render() {
+      if (!this.segmented) {
+        this.body.replaceChildren(renderMarkdown(this.text));
+        return;
+      }
+      for (const part of this.parts) {
+        if (part instanceof TextSegment && (part.dirty || !part.el.hasChildNodes())) {
+          part.el.replaceChildren(renderMarkdown(part.text));
+          part.dirty = false;
+        }
+      }
+    }
+  }
+
+  // The transcript keeps a failed call's result as the model saw it.
+  const STORED_ERROR = "Error: ";
+
+  /** chat.history's messages as bubbles: each user message, and per run one reply
+   * holding its assistant text and, as steps, its tool calls with their results. */
+  function historyNodes(history) {
+    const nodes = [];
+    const replies = [];
+    const steps = new Map();   // toolCallId -> ToolStep (a client's result may come a turn later)
+    let current = null;
+    const replyFor = (m) => {
+      if (!current || current.runId !== m.runId) {
+        const node = messageNode("assistant");
+        node.wrap.dataset.state = "history";
+        current = { runId: m.runId, node, body: new ReplyBody(node.body) };
+        replies.push(current);
+        nodes.push(node.wrap);
+      }
+      return current;
+    };
+    for (const m of history) {
+      if (m.role === "user") {
+        current = null;
+        const node = userMessage(m.content);
+        node.wrap.dataset.state = "history";
+        nodes.push(node.wrap);
+      } else if (m.role === "tool") {
+        const text = String(m.content ?? "");
+        const step = steps.get(m.toolCallId)
+          || replyFor(m).body.startStep(m.name, m.toolCallId, null);
+        step.setResult(text.startsWith(STORED_ERROR), text);
+      } else {
+        const reply = replyFor(m);
+        const content = m.content || "";
+        reply.body.addText(reply.body.text && content ? `\n\n${content}` : content);
+        for (const call of m.toolCalls || []) {
+          steps.set(call.id, reply.body.startStep(call.name, call.id, call.arguments));
+        }
+        const usage = usageText(m.usage);
+        if (usage) addMeta(reply.node.meta, "usage", usage);
+      }
+    }
+    for (const reply of replies) {
+      reply.body.stopSteps();
+      reply.body.render();
+    }
+    return nodes;
   }
 
   function addMeta(meta, cls, text) {
@@ -229,6 +428,7 @@
             params: {
               minProtocol: PROTOCOL, maxProtocol: PROTOCOL,
               client: { id: "clawbus-web", version: "1", platform: "web", mode: "webchat" },
+              caps: ["tool-events"],   // the agent's tool steps, shown in the reply
               auth,
             },
           }));
@@ -532,15 +732,7 @@
       }
     }
     if (token !== state.viewToken) return;
-    const nodes = history.map((m) => {
-      const node = m.role === "user" ? userMessage(m.content) : assistantMessage(m.content);
-      node.wrap.dataset.state = "history";
-      if (m.role !== "user") {
-        const usage = usageText(m.usage);
-        if (usage) addMeta(node.meta, "usage", usage);
-      }
-      return node.wrap;
-    });
+    const nodes = historyNodes(history);
     const live = state.liveRuns.get(key);
     if (live) nodes.push(live.userNode.wrap, live.node.wrap);
     ui.messages.replaceChildren(...nodes);
@@ -666,7 +858,6 @@
       this.sessionKey = sessionKey;
       this.agentId = agentId;
       this.runId = null;
-      this.text = "";
       this.started = performance.now();
       this.firstToken = null;
       this.abortRequested = false;
@@ -676,6 +867,7 @@
       this.node = messageNode("assistant");
       this.node.wrap.dataset.state = "waiting";
       this.node.body.classList.add("typing");
+      this.reply = new ReplyBody(this.node.body);
     }
 
     onAccepted(payload) {
@@ -686,15 +878,30 @@
     }
 
     onEvent(payload) {
-      if (payload.stream === "assistant" && payload.data && typeof payload.data.delta === "string") {
-        if (this.firstToken === null) {
-          this.firstToken = performance.now();
-          this.node.wrap.dataset.state = "streaming";
-          this.node.body.classList.remove("typing");
-        }
-        this.text += payload.data.delta;
+      const data = payload.data;
+      if (!data) return;
+      if (payload.stream === "assistant" && typeof data.delta === "string") {
+        if (this.firstToken === null) this.firstToken = performance.now();
+        this.showActivity();
+        this.reply.addText(data.delta);
         this.queueRender();
+      } else if (payload.stream === "tool" && (data.phase === "start" || data.phase === "result")) {
+        this.showActivity();
+        if (data.phase === "start") {
+          this.reply.startStep(data.name, data.toolCallId, String(data.args ?? ""));
+        } else {
+          this.reply.finishStep(data.name, data.toolCallId, data.isError === true, data.result);
+          // The model has the results: "…" until its next words arrive.
+          if (!this.reply.running) this.node.body.classList.add("typing");
+        }
+        if (this.sessionKey === state.sessionKey) scrollToEnd();
       }
+    }
+
+    /** Text or a tool step came: the reply is under way. */
+    showActivity() {
+      this.node.wrap.dataset.state = "streaming";
+      this.node.body.classList.remove("typing");
     }
 
     queueRender() {
@@ -709,7 +916,7 @@
     }
 
     render() {
-      this.node.body.replaceChildren(renderMarkdown(this.text));
+      this.reply.render();
     }
 
     abort() {
@@ -725,8 +932,9 @@
       if (this.runId) state.runsById.delete(this.runId);
       const { wrap, body, meta } = this.node;
       body.classList.remove("typing");
-      if (result && typeof result.text === "string") this.text = result.text;
-      if (this.text) this.render(); else body.replaceChildren();
+      if (result && typeof result.text === "string") this.reply.settle(result.text);
+      this.reply.stopSteps();
+      if (this.reply.text || this.reply.segmented) this.render(); else body.replaceChildren();
       wrap.dataset.state = outcome;
       meta.replaceChildren();
       if (this.firstToken !== null) {
