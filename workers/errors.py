@@ -54,3 +54,9 @@ def missed_tool_choice() -> dict[str, object]:
     """``tool_choice`` required or pinned, and the reply made no matching call (SPEC §7)."""
     return {"status": 502, "error_type": "api_error",
             "message": "Agent did not call the required tool.", "code": None}
+
+
+def loop_exceeded(message: str) -> dict[str, object]:
+    """The agent kept calling its tools past ``maxRounds`` (SPEC §9)."""
+    return {"status": 500, "error_type": "api_error", "message": message,
+            "code": "max_rounds"}

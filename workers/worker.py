@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -52,9 +53,11 @@ from clawbus.logs import run_context
 
 from . import errors
 from .acceptance import ANNOUNCE_DELAY, Acceptance
+from .agent_loop import LoopExceededError, run_agent
 from .deferred import Deferred
 from .events import Emitter, RunAbandoned
 from .liveness import Liveness
+from .mcp.toolbox import AgentTools
 from .metrics import WorkerMetrics
 from .providers import make_provider
 from .providers.base import Provider, ProviderError
@@ -131,6 +134,11 @@ class Worker:
         self._leader: LeaderGet | None = None
         self._transcripts: Transcripts | None = None
         self._payloads: Objects | None = None
+        # The agents' MCP tools (SPEC §9), when any agent has some.
+        self._tools: AgentTools | None = None
+        agents = [settings.agent(agent_id) for agent_id in settings.agent_ids]
+        if any(settings.agent_tools(a).mcp_servers for a in agents if a is not None):
+            self._tools = AgentTools(settings, self.env, self.metrics)
         self.ready = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------
@@ -150,6 +158,8 @@ class Worker:
         self._leases = Leases(js, lease_ttl_seconds(bus), publisher)
         self._transcripts = Transcripts(js, self.nc, publisher)
         self._payloads = Objects(js, PAYLOADS_BUCKET)
+        if self._tools is not None:
+            await self._tools.start()  # (a server that fails is retried on use)
         cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
         done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
@@ -185,6 +195,8 @@ class Worker:
                 await publisher.close()
             for provider in self._providers.values():
                 await provider.aclose()
+            if self._tools is not None:
+                await self._tools.aclose()
             log.info("worker %s stopped", self.worker_id)
 
     async def _take(self, msg: Msg) -> None:
@@ -495,6 +507,9 @@ class Worker:
             self.metrics.errors_by(self._provider_name(run), exc.kind).inc()
             await emitter.failed(errors.provider_failure(exc))
             await msg.term()
+        except LoopExceededError as exc:
+            await emitter.failed(errors.loop_exceeded(str(exc)))
+            await msg.term()
         finally:
             self._active.pop(run.run_id, None)
             execution.ended = True  # (in case the cancel below is swallowed: see run())
@@ -524,7 +539,7 @@ class Worker:
         turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
                     assistant=reply.text, ts=time.time(), usage=reply.usage,
                     input=tuple(item.stored() for item in run.input),
-                    tool_calls=reply.tool_calls)
+                    tool_calls=reply.tool_calls, steps=reply.steps, reply=reply.final_text)
         if lease is None:
             # Ephemeral: nobody can read this session back through the API, so
             # the turn is recorded without waiting for the store's ack.
@@ -586,7 +601,18 @@ class Worker:
             prompt = self._system_prompts[agent.id] = settings.agent_system_prompt(agent)
         request = build_request(model, prompt, run, history)
         timeout = execution.timeout = settings.agent_timeout(agent)
-        execution.task = asyncio.create_task(generate(provider, request, emitter), name="generate")
+        agent_tools = await self._tools.tools_for(agent.id) if self._tools is not None else ()
+        if agent_tools:
+            assert self._tools is not None
+            client = {tool.name for tool in request.tools}  # a client's tool wins a clash
+            request = dataclasses.replace(request, tools=(
+                *request.tools, *(t for t in agent_tools if t.name not in client)))
+            work = run_agent(provider, request, emitter, toolbox=self._tools, agent_id=agent.id,
+                             run_id=run.run_id,
+                             max_rounds=self._tools.limits(agent.id).max_rounds)
+        else:
+            work = generate(provider, request, emitter)
+        execution.task = asyncio.create_task(work, name="generate")
         if execution.reason is not None:  # cancelled while we were getting ready
             execution.task.cancel()
         try:
