@@ -16,13 +16,14 @@ asks for tool calls and answers from their results.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -30,6 +31,7 @@ import orjson
 import pytest
 import websockets
 
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.http_upstream import FakeReply, text_of
 from tests.fakes.mcp_servers import HttpMcpServer, stdio_command
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -286,3 +288,83 @@ def test_ws_tool_events_only_with_the_cap(mstack: Stack) -> None:
     assert steps[0]["args"] == '{"a": 1, "b": 2}'
     without = asyncio.run(ws_run(mstack.url, f"[{tag()}] two rounds", []))
     assert not [e for e in without if e["stream"] == "tool"]
+
+
+# ------------------------------------------------------- a worker killed mid-loop
+
+
+def test_worker_killed_mid_tool_call_the_run_is_retried(mstack: Stack, tmp_path: Path) -> None:
+    """The only worker is SIGKILLed while a tool call runs, before any text: the
+    run goes to a fresh worker, which calls the model and the tools again. The
+    repeated MCP calls carry the same run id in ``_meta`` (a server can
+    deduplicate by it); the tool call id is the model's, new on the retry."""
+    t = tag()
+    marker = tmp_path / "slow"
+
+    def model(body: dict[str, Any]) -> str | FakeReply:
+        results = [text_of(m["content"]) for m in tool_results(body)]
+        if not results:
+            return FakeReply("", [("calc__meta", "{}"),
+                                  ("calc__slow", json.dumps({"seconds": 1.5,
+                                                             "marker": str(marker)}))])
+        return "meta " + results[0]
+
+    for worker in mstack.workers[1:]:
+        worker.stop()
+    del mstack.workers[1:]
+    mstack.upstream.reply = model
+    try:
+        with sdk(mstack.url) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(lambda: client.chat.completions.create(
+                model="openclaw", messages=[{"role": "user", "content": f"[{t}] survive"}]))
+            wait_for(lambda: marker.exists() and marker.read_text() == "started", 20)
+            victim = mstack.workers.pop()
+            victim.kill()
+            mstack.add_worker()
+            reply = future.result(timeout=60)
+    finally:
+        mstack.upstream.reply = agent_model
+        while len(mstack.workers) < 2:
+            mstack.add_worker()
+    text = reply.choices[0].message.content or ""
+    assert text.startswith("meta ")
+    meta = json.loads(text.removeprefix("meta "))
+    assert meta["clawbus/runId"] == reply.id
+    calls = [r.body for r in mstack.upstream.requests
+             if isinstance(r.body, dict) and f"[{t}] survive" in orjson.dumps(r.body).decode()]
+    assert len(calls) == 3  # round 1, killed; round 1 again on the new worker; round 2
+
+
+# ------------------------------------------------------------- Anthropic dialect
+
+
+def anthropic_model(body: dict[str, Any]) -> str | FakeReply:
+    """Two rounds in Anthropic's shapes: add 2+3, then answer from the result."""
+    content = body["messages"][-1]["content"]
+    blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+    results = [text_of(b.get("content")) for b in blocks if b.get("type") == "tool_result"]
+    if results:
+        return "Sum: " + results[0]
+    return FakeReply("Calculating.", [("calc__add", '{"a": 2, "b": 3}')])
+
+
+def test_anthropic_dialect_agent_loop(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with FakeAnthropic(reply=anthropic_model) as up:
+        config = base_config(None)
+        config["models"]["providers"]["claude"] = {"api": "anthropic-messages",
+                                                   "baseUrl": up.base_url, "apiKey": "k"}
+        config["agents"]["defaults"]["model"] = "claude/claude-test"
+        config["agents"]["list"] = [{"id": "main", "default": True, "tools": {
+            "mcpServers": {"calc": {"command": stdio_command()}}}}]
+        st = Stack.start(tmp_path_factory.mktemp("anthropic-tools"), cast(FakeOpenAI, up),
+                         config, gateways=1, workers=1)
+        try:
+            reply = ask(st.url, "add please")
+        finally:
+            st.stop()
+        assert reply.choices[0].message.content == "Calculating.\n\nSum: 5"
+        second = up.requests[-1].body
+        use = [b for b in second["messages"][-2]["content"] if b["type"] == "tool_use"]
+        assert [(b["name"], b["input"]) for b in use] == [("calc__add", {"a": 2, "b": 3})]
+        (result,) = second["messages"][-1]["content"]
+        assert result["type"] == "tool_result" and result["tool_use_id"] == use[0]["id"]
