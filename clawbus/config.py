@@ -126,8 +126,16 @@ class ChatCompletionsConfig(_Model):
     images: ImagesConfig = ImagesConfig()
 
 
+class ResponsesConfig(_Model):
+    """``POST /v1/responses`` (SPEC §10); images follow ``chatCompletions.images``."""
+
+    enabled: bool = False
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+
+
 class EndpointsConfig(_Model):
     chat_completions: ChatCompletionsConfig = ChatCompletionsConfig()
+    responses: ResponsesConfig = ResponsesConfig()
 
 
 class HttpConfig(_Model):
