@@ -24,6 +24,7 @@ from clawbus.config import BusConfig, SessionConfig
 from . import subjects
 from .nats_adapter import AckedPublisher
 from .payloads import ensure_buckets
+from .response_ids import ensure_bucket as ensure_response_ids
 
 log = logging.getLogger("clawbus.bus")
 
@@ -122,6 +123,7 @@ async def ensure_bus(nc: Client, bus: BusConfig, session: SessionConfig) -> JetS
         replicas=replicas, ttl=max(3.0, 3 * bus.heartbeat_seconds), direct=True,
     ))
     await ensure_buckets(js, replicas, tx.max_age)
+    await ensure_response_ids(js, replicas, tx.max_age)
     return js
 
 
