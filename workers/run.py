@@ -158,9 +158,11 @@ def missed_tool_choice(run: RunRequest, reply: Reply) -> bool:
 
 def unmatched_tool_result(run: RunRequest, last: Turn | None) -> str | None:
     """The id of a tool result in a session run's input that answers no pending
-    call of the session (its last turn's calls), or None."""
+    call of the session (its last turn's calls) nor a call earlier in the input
+    (a whole conversation opening a session, as ``/v1/responses`` sends it), or None."""
     pending = {call.id for call in last.tool_calls} if last is not None else set()
     for item in run.input:
+        pending.update(call.id for call in item.tool_calls)
         if item.role == "tool" and item.tool_call_id not in pending:
             return item.tool_call_id
     return None
