@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from bus.connection import connect, ensure_bus
+from bus.response_ids import ResponseIds
 from clawbus.config import Settings
 
 from . import errors
@@ -31,6 +32,7 @@ from .auth import Authenticator
 from .chat import ChatCompletions, error_response
 from .metrics import GatewayMetrics
 from .models import model_ids
+from .responses import Responses
 from .runs import RunClient
 from .sessions import Sessions
 from .webui import mount_web_ui
@@ -46,7 +48,8 @@ READY_TIMEOUT = 2.0
 
 
 CHAT_PATH = "/v1/chat/completions"
-KNOWN_ENDPOINTS = frozenset({CHAT_PATH, "/v1/models", "/healthz", "/readyz",
+RESPONSES_PATH = "/v1/responses"
+KNOWN_ENDPOINTS = frozenset({CHAT_PATH, RESPONSES_PATH, "/v1/models", "/healthz", "/readyz",
                              "/metrics", "/"})
 
 
@@ -136,6 +139,7 @@ class Gateway:
     runs: RunClient
     auth: Authenticator
     chat: ChatCompletions
+    responses: Responses
     sessions: Sessions
     metrics: GatewayMetrics
 
@@ -169,7 +173,9 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
             metrics.active_runs.set_function(lambda: runs.active_runs)
             auth = Authenticator(settings)
             chat = ChatCompletions(settings, auth, runs, metrics)
-            holder["gw"] = Gateway(settings, nc, js, runs, auth, chat, Sessions(js, nc), metrics)
+            responses = Responses(chat, ResponseIds(js))
+            holder["gw"] = Gateway(settings, nc, js, runs, auth, chat, responses,
+                                   Sessions(js, nc), metrics)
             log.info("gateway %s connected to %s", runs.gateway_id, bus_url)
             try:
                 yield
@@ -199,6 +205,13 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
                          methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                          include_in_schema=False)
 
+    async def responses(request: Request) -> Response:
+        return await gw().responses(request)
+
+    app.router.add_route(RESPONSES_PATH, responses,
+                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                         include_in_schema=False)
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return JSONResponse({"ok": True, "status": "live"})
@@ -217,8 +230,9 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
         return Response(generate_latest(g.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def openai_side_door(request: Request) -> Response | None:
-        """/v1/models shares the chat endpoint's switch and auth."""
-        if not settings.gateway.http.endpoints.chat_completions.enabled:
+        """/v1/models is served when chat completions or responses are, with their auth."""
+        endpoints = settings.gateway.http.endpoints
+        if not (endpoints.chat_completions.enabled or endpoints.responses.enabled):
             return PlainTextResponse("Not Found", status_code=404)
         try:
             client = request.client.host if request.client else None
