@@ -27,3 +27,10 @@ def validate(kind: str, obj: Any) -> None:
     error_response) under both the strict and the compat schema."""
     for flavour in ("strict", "compat"):
         _validator(f"{kind}.{flavour}").validate(obj)
+
+
+def validate_strict(kind: str, obj: Any) -> None:
+    """Raise if ``obj`` is not a valid ``kind`` under its strict schema, for the
+    kinds kept whole with their ``$defs`` and no compat flavour (response,
+    response_stream_event, create_response, …)."""
+    _validator(f"{kind}.strict").validate(obj)
