@@ -259,6 +259,9 @@ class AgentToolsConfig(_Model):
 
 class AgentDefaults(_Model):
     model: str = "echo/echo"
+    # ``provider/model`` for ``POST /v1/embeddings`` (SPEC §11); None: agents
+    # without one of their own have none.
+    embedding_model: str | None = None
     timeout_seconds: float = Field(600.0, gt=0)
     max_concurrent: int = Field(16, ge=1, le=4096)
     tools: AgentToolsConfig = AgentToolsConfig()
@@ -268,6 +271,7 @@ class AgentConfig(_Model):
     id: str
     default: bool = False
     model: str | None = None
+    embedding_model: str | None = None
     system_prompt: str | None = None
     system_prompt_file: str | None = None
     timeout_seconds: float | None = Field(None, gt=0)
@@ -411,6 +415,12 @@ class Settings(_Model):
             self._check_model_ref(model, f"agent '{agent.id}'")
         if not self.agents.entries:
             self._check_model_ref(self.agents.defaults.model, "agents.defaults.model")
+        if self.agents.defaults.embedding_model is not None:
+            self._check_model_ref(self.agents.defaults.embedding_model,
+                                  "agents.defaults.embeddingModel")
+        for agent in self.agents.entries:
+            if agent.embedding_model is not None:
+                self._check_model_ref(agent.embedding_model, f"agent '{agent.id}' embeddingModel")
         return self
 
     def _check_model_ref(self, ref: str, where: str) -> None:
@@ -452,6 +462,10 @@ class Settings(_Model):
         """(provider name, provider config, model id) for an agent."""
         provider, _, model = (agent.model or self.agents.defaults.model).partition("/")
         return provider, self.providers[provider], model
+
+    def agent_embedding_model(self, agent: AgentConfig) -> str | None:
+        """The agent's ``provider/model`` for embeddings: its own, else the defaults'."""
+        return agent.embedding_model or self.agents.defaults.embedding_model
 
     def agent_system_prompt(self, agent: AgentConfig) -> str:
         """The agent's own system prompt (reading ``systemPromptFile`` relative to the config)."""
