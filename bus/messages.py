@@ -7,6 +7,10 @@ rejected so a mismatched peer fails loudly instead of dropping data.
 
 from __future__ import annotations
 
+import array
+import base64
+import sys
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -112,6 +116,14 @@ class ToolChoice(_Part):
     parallel: bool | None = None
 
 
+class EmbedParams(_Part):
+    """What an embeddings run (SPEC §11) embeds: ``inputs`` (1 to 2,048 non-empty
+    texts), each to one vector of ``dimensions`` values (None: the model's own)."""
+
+    inputs: tuple[str, ...]
+    dimensions: int | None = None
+
+
 class RunRequest(_Wire):
     """One agent turn, queued on ``runs.<sessionToken>``."""
 
@@ -143,6 +155,9 @@ class RunRequest(_Wire):
     # Set when the request is too large for one bus message: the whole request
     # is the object of that name in the payloads bucket (bus/payloads.py).
     payload: str = ""
+    # An embeddings request (SPEC §11) rather than an agent turn: always
+    # ephemeral, its embedding model in ``model``; answered by ``Embedded``.
+    embed: EmbedParams | None = None
 
 
 class Usage(BaseModel):
@@ -233,6 +248,35 @@ class Done(_Event):
     body: str = ""
 
 
+def pack_vector(values: Sequence[float]) -> str:
+    """An embedding vector on the wire: the base64 of its float32 values,
+    little-endian (what OpenAI's ``encoding_format: base64`` returns)."""
+    packed = array.array("f", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def unpack_vector(packed: str) -> list[float]:
+    """The values of a :func:`pack_vector` text."""
+    values = array.array("f", base64.b64decode(packed))
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
+
+
+class Embedded(_Event):
+    """The answer to an embeddings run: one vector per input, in input order,
+    each as :func:`pack_vector` gives it. A result too large for one bus message
+    is the JSON array of those texts in the payloads bucket under ``body``
+    (``vectors`` then empty), as for :class:`Done`."""
+
+    type: Literal["embedded"] = "embedded"
+    vectors: tuple[str, ...] = ()
+    usage: Usage = Usage()
+    body: str = ""
+
+
 class Failed(_Event):
     """The run ended without a reply: mapped to the OpenAI error envelope by the gateway."""
 
@@ -259,7 +303,7 @@ class ToolEvent(_Event):
 
 
 Event = Annotated[
-    Queued | Accepted | Delta | ToolDelta | ToolEvent | Heartbeat | Done | Failed,
+    Queued | Accepted | Delta | ToolDelta | ToolEvent | Heartbeat | Done | Embedded | Failed,
     Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
