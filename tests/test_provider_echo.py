@@ -1,7 +1,9 @@
-"""The offline ``echo`` provider: echoes, tool calls on request, tool results, images."""
+"""The offline ``echo`` provider: echoes, tool calls on request, tool results, images,
+embeddings."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -11,12 +13,18 @@ from tests.test_provider_openai import CLOCK, WEATHER, assemble, collect, image,
 from workers.providers.base import (
     ChatMessage,
     Finish,
+    ProviderError,
     ProviderRequest,
     ToolCall,
     ToolChoice,
     ToolSpec,
 )
-from workers.providers.echo import EchoProvider
+from workers.providers.echo import (
+    EMBED_DIMENSIONS,
+    MAX_EMBED_DIMENSIONS,
+    EchoProvider,
+    echo_vector,
+)
 
 ECHO = EchoProvider()
 
@@ -109,3 +117,31 @@ async def test_images_are_counted() -> None:
     assert "".join(deltas) == "look [2 images]"
     deltas, _ = await collect(ECHO, request(ChatMessage("user", "", images=(image(),))))
     assert "".join(deltas) == "[1 image]"
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+async def test_embeddings_are_deterministic_unit_vectors() -> None:
+    vectors, tokens = await ECHO.embed("echo", ["hello world", "hello world", "other"], None)
+    again, _ = await EchoProvider().embed("any-model", ["other"], None)
+    assert tokens == 2 + 2 + 1
+    assert all(len(vector) == EMBED_DIMENSIONS == 64 for vector in vectors)
+    assert vectors[0] == vectors[1] != vectors[2]
+    assert again == [vectors[2]]  # the same in any process, whatever the model name
+    for vector in vectors:
+        assert math.isclose(math.hypot(*vector), 1.0, rel_tol=1e-12)
+        assert all(-1.0 <= x <= 1.0 for x in vector)
+    assert vectors == [echo_vector("hello world", 64)] * 2 + [echo_vector("other", 64)]
+
+
+async def test_embedding_dimensions() -> None:
+    (small,), _ = await ECHO.embed("echo", ["x"], 3)
+    (large,), _ = await ECHO.embed("echo", ["x"], MAX_EMBED_DIMENSIONS)
+    assert len(small) == 3 and len(large) == MAX_EMBED_DIMENSIONS
+    assert math.isclose(math.hypot(*small), 1.0, rel_tol=1e-12)
+    for size in (0, MAX_EMBED_DIMENSIONS + 1):
+        with pytest.raises(ProviderError) as info:
+            await ECHO.embed("echo", ["x"], size)
+        assert info.value.kind == "failed"
+        assert f"1 to {MAX_EMBED_DIMENSIONS} dimensions" in info.value.message

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import re
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -16,10 +17,17 @@ import pytest
 
 from bus.messages import SamplingParams, Usage
 from clawbus.config import ProviderConfig
-from tests.fakes.openai_upstream import TOOL_QUIRKS, FakeOpenAI, FakeReply, RequestRecord
-from workers.providers import OPENAI_DEFAULT_BASE_URL, make_provider
+from tests.fakes.openai_upstream import (
+    TOOL_QUIRKS,
+    FakeOpenAI,
+    FakeReply,
+    RequestRecord,
+    fake_vector,
+)
+from workers.providers import OPENAI_DEFAULT_BASE_URL, make_provider, openai_completions
 from workers.providers.base import (
     ChatMessage,
+    Embedder,
     Finish,
     ImagePart,
     Provider,
@@ -35,6 +43,7 @@ from workers.providers.base import (
 from workers.providers.echo import EchoProvider
 from workers.providers.openai_completions import (
     OpenAICompletionsProvider,
+    _embeddings,
     _parse_batch,
     _StreamState,
 )
@@ -723,3 +732,134 @@ def test_fake_answers_tool_calls_in_plain_json() -> None:
         assert call["type"] == "function"
         assert call["function"] == {"name": "get_time", "arguments": "{}"}
         assert GENERATED_ID.fullmatch(call["id"])
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+async def test_embed_asks_for_base64_and_decodes_it(
+        up: FakeOpenAI, provider: OpenAICompletionsProvider) -> None:
+    vectors, tokens = await provider.embed("emb-model", ["hello world", "again"], None)
+    assert vectors == [fake_vector("emb-model", "hello world", 32),
+                       fake_vector("emb-model", "again", 32)]
+    assert tokens == 3
+    (rec,) = up.requests
+    assert (rec.method, rec.path) == ("POST", "/v1/embeddings")
+    assert rec.body == {"model": "emb-model", "input": ["hello world", "again"],
+                        "encoding_format": "base64"}
+    assert rec.headers["authorization"] == f"Bearer {KEY}"
+    assert rec.headers["content-type"] == "application/json"
+
+
+async def test_embed_forwards_dimensions(up: FakeOpenAI,
+                                         provider: OpenAICompletionsProvider) -> None:
+    (vector,), _ = await provider.embed("m", ["x"], 5)
+    assert vector == fake_vector("m", "x", 5)
+    assert up.requests[-1].body["dimensions"] == 5
+
+
+async def test_embed_reuses_the_chat_connection(up: FakeOpenAI,
+                                                provider: OpenAICompletionsProvider) -> None:
+    await collect(provider, request())
+    await provider.embed("m", ["x"], None)
+    await collect(provider, request())
+    assert {r.connection for r in up.requests} == {up.requests[0].connection}
+
+
+@pytest.mark.parametrize(("status", "kind"), [(401, "auth"), (403, "auth"),
+                                              (429, "rate_limit"), (500, "failed"),
+                                              (503, "failed")])
+async def test_embed_errors_map_like_chat(up: FakeOpenAI, provider: OpenAICompletionsProvider,
+                                          status: int, kind: str) -> None:
+    up.fail_status = status
+    with pytest.raises(ProviderError) as info:
+        await provider.embed("m", ["x"], None)
+    assert (info.value.kind, info.value.status) == (kind, status)
+    assert f"upstream returned HTTP {status}" in info.value.message
+    if status == 429:
+        assert info.value.retry_after == 1.0
+
+
+async def test_embed_unreachable_and_timeout(up: FakeOpenAI) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    up.stall = True
+    for base_url, kind in ((f"http://127.0.0.1:{port}/v1", "unreachable"),
+                           (up.base_url, "timeout")):
+        p = make(base_url, timeout=0.2)
+        try:
+            with pytest.raises(ProviderError) as info:
+                await p.embed("m", ["x"], None)
+        finally:
+            await p.aclose()
+        assert info.value.kind == kind
+    await wait_for(up, last_disconnected)
+
+
+async def test_embed_cancellation_disconnects_upstream(
+        up: FakeOpenAI, provider: OpenAICompletionsProvider) -> None:
+    up.embedding_delay = 10.0
+    task = asyncio.create_task(provider.embed("m", ["x"], None))
+    await wait_for(up, bool)  # the request arrived
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for(up, last_disconnected)
+
+
+async def test_embed_reply_too_large_is_bad_response(
+        up: FakeOpenAI, provider: OpenAICompletionsProvider,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_completions, "MAX_EMBEDDINGS_BYTES", 1000)
+    with pytest.raises(ProviderError) as info:
+        await provider.embed("m", ["x"] * 20, None)
+    assert info.value.kind == "bad_response"
+    assert "larger than 1000 bytes" in info.value.message
+
+
+def test_embeddings_reply_parsing() -> None:
+    packed = base64.b64encode(struct.pack("<2f", 0.5, -0.25)).decode()
+    reply = {"data": [{"index": 1, "embedding": [1, 2.5]},
+                      {"index": 0, "embedding": packed}],
+             "usage": {"prompt_tokens": 7}}
+    assert _embeddings(orjson.dumps(reply), 2) == ([[0.5, -0.25], [1.0, 2.5]], 7)
+    # no index: in order; no usage: 0 tokens
+    assert _embeddings(orjson.dumps({"data": [{"embedding": [3]}]}), 1) == ([[3.0]], 0)
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    (b"not json", "no `data` list"),
+    (b'{"data": {}}', "no `data` list"),
+    (b'{"data": [{"embedding": [1]}]}', "1 embeddings for 2 inputs"),
+    (b'{"data": [{"index": 0, "embedding": [1]}, {"index": 0, "embedding": [2]}]}',
+     "embedding 1 has a bad or repeated `index`"),
+    (b'{"data": [{"index": 5, "embedding": [1]}, {"embedding": [2]}]}',
+     "embedding 0 has a bad or repeated `index`"),
+    (b'{"data": [{"embedding": [1]}, {"embedding": ["a"]}]}', "embedding 1 is not a vector"),
+    (b'{"data": [{"embedding": [1]}, {"embedding": "abc"}]}', "embedding 1 is not a vector"),
+    (b'{"data": [{"embedding": [1]}, {"embedding": null}]}', "embedding 1 is not a vector"),
+    (b'{"data": [{"embedding": [1]}, 7]}', "embedding 1 has a bad or repeated `index`"),
+])
+def test_bad_embeddings_replies(body: bytes, problem: str) -> None:
+    with pytest.raises(ProviderError) as info:
+        _embeddings(body, 2)
+    assert info.value.kind == "bad_response"
+    assert problem in info.value.message
+
+
+async def test_every_provider_embeds_or_says_why() -> None:
+    echo = make_provider(ProviderConfig(api="echo"), None)
+    claude = make_provider(ProviderConfig(api="anthropic-messages"), "k")
+    chat = make_provider(ProviderConfig(api="openai-completions"), "k")
+    try:
+        for provider in (echo, claude, chat):
+            assert isinstance(provider, Embedder)
+        assert isinstance(claude, Embedder)
+        with pytest.raises(ProviderError) as info:
+            await claude.embed("claude-x", ["x"], None)
+        assert (info.value.kind, info.value.message) == (
+            "failed", "anthropic-messages has no embeddings API")
+    finally:
+        await claude.aclose()
+        await chat.aclose()

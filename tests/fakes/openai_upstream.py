@@ -8,8 +8,9 @@ both use it::
         ...  # point a client at up.base_url ("http://127.0.0.1:PORT/v1")
         up.wait_for(lambda reqs: reqs and reqs[-1].disconnected, timeout=1.0)
 
-Routes: ``POST /v1/chat/completions`` (SSE when ``stream: true``, else JSON) and
-``GET /v1/models``. Behaviour is set through plain attributes (read per request):
+Routes: ``POST /v1/chat/completions`` (SSE when ``stream: true``, else JSON),
+``POST /v1/embeddings`` and ``GET /v1/models``. Behaviour is set through plain
+attributes (read per request):
 
 * ``token_delay`` - seconds between streamed tokens (one token per word);
 * ``reply`` - request body -> reply text, or a :class:`FakeReply` (text, then tool
@@ -28,6 +29,11 @@ Routes: ``POST /v1/chat/completions`` (SSE when ``stream: true``, else JSON) and
 * ``raw_sse`` - send these strings verbatim as the SSE body (for parser edge cases);
 * ``api_key`` - when set, requests without ``Authorization: Bearer <api_key>`` get 401.
 
+``POST /v1/embeddings`` answers each input with :func:`fake_vector` (``dimensions``
+values if asked, else ``embedding_dimensions``), as float arrays or, with
+``encoding_format: base64``, as base64 float32; ``fail_status`` and ``stall``
+apply to it too, and ``embedding_delay`` seconds pass before it answers.
+
 ``max_tokens`` (or ``max_completion_tokens``) cuts the reply with finish reason
 ``length``; ``stop`` strings cut it with ``stop``. Usage counts whitespace words.
 
@@ -38,7 +44,10 @@ wakes on each record change. The server plumbing lives in :mod:`tests.fakes.http
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import re
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -62,7 +71,7 @@ from .http_upstream import (
 )
 
 __all__ = ["TOOL_QUIRKS", "FakeOpenAI", "FakeReply", "ReplyFn", "RequestRecord",
-           "default_reply"]
+           "default_reply", "fake_vector"]
 
 TOOL_QUIRKS = frozenset({"no_index", "no_id", "stop_finish", "whole_args", "split_utf8",
                          "offset_index"})
@@ -85,6 +94,19 @@ def _utf8_cuts(data: bytes) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
+def fake_vector(model: str, text: str, dimensions: int) -> list[float]:
+    """The fake's embedding of ``text``: values in [-1, 1) from SHA-256 of the
+    model, text and position, each exactly a float32 (so float and base64
+    replies carry the same numbers)."""
+    values: list[float] = []
+    block = 0
+    while len(values) < dimensions:
+        digest = hashlib.sha256(f"{model}\0{text}\0{block}".encode()).digest()
+        values.extend((x >> 8) / 2**23 for x in struct.unpack("<8i", digest))
+        block += 1
+    return values[:dimensions]
+
+
 class FakeOpenAI(FakeUpstream):
     name: ClassVar[str] = "fake-openai"
 
@@ -101,6 +123,8 @@ class FakeOpenAI(FakeUpstream):
         self.api_key = api_key
         self.models = tuple(models)
         self.tool_quirks: set[str] = set()
+        self.embedding_dimensions = 32
+        self.embedding_delay = 0.0
         super().__init__()
 
     # -- responses -------------------------------------------------------------
@@ -118,6 +142,8 @@ class FakeOpenAI(FakeUpstream):
             })
         elif record.path == "/v1/chat/completions" and record.method == "POST":
             await self._chat(record, writer)
+        elif record.path == "/v1/embeddings" and record.method == "POST":
+            await self._embeddings(record, writer)
         else:
             await self._send_error(record, writer, 404)
 
@@ -161,6 +187,37 @@ class FakeOpenAI(FakeUpstream):
             }],
             "usage": reply.usage,
         })
+
+    async def _embeddings(self, record: RequestRecord, writer: asyncio.StreamWriter) -> None:
+        body = record.body
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            await self._send_error(record, writer, 400)
+            return
+        assert isinstance(body, dict)
+        if self.fail_status is not None:
+            await self._send_error(record, writer, self.fail_status)
+            return
+        if self.stall:
+            await self._head(record, writer, 200, {"content-type": "application/json",
+                                                   "transfer-encoding": "chunked"})
+            await forever()
+        await asyncio.sleep(self.embedding_delay)
+        model = str(body.get("model") or "")
+        size = body.get("dimensions") or self.embedding_dimensions
+        packed = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(inputs):
+            vector = fake_vector(model, text, size)
+            data.append({"object": "embedding", "index": index, "embedding":
+                         base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+                         if packed else vector})
+        tokens = sum(words(text) for text in inputs)
+        await self._send_json(record, writer, 200, {
+            "object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def _completion(self, body: dict[str, Any]
                     ) -> tuple[str, list[str], str, dict[str, int]]:

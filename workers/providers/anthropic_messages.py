@@ -29,7 +29,7 @@ at once, so the upstream stops generating.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Literal
 
 import orjson
@@ -90,6 +90,10 @@ class AnthropicMessagesProvider:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def embed(self, model: str, inputs: Sequence[str],
+                    dimensions: int | None) -> tuple[list[list[float]], int]:
+        raise ProviderError("failed", "anthropic-messages has no embeddings API")
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
         reply = _Reply()

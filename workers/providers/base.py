@@ -11,13 +11,18 @@ raised as :class:`ProviderError` with one of the kinds below; the worker maps th
 kind to the client-facing error (SPEC §2) in one place (``workers/errors.py``).
 Cancellation is plain asyncio cancellation of the consuming task: a provider
 must release its HTTP request when its generator is closed or cancelled.
+
+Every provider also implements :class:`Embedder` (``POST /v1/embeddings``, SPEC
+§11), raising :class:`ProviderError` when its API has no embeddings. It is a
+protocol of its own so that a model that only chats (a test's scripted one) is
+still a :class:`Provider`; the worker checks for it where it embeds.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from bus.messages import (
     ImagePart,
@@ -71,9 +76,9 @@ class Finish:
 
 StreamItem = TextDelta | ToolCallChunk | Finish
 
-__all__ = ["ChatMessage", "ErrorKind", "Finish", "ImagePart", "Provider", "ProviderError",
-           "ProviderRequest", "StreamItem", "TextDelta", "ToolCall", "ToolCallChunk",
-           "ToolChoice", "ToolSpec"]
+__all__ = ["ChatMessage", "Embedder", "ErrorKind", "Finish", "ImagePart", "Provider",
+           "ProviderError", "ProviderRequest", "StreamItem", "TextDelta", "ToolCall",
+           "ToolCallChunk", "ToolChoice", "ToolSpec"]
 
 
 class ProviderError(Exception):
@@ -95,4 +100,14 @@ class Provider(Protocol):
 
     async def aclose(self) -> None:
         """Release connections (called once at worker shutdown)."""
+        ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    async def embed(self, model: str, inputs: Sequence[str],
+                    dimensions: int | None) -> tuple[list[list[float]], int]:
+        """One vector per input, in order (``dimensions`` values each when given,
+        else the model's own), and the prompt tokens the upstream counted (0 if it
+        reports none). Failures raise :class:`ProviderError`, as :meth:`Provider.stream`."""
         ...

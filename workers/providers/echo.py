@@ -16,20 +16,32 @@ Client tools (SPEC §7) can be tried offline too:
   ``tool_choice: none``;
 * when the conversation ends with tool results, the reply is
   ``Tool results: <name or tool_call_id>: <content>; ...``.
+
+Embeddings (SPEC §11): each text gets a unit vector of :data:`EMBED_DIMENSIONS`
+values (or the ``dimensions`` asked, at most :data:`MAX_EMBED_DIMENSIONS`),
+made from the SHAKE-256 stream of its UTF-8 bytes: the same text always gets
+the same vector, in every process. Prompt tokens are word counts, as for chat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import re
-from collections.abc import AsyncGenerator
+import struct
+from collections.abc import AsyncGenerator, Sequence
 
 import orjson
 
 from bus.messages import ToolCallChunk, Usage
 
-from .base import Finish, ProviderRequest, StreamItem, TextDelta
+from .base import Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
+
+EMBED_DIMENSIONS = 64
+# Enough for any real model's size (3,072 is OpenAI's largest), and a bound on
+# what one request may make a worker compute.
+MAX_EMBED_DIMENSIONS = 4096
 
 _WORDS = re.compile(r"\S+\s*")
 _CALL = re.compile(r"call\s+(\S+)\s+(.*)", re.DOTALL)
@@ -65,8 +77,25 @@ class EchoProvider:
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(words)),
         )
 
+    async def embed(self, model: str, inputs: Sequence[str],
+                    dimensions: int | None) -> tuple[list[list[float]], int]:
+        size = EMBED_DIMENSIONS if dimensions is None else dimensions
+        if not 0 < size <= MAX_EMBED_DIMENSIONS:
+            raise ProviderError("failed", f"echo embeds in 1 to {MAX_EMBED_DIMENSIONS} "
+                                f"dimensions, not {size}")
+        return [echo_vector(text, size) for text in inputs], sum(_count(t) for t in inputs)
+
     async def aclose(self) -> None:
         return None
+
+
+def echo_vector(text: str, dimensions: int) -> list[float]:
+    """The unit vector echo gives ``text``: ``dimensions`` signed 32-bit integers
+    read from the SHAKE-256 stream of the text, scaled to unit length."""
+    raw = struct.unpack(f"<{dimensions}i",
+                        hashlib.shake_256(text.encode()).digest(4 * dimensions))
+    norm = math.hypot(*raw) or 1.0
+    return [x / norm for x in raw]
 
 
 def _requested_call(request: ProviderRequest) -> ToolCallChunk | None:

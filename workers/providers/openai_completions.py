@@ -18,16 +18,22 @@ argument fragments of one call that arrive in one read are joined.
 When the consumer is cancelled or closes the generator mid-stream, the response's
 connection is closed at once (never returned to the pool half-read), so the upstream
 sees the disconnect and stops generating.
+
+Embeddings (SPEC §11) are one JSON ``POST {baseUrl}/embeddings`` on the same
+pooled client, asking for ``encoding_format: base64`` as the official SDK does
+(a quarter of the bytes of decimal floats); a server that answers with float
+arrays anyway is understood too. Its failures map to the same kinds as chat's.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import array
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Literal
 
 import orjson
 
-from bus.messages import ImagePart, ToolCallChunk, ToolChoice, Usage
+from bus.messages import ImagePart, ToolCallChunk, ToolChoice, Usage, unpack_vector
 
 from .base import ChatMessage, Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
 from .http_client import HTTPError, Response
@@ -48,12 +54,17 @@ from .http_stream import (
     upstream_client,
 )
 
+# The largest embeddings reply read (2,048 vectors of 3,072 values as decimal
+# floats take about 130 MB); a larger one is a bad response.
+MAX_EMBEDDINGS_BYTES = 256 * 1024 * 1024
+
 
 class OpenAICompletionsProvider:
     def __init__(self, base_url: str, api_key: str | None, headers: dict[str, str],
                  timeout_seconds: float, connect_timeout_seconds: float) -> None:
         self.base_url = base_url.rstrip("/")
         self._url = f"{self.base_url}/chat/completions"
+        self._embeddings_url = f"{self.base_url}/embeddings"
         defaults = {"accept": "text/event-stream", "content-type": "application/json"}
         if api_key:
             defaults["authorization"] = f"Bearer {api_key}"
@@ -63,6 +74,26 @@ class OpenAICompletionsProvider:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def embed(self, model: str, inputs: Sequence[str],
+                    dimensions: int | None) -> tuple[list[list[float]], int]:
+        request: dict[str, Any] = {"model": model, "input": list(inputs),
+                                   "encoding_format": "base64"}
+        if dimensions is not None:
+            request["dimensions"] = dimensions
+        url = self._embeddings_url
+        response: Response | None = None
+        try:
+            response = await self._client.post(url, orjson.dumps(request))
+            if response.status >= 400:
+                raise status_error(response, await response.read(), _error_detail)
+            body = await _read_all(response, MAX_EMBEDDINGS_BYTES)
+        except HTTPError as exc:
+            raise transport_error(exc, responded=response is not None, url=url) from exc
+        finally:
+            if response is not None:
+                finish_response(response)
+        return _embeddings(body, len(inputs))
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[StreamItem, None]:
         state = _StreamState()
@@ -343,3 +374,53 @@ def _error_detail(envelope: object) -> str | None:
     if isinstance(envelope.get("message"), str):
         return str(envelope["message"])[:MAX_DETAIL]
     return None
+
+
+async def _read_all(response: Response, limit: int) -> bytes:
+    """The whole body; a bad response once it grows past ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while data := await response.readany():
+        size += len(data)
+        if size > limit:
+            raise ProviderError("bad_response", f"upstream reply is larger than {limit} bytes")
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _embeddings(body: bytes, count: int) -> tuple[list[list[float]], int]:
+    """The vectors of an OpenAI embeddings reply (``data[].embedding``: base64 of
+    float32 values, or numbers), in input order, and its prompt tokens."""
+    try:
+        reply = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        reply = None
+    data = reply.get("data") if isinstance(reply, dict) else None
+    if not isinstance(data, list):
+        raise ProviderError("bad_response", "upstream embeddings reply has no `data` list: "
+                            f"{body[:MAX_DETAIL]!r}")
+    if len(data) != count:
+        raise ProviderError("bad_response",
+                            f"upstream returned {len(data)} embeddings for {count} inputs")
+    vectors: list[list[float] | None] = [None] * count
+    for position, item in enumerate(data):
+        index = item.get("index", position) if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < count or vectors[index] is not None:
+            raise ProviderError("bad_response", f"upstream embedding {position} has a bad "
+                                "or repeated `index`")
+        vectors[index] = _vector(item.get("embedding"), position)
+    usage = reply.get("usage")
+    prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return ([v for v in vectors if v is not None],
+            prompt_tokens if isinstance(prompt_tokens, int) else 0)
+
+
+def _vector(raw: object, position: int) -> list[float]:
+    try:
+        if isinstance(raw, str):
+            return unpack_vector(raw)
+        if isinstance(raw, list):
+            return array.array("d", raw).tolist()
+    except (TypeError, ValueError):  # (binascii.Error is a ValueError)
+        pass
+    raise ProviderError("bad_response", f"upstream embedding {position} is not a vector")
