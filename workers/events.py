@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Literal, Protocol
 
+import orjson
 from nats.aio.client import Client
 
 from bus.messages import (
@@ -35,6 +36,7 @@ from bus.messages import (
     REPLY_STALE,
     Accepted,
     Done,
+    Embedded,
     Failed,
     Heartbeat,
     Queued,
@@ -323,6 +325,19 @@ class Emitter:
             name = f"reply-{self._subject.rpartition('.')[2]}-{self.attempt}"
             await self._payloads.put(name, text.encode())
             data = event.model_copy(update={"text": "", "body": name}).model_dump_json().encode()
+        await self._publish(data)
+
+    async def embedded(self, vectors: tuple[str, ...], usage: Usage) -> None:
+        """An embeddings run's answer (its vectors packed as ``pack_vector`` does);
+        too large for one bus message, the vectors go through the payloads bucket."""
+        event = Embedded(seq=self._next_seq(), attempt=self.attempt, vectors=vectors,
+                         usage=usage)
+        data = event.model_dump_json().encode()
+        if self._payloads is not None and not fits(len(data), self._nc.max_payload):
+            name = f"embeddings-{self._subject.rpartition('.')[2]}-{self.attempt}"
+            await self._payloads.put(name, orjson.dumps(vectors))
+            data = event.model_copy(update={"vectors": (), "body": name}) \
+                .model_dump_json().encode()
         await self._publish(data)
 
     async def failed(self, event_fields: dict[str, object]) -> None:

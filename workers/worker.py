@@ -27,9 +27,9 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from nats.aio.client import Client
@@ -42,7 +42,7 @@ from pydantic import ValidationError
 from bus import subjects
 from bus.connection import BUS_UNAVAILABLE, JS_TIMEOUT, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases, SessionLease, lease_owner
-from bus.messages import RunRequest, Turn
+from bus.messages import RunRequest, Turn, Usage
 from bus.nats_adapter import AckedPublisher, LeaderGet
 from bus.payloads import PAYLOADS_BUCKET, Objects, PayloadMissingError
 from bus.pull import PullConsumer
@@ -55,6 +55,7 @@ from . import errors
 from .acceptance import ANNOUNCE_DELAY, Acceptance
 from .agent_loop import LoopExceededError, run_agent
 from .deferred import Deferred
+from .embeddings import embed
 from .events import Emitter, RunAbandoned
 from .liveness import Liveness
 from .mcp.toolbox import AgentTools
@@ -80,6 +81,7 @@ PULL_MIN_BATCH = 16
 NAK_DELAY = 0.25
 CANCELLED_MEMORY = 10_000
 
+T = TypeVar("T")
 StopReason = Literal["cancelled", "fenced", "abandoned", "superseded", "shutdown", "timeout"]
 
 
@@ -88,7 +90,7 @@ class Execution:
     """A run being executed: its provider task and why it was stopped, if it was."""
 
     run_id: str
-    task: asyncio.Task[Reply] | None = None
+    task: asyncio.Task[Any] | None = None
     reason: StopReason | None = None
     timeout: float = 0.0
     ended: bool = False  # the attempt is over: its keep-alive must stop
@@ -467,6 +469,10 @@ class Worker:
         try:
             log.debug("run attempt %d started", emitter.attempt)
             await self._announce(run, acceptance)
+            if run.embed is not None:  # SPEC §11: vectors, and nothing stored
+                outcome = await self._embed(msg, run, emitter, execution,
+                                            acceptance=acceptance, cancelled=cancelled)
+                return
             # Only the turns the history budget lets the agent see are read.
             window = Window() if lease is None else await self._transcripts.load_window(
                 token, self.settings.session.history_budget_chars)
@@ -600,7 +606,7 @@ class Worker:
         if prompt is None:  # read once per process (systemPromptFile is a file read)
             prompt = self._system_prompts[agent.id] = settings.agent_system_prompt(agent)
         request = build_request(model, prompt, run, history)
-        timeout = execution.timeout = settings.agent_timeout(agent)
+        execution.timeout = settings.agent_timeout(agent)
         agent_tools = await self._tools.tools_for(agent.id) if self._tools is not None else ()
         if agent_tools:
             assert self._tools is not None
@@ -612,12 +618,18 @@ class Worker:
                              max_rounds=self._tools.limits(agent.id).max_rounds)
         else:
             work = generate(provider, request, emitter)
-        execution.task = asyncio.create_task(work, name="generate")
+        return await self._awaited(execution, work)
+
+    async def _awaited(self, execution: Execution, work: Coroutine[Any, Any, T]) -> T | None:
+        """``work`` as the execution's task, under its timeout; None if stopped (see
+        execution.reason)."""
+        task = asyncio.create_task(work, name="generate")
+        execution.task = task
         if execution.reason is not None:  # cancelled while we were getting ready
-            execution.task.cancel()
+            task.cancel()
         try:
-            async with asyncio.timeout(timeout):
-                return await execution.task
+            async with asyncio.timeout(execution.timeout):
+                return await task
         except asyncio.CancelledError:
             if execution.reason is None:
                 raise  # our own task is being cancelled: propagate
@@ -625,6 +637,28 @@ class Worker:
         except TimeoutError:
             execution.reason = "timeout"
             return None
+
+    async def _embed(self, msg: Msg, run: RunRequest, emitter: Emitter, execution: Execution,
+                     *, acceptance: Acceptance, cancelled: Callable[[], bool]) -> str:
+        """An embeddings run (workers/embeddings.py): the vectors under the agent's
+        run timeout, sent once the gateway still wants them; the outcome."""
+        assert run.embed is not None
+        agent = self.settings.agent(run.agent_id)
+        provider_name, _, model = (run.model or "").partition("/")
+        if agent is None or provider_name not in self.settings.providers:
+            raise ProviderError("failed", f"embedding model '{run.model}' of agent "
+                                f"'{run.agent_id}' is not configured here")
+        execution.timeout = self.settings.agent_timeout(agent)
+        result = await self._awaited(
+            execution, embed(self._provider(provider_name), model, run.embed))
+        if result is None:
+            return await self._stopped(msg, emitter, execution)
+        self.metrics.run_duration_by(provider_name).observe(result.seconds)
+        self.metrics.tokens_by(provider_name, "prompt").inc(result.prompt_tokens)
+        await acceptance.confirm(cancelled)
+        await emitter.embedded(result.vectors, Usage(prompt_tokens=result.prompt_tokens))
+        await msg.ack()
+        return "completed"
 
     async def _stopped(self, msg: Msg, emitter: Emitter, execution: Execution) -> str:
         reason = execution.reason
