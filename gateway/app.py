@@ -8,6 +8,7 @@ typed :class:`Gateway` object.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,7 @@ from clawbus.config import Settings
 from . import errors
 from .auth import Authenticator
 from .chat import ChatCompletions, error_response
+from .embeddings import Embeddings
 from .metrics import GatewayMetrics
 from .models import model_ids
 from .responses import Responses
@@ -49,8 +51,9 @@ READY_TIMEOUT = 2.0
 
 CHAT_PATH = "/v1/chat/completions"
 RESPONSES_PATH = "/v1/responses"
-KNOWN_ENDPOINTS = frozenset({CHAT_PATH, RESPONSES_PATH, "/v1/models", "/healthz", "/readyz",
-                             "/metrics", "/"})
+EMBEDDINGS_PATH = "/v1/embeddings"
+KNOWN_ENDPOINTS = frozenset({CHAT_PATH, RESPONSES_PATH, EMBEDDINGS_PATH, "/v1/models",
+                             "/healthz", "/readyz", "/metrics", "/"})
 
 
 def endpoint_label(path: str) -> str:
@@ -143,6 +146,10 @@ class Gateway:
     sessions: Sessions
     metrics: GatewayMetrics
 
+    @functools.cached_property
+    def embeddings(self) -> Embeddings:
+        return Embeddings(self.settings, self.auth, self.runs)
+
     async def workers_alive(self) -> int:
         """Workers that take runs (heard from lately, not draining)."""
         return self.runs.workers_alive()
@@ -209,6 +216,13 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
         return await gw().responses(request)
 
     app.router.add_route(RESPONSES_PATH, responses,
+                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                         include_in_schema=False)
+
+    async def embeddings(request: Request) -> Response:
+        return await gw().embeddings(request)
+
+    app.router.add_route(EMBEDDINGS_PATH, embeddings,
                          methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                          include_in_schema=False)
 

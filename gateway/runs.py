@@ -38,6 +38,8 @@ from bus.messages import (
     ChatItem,
     Delta,
     Done,
+    Embedded,
+    EmbedParams,
     Failed,
     Heartbeat,
     Queued,
@@ -98,6 +100,9 @@ class RunSpec:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: ToolChoice | None = None
     model: str | None = None
+    # An embeddings request (SPEC §11) instead of an agent turn: ephemeral, its
+    # embedding model in ``model``; the run ends with ``Embedded``.
+    embed: EmbedParams | None = None
 
 
 # What :meth:`RunHandle.events` yields, when asked to, after ``keepalive`` seconds
@@ -214,7 +219,7 @@ class RunHandle:
                     return
                 last_event = queue.time()
                 event = decode_event(data)
-                if isinstance(event, Done) and event.body:
+                if isinstance(event, (Done, Embedded)) and event.body:
                     event = await self._client.whole_reply(event)
                 if isinstance(event, Accepted | Queued):
                     self._track_holder(event)
@@ -279,7 +284,7 @@ class RunHandle:
         if not self._text_shown and isinstance(event, Done):
             self._client.observe("ttft", elapsed)  # its text arrives all at once
         self._client.observe("run", elapsed)
-        self._client.outcome(self, "ok" if isinstance(event, Done) else "error")
+        self._client.outcome(self, "ok" if isinstance(event, (Done, Embedded)) else "error")
 
     async def _give_up(self, code: str, message: str) -> Failed:
         """Stop the run on the gateway's side; the failure to show."""
@@ -445,6 +450,7 @@ class RunClient:
             params=spec.params, events_subject=subjects.events(self.gateway_id, run_id),
             created=handle.created, ephemeral=spec.ephemeral, stream=spec.stream,
             input=spec.input, tools=spec.tools, tool_choice=spec.tool_choice, model=spec.model,
+            embed=spec.embed,
         )
         payload = request.model_dump_json().encode()
         self._runs[run_id] = handle
@@ -463,17 +469,20 @@ class RunClient:
         handle.stream_seq = int(ack["seq"])
         return handle
 
-    async def whole_reply(self, done: Done) -> Done | Failed:
-        """A Done whose text was too large for a bus message, with its text read
-        from the payloads bucket (then deleted); a failure if it cannot be read."""
+    async def whole_reply(self, done: Done | Embedded) -> Done | Embedded | Failed:
+        """A Done whose text (or an Embedded whose vectors) was too large for a bus
+        message, read from the payloads bucket (then deleted); a failure if it
+        cannot be read."""
         try:
-            text = (await self._payloads.get(done.body)).decode()
+            data = await self._payloads.get(done.body)
+            update: dict[str, object] = {"text": data.decode()} if isinstance(done, Done) \
+                else {"vectors": tuple(orjson.loads(data))}
         except Exception as exc:  # gone or unreadable: the run fails, cleanly
             log.warning("could not read a large reply (%s): %r", done.body, exc)
             failed = failure(502, "api_error", "the agent's reply could not be read", "internal")
             return failed.model_copy(update={"seq": done.seq, "attempt": done.attempt})
         self.in_background(self._payloads.delete(done.body))
-        return done.model_copy(update={"text": text, "body": ""})
+        return done.model_copy(update={**update, "body": ""})
 
     async def _stored(self, handle: RunHandle, request: RunRequest, payload: bytes) -> bytes:
         """Put a request too large for a bus message in the payloads bucket; the
@@ -483,7 +492,7 @@ class RunClient:
         await self._payloads.put(name, payload)
         handle.payload = name
         stub = request.model_copy(update={"message": "", "extra_system_prompt": "", "input": (),
-                                          "tools": (), "payload": name})
+                                          "tools": (), "embed": None, "payload": name})
         return stub.model_dump_json().encode()
 
     async def _publish_run(self, subject: str, payload: bytes, run_id: str) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 A run's events arrive over core NATS (at most once) from whichever worker runs
 the current attempt. :class:`Sequencer` turns them into what the client sees:
 exactly one ``Accepted``, then text ``Delta``s, then exactly one ``Done`` or
-``Failed``. It needs no bus and no clock, so every case is tested on its own
-(``tests/test_sequencer.py``):
+``Failed`` (an embeddings run: ``Embedded`` instead of ``Done``). It needs no
+bus and no clock, so every case is tested on its own (``tests/test_sequencer.py``):
 
 - **Attempts.** Each event carries the attempt (the delivery count of the run
   message). Events of an older attempt are dropped (its worker died or was
@@ -32,6 +32,7 @@ from bus.messages import (
     Accepted,
     Delta,
     Done,
+    Embedded,
     Failed,
     Heartbeat,
     Queued,
@@ -40,7 +41,7 @@ from bus.messages import (
     ToolEvent,
 )
 
-RunEvent = Accepted | Delta | ToolDelta | ToolEvent | Done | Failed | Heartbeat
+RunEvent = Accepted | Delta | ToolDelta | ToolEvent | Done | Embedded | Failed | Heartbeat
 
 _NOTHING: tuple[RunEvent, ...] = ()
 
@@ -110,7 +111,7 @@ class Sequencer:
             self._next_seq = 1
             self.resync = False
 
-    def _show(self, event: Delta | ToolDelta | ToolEvent | Done | Failed) \
+    def _show(self, event: Delta | ToolDelta | ToolEvent | Done | Embedded | Failed) \
             -> tuple[RunEvent, ...]:
         if isinstance(event, Delta):  # (first: one per streamed token)
             if self.resync:
