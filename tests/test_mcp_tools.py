@@ -58,8 +58,21 @@ async def call(tools: AgentTools, name: str, arguments: dict[str, Any] | str | N
     return await tools.call("main", name, text, run_id="run-1", call_id=call_id)
 
 
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before() -> None:
+    """Children this process already had (a session's shared nats-server, …):
+    not the test's."""
+    _BEFORE.clear()
+    _BEFORE.update(children_of(os.getpid()))
+
+
 def children() -> dict[int, str]:
-    return children_of(os.getpid())
+    """This process's children started during the test (stdio servers)."""
+    return {pid: state for pid, state in children_of(os.getpid()).items()
+            if pid not in _BEFORE}
 
 
 @contextlib.asynccontextmanager
