@@ -63,6 +63,25 @@ def parse_json(body: bytes) -> object:
     return value
 
 
+def not_served(request: Request, enabled: bool) -> Response | None:
+    """What a JSON POST endpoint answers before any other check: 404 (plain text)
+    when it is off, 405 for any method but POST; None to go on."""
+    if not enabled:
+        return PlainTextResponse("Not Found", status_code=404)
+    if request.method != "POST":
+        return error_response(ApiError(405, "Method Not Allowed", errors.INVALID_REQUEST,
+                                       headers={"Allow": "POST"}))
+    return None
+
+
+async def checked_body(request: Request, auth: Authenticator, limit: int) -> object:
+    """The next checks, in SPEC order: auth (401/429), size (413), JSON (400);
+    the parsed body. Raises ApiError, or ClientDisconnect while reading."""
+    auth.check(request.headers.get("authorization"),
+               request.client.host if request.client else None)
+    return parse_json(await read_body(request, limit))
+
+
 def failure_error(event: RunEvent) -> ApiError:
     assert event.type == "error"
     exc = errors.from_run_failure(event.status, event.error_type, event.message, event.code)
@@ -100,16 +119,10 @@ class ChatCompletions:
         return tuple(items)
 
     async def __call__(self, request: Request) -> Response:
-        if not self.config.enabled:
-            return PlainTextResponse("Not Found", status_code=404)
-        if request.method != "POST":
-            exc = ApiError(405, "Method Not Allowed", errors.INVALID_REQUEST,
-                           headers={"Allow": "POST"})
-            return error_response(exc)
+        if (refused := not_served(request, self.config.enabled)) is not None:
+            return refused
         try:
-            client_ip = request.client.host if request.client else None
-            self.auth.check(request.headers.get("authorization"), client_ip)
-            body = parse_json(await read_body(request, self.config.max_body_bytes))
+            body = await checked_body(request, self.auth, self.config.max_body_bytes)
             chat = parse_chat_request(body, request.headers, self.settings)
             spec = RunSpec(agent_id=chat.agent_id, session_key=chat.session_key,
                            message=chat.message, extra_system_prompt=chat.extra_system_prompt,

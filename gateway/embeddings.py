@@ -27,14 +27,14 @@ from typing import Any, Literal
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 
 from bus.messages import Embedded, EmbedParams, unpack_vector
 from clawbus.config import Settings
 
 from . import errors
 from .auth import Authenticator
-from .chat import error_response, failure_error, parse_json, read_body
+from .chat import checked_body, error_response, failure_error, not_served
 from .chat_request import (
     BODY_NOT_OBJECT,
     MODEL_HEADER,
@@ -162,15 +162,10 @@ class Embeddings:
         self.max_body_bytes = max((config.max_body_bytes for config in served), default=0)
 
     async def __call__(self, request: Request) -> Response:
-        if not self.enabled:
-            return PlainTextResponse("Not Found", status_code=404)
-        if request.method != "POST":
-            return error_response(ApiError(405, "Method Not Allowed", errors.INVALID_REQUEST,
-                                           headers={"Allow": "POST"}))
+        if (refused := not_served(request, self.enabled)) is not None:
+            return refused
         try:
-            client_ip = request.client.host if request.client else None
-            self.auth.check(request.headers.get("authorization"), client_ip)
-            body = parse_json(await read_body(request, self.max_body_bytes))
+            body = await checked_body(request, self.auth, self.max_body_bytes)
             embedding = parse_embedding_request(body, request.headers, self.settings)
             handle = await self._submit(embedding)
         except ApiError as exc:

@@ -18,14 +18,14 @@ from collections.abc import AsyncGenerator
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive
 
 from bus.response_ids import ResponseIds, ResponseIdsError, ResponseSession
 from clawbus.config import Settings
 
 from . import errors
-from .chat import ChatCompletions, error_response, failure_error, parse_json, read_body
+from .chat import ChatCompletions, checked_body, error_response, failure_error, not_served
 from .disconnect import CancelOnDisconnect
 from .errors import ApiError
 from .metrics import GatewayMetrics
@@ -50,17 +50,11 @@ class Responses:
         self.config = chat.settings.gateway.http.endpoints.responses
 
     async def __call__(self, request: Request) -> Response:
-        if not self.config.enabled:
-            return PlainTextResponse("Not Found", status_code=404)
-        if request.method != "POST":
-            exc = ApiError(405, "Method Not Allowed", errors.INVALID_REQUEST,
-                           headers={"Allow": "POST"})
-            return error_response(exc)
+        if (refused := not_served(request, self.config.enabled)) is not None:
+            return refused
         response_id = new_id("resp")
         try:
-            client_ip = request.client.host if request.client else None
-            self.chat.auth.check(request.headers.get("authorization"), client_ip)
-            body = parse_json(await read_body(request, self.config.max_body_bytes))
+            body = await checked_body(request, self.chat.auth, self.config.max_body_bytes)
             req = parse_responses_request(body, request.headers, self.settings)
             session = await self._session(req)
             spec = RunSpec(agent_id=session.agent_id, session_key=session.session_key,
