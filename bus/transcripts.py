@@ -176,10 +176,10 @@ class Transcripts:
             read = [(last_seq, last_turn)]
         else:
             read = await self._read(token, start or 0, last_seq)
-        read = list(zip([seq for seq, _ in read],
-                        await self._whole([t for _, t in read]), strict=True))
-        if last_turn.body:  # (read always ends with the last turn)
-            last_turn = read[-1][1]
+        if any(t.body for _, t in read):  # large turns: read their objects
+            whole = await self._whole([t for _, t in read])
+            read = [(seq, t) for (seq, _), t in zip(read, whole, strict=True)]
+            last_turn = read[-1][1]  # (read always ends with the last turn)
         kept = within_budget([t for _, t in read], budget_chars)
         seqs = [seq for seq, _ in read[len(read) - len(kept):]]
         return Window(kept, seqs, last_turn, max(last_seq, read[-1][0]), budget_chars)
