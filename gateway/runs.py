@@ -47,7 +47,6 @@ from bus.messages import (
     SamplingParams,
     ToolChoice,
     ToolDelta,
-    ToolEvent,
     ToolSpec,
     decode_event,
 )
@@ -236,13 +235,12 @@ class RunHandle:
                         if not self._text_shown:
                             self._text_shown = True
                             self._client.observe("ttft", time.time() - self.created)
-                    elif isinstance(event, ToolEvent):
-                        pass  # an agent tool step: shown, not an end
-                    elif sequencer.interrupted:
-                        await self.cancel("interrupted")
-                        self._client.bus_error("interrupted")
-                    else:
-                        self._finish(event)
+                    elif isinstance(event, (Done, Failed, Embedded)):  # the run's end
+                        if sequencer.interrupted:
+                            await self.cancel("interrupted")
+                            self._client.bus_error("interrupted")
+                        else:
+                            self._finish(event)
                     yield event
                 if sequencer.ended:
                     return
