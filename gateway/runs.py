@@ -207,13 +207,20 @@ class RunHandle:
                         yield KEEPALIVE
                         continue
                     if not sequencer.accepted:
-                        if self._client.workers_alive():
-                            # A live worker may still take it (the session's earlier
-                            # run is long, or being recovered): keep waiting.
-                            last_event = queue.time()
-                            continue
-                        await self.cancel("no_worker")
-                        raise NoWorkerError() from None
+                        if not self._client.workers_alive():
+                            await self.cancel("no_worker")
+                            raise NoWorkerError() from None
+                        if await self._client.still_queued(self) is False:
+                            # Its message left the queue, yet no worker said it runs
+                            # the run (a worker gave it up, finding the gateway
+                            # unreachable): waiting would be waiting forever.
+                            yield await self._give_up(
+                                "run_lost", "the run left the queue without being served")
+                            return
+                        # A live worker may still take it (the session's earlier
+                        # run is long, or being recovered): keep waiting.
+                        last_event = queue.time()
+                        continue
                     yield await self._give_up("worker_lost", "agent worker stopped responding")
                     return
                 last_event = queue.time()
@@ -349,6 +356,20 @@ class RunClient:
         for handle in list(self._runs.values()):
             if handle.holder == worker_id:
                 handle.holder_lost()
+
+    async def still_queued(self, handle: RunHandle) -> bool | None:
+        """Whether the run's message is still in the queue (None: the bus cannot
+        say now). A gateway told nothing for a queue timeout asks before waiting on."""
+        if handle.stream_seq is None:
+            return None
+        self.round_trip("check_run")
+        try:
+            await self.js.get_msg(subjects.RUNS_STREAM, handle.stream_seq)
+        except NotFoundError:
+            return False
+        except Exception:
+            return None
+        return True
 
     async def hand_back(self, handle: RunHandle, worker_id: str, ack: str) -> None:
         """Give a dead worker's run to a live one: free the session's lease if the

@@ -7,8 +7,10 @@ a real NATS; the run-failure rows go through a real worker and fake upstream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -217,6 +219,52 @@ async def test_no_worker_is_503_and_run_never_executes_later(
         finally:
             await nc.close()
         assert info.state.messages == 0
+
+
+async def test_run_dropped_from_the_queue_unserved_is_503_not_a_hang(
+        tmp_path: Path, cfg: dict[str, Any]) -> None:
+    """A worker is alive (its registry heartbeats go on) but the run's message left
+    the queue with no event ever sent (as when a worker gives a run up finding its
+    gateway unreachable): the client gets a 503 at the queue timeout, not an endless
+    wait. While the message is still queued, the gateway waits on (a long earlier run
+    of the session, a worker being recovered)."""
+    import nats as nats_py
+
+    from bus import subjects
+
+    with NatsServer(store_dir=tmp_path / "nats") as server:
+        async with in_process(cfg, server.url) as http:
+            nc = await nats_py.connect(server.url)
+            js = nc.jetstream()
+            kv = await js.key_value(subjects.WORKERS_BUCKET)
+            beating = True
+
+            async def heartbeats() -> None:  # a live worker that never takes anything
+                while beating:
+                    await kv.put(subjects.session_token("w-idle"), b'{"id": "w-idle"}')
+                    await asyncio.sleep(0.1)
+
+            beat = asyncio.create_task(heartbeats())
+            try:
+                await kv.put(subjects.session_token("w-idle"), b'{"id": "w-idle"}')
+                post = asyncio.create_task(http.post(
+                    URL, json={"model": "openclaw", "user": "u-lost", **USER_MSG},
+                    headers=AUTH))
+                # Well past the queue timeout (0.5 s) the run is still waiting.
+                seq = 0
+                deadline = time.monotonic() + 10
+                while not seq and time.monotonic() < deadline:
+                    seq = (await js.stream_info("RUNS")).state.last_seq
+                    await asyncio.sleep(0.02)
+                done, _ = await asyncio.wait({post}, timeout=1.5)
+                assert not done, "answered while its run was still queued"
+                await js.delete_msg("RUNS", seq)  # the run leaves the queue unserved
+                resp = await asyncio.wait_for(post, timeout=5)
+            finally:
+                beating = False
+                await beat
+                await nc.close()
+    assert_error(resp, 503, "the run left the queue without being served", "api_error")
 
 
 # -- run failures: through a real worker and the fake upstream -------------------

@@ -119,6 +119,9 @@ def test_cluster_serves_through_both_gateways_and_stops_everything(
         done = next(i for i, ln in enumerate(lines) if STOPPED.search(ln))
         stopped = [i for i, ln in enumerate(lines) if WORKER_STOPPED.search(ln)]
         assert len(stopped) == 2 and all(drain < i < done for i in stopped), "\n".join(lines)
+    except BaseException:  # pytest-timeout's Failed included: show what the cluster said
+        print(proc.output(400))
+        raise
     finally:
         proc.stop()
 
