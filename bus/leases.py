@@ -7,8 +7,14 @@ is a compare-and-set on the subject's last sequence (the revision), so:
 - acquire succeeds only if the key is absent or holds the ``free`` marker;
 - refresh succeeds only if nobody wrote since our last write (fencing: a holder
   that stalled past the TTL finds out here and must stop emitting);
-- release writes the ``free`` marker at our revision (with a 1 s TTL, so idle
-  sessions leave nothing behind) and can never clobber a newer holder.
+- release writes the ``free`` marker at our revision and can never clobber a
+  newer holder. The marker lives :data:`FREE_TTL_SECONDS` (idle sessions leave nothing
+  behind after that): a worker that released a lease remembers the marker's
+  revision, and its next acquire of the session is a compare-and-set at that
+  revision — one round trip that also proves nobody held the lease since, so the
+  history it cached is still the transcript's (``workers/session_cache.py``);
+- :meth:`Leases.touch` rewrites a free marker (a session reset), so such proofs
+  made against the old one fail.
 
 :class:`Leases` is the store; :class:`SessionLease` is one worker's hold on one
 session's lease while it runs a turn.
@@ -37,15 +43,18 @@ _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _TTL = "Nats-TTL"
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 FREE = b"free"
+FREE_TTL_SECONDS = 300  # how long a free marker (and the proof it carries) is kept
 
 
 class Leases:
     def __init__(self, js: JetStreamContext, ttl_seconds: int,
-                 publisher: AckedPublisher | None = None) -> None:
+                 publisher: AckedPublisher | None = None, *,
+                 free_ttl_seconds: int = FREE_TTL_SECONDS) -> None:
         self._js = js
         self._publisher = publisher
         self.ttl_seconds = ttl_seconds
         self._ttl = str(ttl_seconds)
+        self._free_ttl = str(free_ttl_seconds)
         self._stream = f"KV_{subjects.LEASES_BUCKET}"
 
     def _subject(self, token: str) -> str:
@@ -65,6 +74,21 @@ class Leases:
         rev = await self._cas(token, owner, 0, self._ttl)
         if rev is not None:
             return rev
+        return await self._acquire_free(token, owner)
+
+    async def acquire_at(self, token: str, owner: bytes, expected: int) -> tuple[int, bool] | None:
+        """Take the session's lease, trying first at ``expected`` (the revision of a
+        free marker this worker wrote: never a holder's revision, which this would
+        take over); the revision, and whether it was taken there (nobody held the
+        lease in between); None if held."""
+        rev = await self._cas(token, owner, expected, self._ttl)
+        if rev is not None:
+            return rev, True
+        rev = await self._acquire_free(token, owner)
+        return None if rev is None else (rev, False)
+
+    async def _acquire_free(self, token: str, owner: bytes) -> int | None:
+        """Take the lease if it is free (or gone), reading it first."""
         try:
             current = await self._js.get_msg(
                 self._stream, subject=self._subject(token), direct=False)
@@ -79,9 +103,22 @@ class Leases:
         """Extend our lease; None means it was lost (expired and maybe taken)."""
         return await self._cas(token, owner, revision, self._ttl)
 
-    async def release(self, token: str, revision: int) -> None:
-        """Mark the lease free, unless someone wrote since ``revision``."""
-        await self._cas(token, FREE, revision, "1")
+    async def release(self, token: str, revision: int) -> int | None:
+        """Mark the lease free, unless someone wrote since ``revision``; the free
+        marker's revision (None: someone did)."""
+        return await self._cas(token, FREE, revision, self._free_ttl)
+
+    async def touch(self, token: str) -> None:
+        """Rewrite the session's free marker, if the lease is free: anything proven
+        against the old marker (a cached history) no longer is. A held lease is left
+        alone (its holder's next append finds the transcript changed)."""
+        try:
+            current = await self._js.get_msg(
+                self._stream, subject=self._subject(token), direct=False)
+        except NotFoundError:
+            return
+        if current.data == FREE and current.seq is not None:
+            await self._cas(token, FREE, int(current.seq), self._free_ttl)
 
     async def free_if_held_by(self, token: str, owner: bytes) -> bool:
         """Free the session's lease if ``owner`` holds it (a worker taken for dead):
@@ -93,7 +130,7 @@ class Leases:
             return False
         if current.data != owner or current.seq is None:
             return False
-        return await self._cas(token, FREE, int(current.seq), "1") is not None
+        return await self._cas(token, FREE, int(current.seq), self._free_ttl) is not None
 
 
 class SessionLease:
@@ -106,10 +143,10 @@ class SessionLease:
     :attr:`held` turns False for good, and :meth:`release` does nothing.
     """
 
-    __slots__ = ("_leases", "_lock", "_owner", "deadline", "revision", "token")
+    __slots__ = ("_leases", "_lock", "_owner", "deadline", "revision", "token", "unbroken")
 
     def __init__(self, leases: Leases, token: str, owner: bytes, revision: int,
-                 written_after: float) -> None:
+                 written_after: float, *, unbroken: bool = False) -> None:
         self._leases = leases
         self._owner = owner
         self._lock = asyncio.Lock()
@@ -117,13 +154,23 @@ class SessionLease:
         self.revision: int | None = revision
         # Monotonic: the lease was last written no earlier than this minus the TTL.
         self.deadline = written_after + leases.ttl_seconds
+        # Taken at the free marker this worker wrote: nobody held it in between.
+        self.unbroken = unbroken
 
     @classmethod
-    async def acquire(cls, leases: Leases, token: str, owner: bytes) -> SessionLease | None:
-        """Take the session's lease, or None if another worker holds it."""
+    async def acquire(cls, leases: Leases, token: str, owner: bytes,
+                      expected: int = 0) -> SessionLease | None:
+        """Take the session's lease, or None if another worker holds it.
+        ``expected``: the revision of the free marker this worker last wrote for
+        the session (0: none); :attr:`unbroken` says whether it was taken there."""
         asked = time.monotonic()
-        revision = await leases.acquire(token, owner)
-        return None if revision is None else cls(leases, token, owner, revision, asked)
+        if not expected:
+            revision = await leases.acquire(token, owner)
+            return None if revision is None else cls(leases, token, owner, revision, asked)
+        taken = await leases.acquire_at(token, owner, expected)
+        if taken is None:
+            return None
+        return cls(leases, token, owner, taken[0], asked, unbroken=taken[1])
 
     @property
     def held(self) -> bool:
@@ -151,8 +198,10 @@ class SessionLease:
         except Exception:
             return False
 
-    async def release(self) -> None:
-        """Give the lease up (a no-op once lost or released)."""
+    async def release(self) -> int | None:
+        """Give the lease up (a no-op once lost or released); the free marker's
+        revision, or None if none was written."""
         revision, self.revision = self.revision, None
-        if revision is not None:
-            await self._leases.release(self.token, revision)
+        if revision is None:
+            return None
+        return await self._leases.release(self.token, revision)

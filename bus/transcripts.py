@@ -61,6 +61,14 @@ class Window:
     last_seq: int = 0  # its sequence: what the next append expects (0: none)
     budget: int = 0
 
+    def after(self, turn: Turn, seq: int) -> Window:
+        """The window the next run sees once ``turn`` is stored at ``seq`` (what
+        :meth:`Transcripts.load_window` would then read)."""
+        kept = within_budget([*self.turns, turn], self.budget)
+        older = len(kept) - 1  # turns of this window that stay in the next one
+        seqs = [*self.seqs[len(self.seqs) - older:], seq] if older > 0 else [seq][:len(kept)]
+        return Window(kept, seqs, turn, seq, self.budget)
+
 
 class StaleTranscriptError(Exception):
     """Someone appended to the session since this writer read it."""
@@ -194,9 +202,8 @@ class Transcripts:
             "Nats-Msg-Id": f"turn-{turn.run_id}",
         }
         if window is not None:
-            kept = within_budget([*window.turns, turn], window.budget)
-            older = len(kept) - 1  # turns of the window that stay in the next one
-            headers[WINDOW_START] = str(window.seqs[-older] if older > 0 else 0)
+            seqs = window.after(turn, 0).seqs  # (0: the new turn's, unknown yet)
+            headers[WINDOW_START] = str(seqs[0] if len(seqs) > 1 else 0)
             headers[WINDOW_BUDGET] = str(window.budget)
         try:
             return await stored_seq(self._js, self._publisher, subjects.transcript(token),

@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bus import subjects
+from bus.leases import Leases
 from bus.messages import ChatItem, Turn
 from bus.transcripts import Transcripts
 
@@ -35,6 +36,7 @@ class Sessions:
     def __init__(self, js: JetStreamContext, nc: Client | None = None) -> None:
         self._js = js
         self._transcripts = Transcripts(js, nc)
+        self._leases = Leases(js, ttl_seconds=0)  # (only touched here: no lease taken)
 
     async def summaries(self, limit: int = LIST_LIMIT) -> list[SessionSummary]:
         """Sessions with at least one turn, most recently active first."""
@@ -77,7 +79,11 @@ class Sessions:
         return messages
 
     async def reset(self, session_key: str) -> None:
-        await self._transcripts.reset(subjects.session_token(session_key))
+        token = subjects.session_token(session_key)
+        await self._transcripts.reset(token)
+        # Workers keep a session's history between its runs for as long as its
+        # lease's free marker is the one they wrote: a new one makes them read again.
+        await self._leases.touch(token)
 
 
 def _item(item: ChatItem, common: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ release through the ``free`` marker, and expiry by per-message TTL."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -137,8 +138,9 @@ async def test_release_then_acquire_via_free_marker(js: JetStreamContext, leases
     assert await leases.refresh(token, B, rev_b) is not None
 
 
-async def test_free_marker_expires(js: JetStreamContext, leases: Leases) -> None:
-    """Released sessions leave nothing behind (the marker has a 1 s TTL)."""
+async def test_free_marker_expires(js: JetStreamContext) -> None:
+    """Released sessions leave nothing behind (the marker has a TTL: 1 s here)."""
+    leases = Leases(js, 5, free_ttl_seconds=1)
     token = session_token("idle")
     rev = await leases.acquire(token, A)
     assert rev is not None
@@ -264,3 +266,44 @@ async def test_confirm_says_false_when_the_bus_cannot_answer(leases: Leases) -> 
     assert lease.held  # it may still be ours
     assert not await lease.confirm()
     await held.release()
+
+
+async def test_acquire_at_own_free_marker_proves_nobody_held_it(leases: Leases) -> None:
+    """The history cache's proof (workers/session_cache.py): an acquire at the free
+    marker this worker wrote succeeds there only if nobody held the lease since."""
+    token = session_token(f"proof-{uuid.uuid4().hex}")
+    rev = await leases.acquire(token, A)
+    assert rev is not None
+    free = await leases.release(token, rev)
+    assert free is not None
+    taken = await leases.acquire_at(token, A, free)
+    assert taken is not None and taken[1] is True
+    free = await leases.release(token, taken[0])
+    assert free is not None
+    # B held it in between: A still gets the lease, but not "there".
+    rev_b = await leases.acquire(token, B)
+    assert rev_b is not None
+    assert await leases.release(token, rev_b) is not None
+    taken = await leases.acquire_at(token, A, free)
+    assert taken is not None and taken[1] is False
+    # Held by A now: B's acquire at the old free marker fails.
+    assert await leases.acquire_at(token, B, free) is None
+
+
+async def test_touch_voids_the_proof_but_never_a_holder(js: JetStreamContext,
+                                                        leases: Leases) -> None:
+    """A session reset rewrites a free marker (an acquire at the old one is no
+    proof any more) and leaves a held lease alone."""
+    token = session_token(f"touched-{uuid.uuid4().hex}")
+    rev = await leases.acquire(token, A)
+    assert rev is not None
+    await leases.touch(token)  # held: untouched
+    assert await stored(js, token) == A
+    rev = await leases.refresh(token, A, rev)
+    assert rev is not None
+    free = await leases.release(token, rev)
+    assert free is not None
+    await leases.touch(token)
+    taken = await leases.acquire_at(token, A, free)
+    assert taken is not None and taken[1] is False
+    await leases.touch(session_token("never used"))  # absent: nothing to do

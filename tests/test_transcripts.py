@@ -18,7 +18,7 @@ from bus.connection import connect, ensure_bus
 from bus.messages import Turn, Usage
 from bus.nats_adapter import AckedPublisher
 from bus.subjects import session_token
-from bus.transcripts import StaleTranscriptError, Transcripts, within_budget
+from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
 from clawbus.config import BusConfig, SessionConfig
 from clawbus.natsserver import NatsServer
 
@@ -209,17 +209,23 @@ class CountingReads:
 async def converse(tx: Transcripts, token: str, sizes: list[int], *, budget: int,
                    other: str | None = None, prefix: str = "r") -> list[Turn]:
     """Run ``len(sizes)`` turns the way a worker does (window read, windowed append),
-    checking every window against the whole transcript; the turns stored. (Run ids
-    are the stream's de-duplication ids: unique per test, as they are in use.)"""
+    checking every window against the whole transcript, and against what a worker
+    that kept the previous window computes without reading (``Window.after``: the
+    worker's history cache); the turns stored. (Run ids are the stream's
+    de-duplication ids: unique per test, as they are in use.)"""
     stored: list[Turn] = []
     other_last = 0
+    kept: Window | None = None
     for i, size in enumerate(sizes):
         window = await tx.load_window(token, budget)
         assert window.turns == within_budget(stored, budget)
         assert window.last == (stored[-1] if stored else None)
+        if kept is not None:
+            assert kept == window
         new = sized(f"{prefix}{i}", size)
         last = await tx.append(token, new, window.last_seq, window)
         assert last > window.last_seq
+        kept = window.after(new, last)
         stored.append(new)
         if other is not None:  # another session interleaves on the stream
             other_last = await tx.append(other, sized(f"{prefix}-other{i}", 5), other_last)

@@ -43,6 +43,14 @@ class WorkerMetrics:
         self.held = Gauge("clawbus_worker_held_runs",
                           "Runs held waiting for their session's earlier run", registry=r)
         self.naks = Counter("clawbus_worker_naks", "Runs handed back to the queue", registry=r)
+        # Sessions (workers/session_turns.py): windows served from the worker's cache
+        # or read from the transcript, and leases handed straight to the next run.
+        self.history = Counter("clawbus_worker_history_windows",
+                               "History windows served, by source (cache|stream)", ["source"],
+                               registry=r)
+        self.handovers = Counter("clawbus_worker_lease_handovers",
+                                 "Session leases handed straight to the session's next run",
+                                 registry=r)
         # Agent tools (SPEC §9); `server` is the MCP server's configured name, `tool`
         # the tool's own name on that server, `outcome` ok|error|timeout|cancelled.
         self.tool_calls = Counter("clawbus_worker_tool_calls", "Agent tool calls by outcome",
@@ -58,6 +66,8 @@ class WorkerMetrics:
                                            registry=r)
         # the labelled ones, by label values (bus/prom.py)
         self.runs_by = Children(self.runs)
+        self.history_from_cache = self.history.labels("cache")
+        self.history_from_stream = self.history.labels("stream")
         self.errors_by = Children(self.errors)
         self.provider_latency_by = Children(self.provider_latency)
         self.run_duration_by = Children(self.run_duration)

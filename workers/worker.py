@@ -7,7 +7,9 @@ Scheduling (DESIGN "The run, end to end", steps 2, 3, 6–8):
 - A run starts only if it is the oldest stored message of its session subject
   *and* the worker wins the session lease. Otherwise the worker holds it (up to
   a quarter of its slots), telling the gateway it is queued, until the
-  session's ``sess.done`` signal or a periodic re-check; beyond that it naks.
+  session's ``sess.done`` signal, the lease handed over by the session's run
+  before it here, or a periodic re-check; beyond that it naks
+  (``workers/session_turns.py``, which also keeps sessions' history windows).
 - While a run executes: ``in_progress`` acks and a fenced lease refresh every
   ``ackWait/3``, liveness probes to the gateway while silent, a per-run timeout,
   and ``cancel.<runId>`` honoured at once.
@@ -70,6 +72,7 @@ from .run import (
     unmatched_tool_result,
     with_tool_names,
 )
+from .session_turns import SessionTurns
 
 log = logging.getLogger("clawbus.worker")
 
@@ -116,25 +119,22 @@ class Worker:
         self.max_holds = max(1, self.max_concurrent // 4)
         self.metrics = WorkerMetrics()
         self.metrics.active.set_function(lambda: len(self._active))
-        self.metrics.held.set_function(lambda: self._holds)
+        self.metrics.held.set_function(lambda: self._turns.holds if self._turns else 0)
         self._owner = lease_owner(self.worker_id)
         self.liveness = Liveness(settings.bus.heartbeat_seconds)
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._holds = 0
         self._active: dict[str, Execution] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
-        self._session_done: dict[str, asyncio.Event] = {}
         self._providers: dict[str, Provider] = {}
         self._system_prompts: dict[str, str] = {}
         self._js: JetStreamContext | None = None
         self._puller: PullConsumer | None = None
         # The worker's one request inbox: JetStream acks, leader gets, probes.
         self._requests = AckedPublisher(nc)
-        self._leases: Leases | None = None
-        self._leader: LeaderGet | None = None
         self._transcripts: Transcripts | None = None
+        self._turns: SessionTurns | None = None
         self._payloads: Objects | None = None
         # The agents' MCP tools (SPEC §9), when any agent has some.
         self._tools: AgentTools | None = None
@@ -156,9 +156,13 @@ class Worker:
         self._js = js
         publisher = self._requests
         await publisher.start()
-        self._leader = LeaderGet(publisher, wait=JS_TIMEOUT)
-        self._leases = Leases(js, lease_ttl_seconds(bus), publisher)
         self._transcripts = Transcripts(js, self.nc, publisher)
+        self._turns = SessionTurns(
+            self.nc, Leases(js, lease_ttl_seconds(bus), publisher),
+            LeaderGet(publisher, wait=JS_TIMEOUT), self._transcripts, owner=self._owner,
+            worker_id=self.worker_id, bus=bus,
+            budget=self.settings.session.history_budget_chars, max_holds=self.max_holds,
+            metrics=self.metrics, stopping=self._stopping, cancelled=self._cancelled)
         self._payloads = Objects(js, PAYLOADS_BUCKET)
         if self._tools is not None:
             await self._tools.start()  # (a server that fails is retried on use)
@@ -284,9 +288,8 @@ class Worker:
             execution.stop("cancelled")
 
     async def _on_session_done(self, msg: Msg) -> None:
-        event = self._session_done.pop(subjects.last_token(msg.subject), None)
-        if event is not None:
-            event.set()
+        if self._turns is not None:
+            self._turns.session_done(subjects.last_token(msg.subject))
 
     # -- one run -------------------------------------------------------------
 
@@ -335,13 +338,15 @@ class Worker:
                     return
                 await self._execute(msg, run, token, None, emitter)
                 return
-            lease = await self._wait_turn(msg, run, token, meta.sequence.stream, emitter)
+            assert self._turns is not None
+            lease = await self._turns.wait(msg, run, token, meta.sequence.stream, emitter)
             if lease is None:
                 return
+            outcome = ""
             try:
-                await self._execute(msg, run, token, lease, emitter)
+                outcome = await self._execute(msg, run, token, lease, emitter)
             finally:
-                await self.nc.publish(subjects.session_done(token), b"")
+                await self._turns.pass_on(token, meta.sequence.stream, lease, outcome)
         except Exception as exc:
             if isinstance(exc, BUS_UNAVAILABLE):
                 await self._bus_unavailable(msg, emitter, exc)
@@ -383,69 +388,11 @@ class Worker:
         with contextlib.suppress(Exception):
             await msg.term()
 
-    async def _head_seq(self, token: str) -> int | None:
-        """The sequence of the oldest stored run of the session (from the leader)."""
-        assert self._leader is not None
-        head = await self._leader.next(subjects.RUNS_STREAM, 1, subjects.run(token))
-        return None if head is None else head.seq
-
-    async def _wait_turn(self, msg: Msg, run: RunRequest, token: str, seq: int,
-                         emitter: Emitter) -> SessionLease | None:
-        """Wait until this run heads its session and we hold the lease; the lease,
-        or None if the run was handed back (naked) or dropped."""
-        assert self._leases is not None
-        holding = False
-        next_probe = 0.0
-        try:
-            while True:
-                if run.run_id in self._cancelled:
-                    await msg.term()
-                    return None
-                head = await self._head_seq(token)
-                if head is None or head > seq:
-                    # Deleted (its client gave up) or already completed elsewhere.
-                    await msg.term()
-                    return None
-                if head == seq:
-                    lease = await SessionLease.acquire(self._leases, token, self._owner)
-                    if lease is not None:
-                        emitter.lease = lease
-                        return lease
-                if self._stopping.is_set():
-                    await msg.nak()
-                    return None
-                if not holding:
-                    if self._holds >= self.max_holds:
-                        self.metrics.naks.inc()
-                        await msg.nak(delay=NAK_DELAY)
-                        return None
-                    holding = True
-                    self._holds += 1
-                now = time.monotonic()
-                if now >= next_probe:
-                    try:
-                        await emitter.queued(self.worker_id, msg.reply)
-                    except RunAbandoned as exc:
-                        if not exc.superseded:  # (else the message is another's now)
-                            await msg.term()
-                        return None
-                    await msg.in_progress()
-                    next_probe = now + min(self.settings.bus.heartbeat_seconds,
-                                           self.settings.bus.ack_wait_seconds / 3)
-                event = self._session_done.setdefault(token, asyncio.Event())
-                await self._wait_either(event, max(0.05, next_probe - time.monotonic()))
-        finally:
-            if holding:
-                self._holds -= 1
-
     async def _execute(self, msg: Msg, run: RunRequest, token: str,
-                       lease: SessionLease | None, emitter: Emitter) -> None:
-        """Run an attempt; ``lease`` is our session lease (None: ephemeral session).
-
-        Phases: announce the run → read the history window → generate → confirm
-        the gateway still wants it → store the turn and report it done. The lease
-        (if any) is released at the end unless it was lost."""
-        assert self._transcripts is not None
+                       lease: SessionLease | None, emitter: Emitter) -> str:
+        """Run an attempt; ``lease`` is our session lease (None: ephemeral session),
+        left for the caller to pass on. The outcome (``completed``, ``failed``,
+        ``cancelled``, ``abandoned``, ``superseded``, ``fenced``, ``requeued``)."""
         execution = Execution(run.run_id)
         self._active[run.run_id] = execution
         started = time.monotonic()
@@ -462,47 +409,11 @@ class Worker:
             on_abandoned=lambda superseded: execution.stop(
                 "superseded" if superseded else "abandoned"))
         outcome = "failed"
-
-        def cancelled() -> bool:
-            return run.run_id in self._cancelled
-
         try:
             log.debug("run attempt %d started", emitter.attempt)
             await self._announce(run, acceptance)
-            if run.embed is not None:  # SPEC §11: vectors, and nothing stored
-                outcome = await self._embed(msg, run, emitter, execution,
-                                            acceptance=acceptance, cancelled=cancelled)
-                return
-            # Only the turns the history budget lets the agent see are read.
-            window = Window() if lease is None else await self._transcripts.load_window(
-                token, self.settings.session.history_budget_chars)
-            if window.last is not None and window.last.run_id == run.run_id:
-                # Completed before (the ack was lost): report, never run twice.
-                await acceptance.confirm(cancelled)
-                await emitter.done(window.last.assistant, window.last.usage, "stop",
-                                   window.last.tool_calls)
-                await msg.ack()
-                outcome = "completed"
-                return
-            unmatched = None if lease is None else unmatched_tool_result(run, window.last)
-            if unmatched is not None:
-                await emitter.failed(errors.unmatched_tool_result(unmatched))
-                await msg.term()
-                return
-            if lease is not None:
-                run = with_tool_names(run, window.last)
-            reply = await self._generate(run, window.turns, emitter, execution)
-            if reply is None:
-                outcome = await self._stopped(msg, emitter, execution)
-                return
-            self._observe(run, reply)
-            if missed_tool_choice(run, reply):
-                await emitter.failed(errors.missed_tool_choice())
-                await msg.term()
-                return
-            await acceptance.confirm(cancelled)  # nothing is stored for an unwanted run
-            outcome = await self._store(msg, run, token, lease=lease, window=window,
-                                        reply=reply, emitter=emitter)
+            outcome = await self._attempt(msg, run, token, lease, emitter,
+                                          execution=execution, acceptance=acceptance)
         except RunAbandoned as exc:
             if exc.superseded:  # handed to another worker: its message is theirs now
                 outcome = "superseded"
@@ -521,11 +432,51 @@ class Worker:
             execution.ended = True  # (in case the cancel below is swallowed: see run())
             await acceptance.aclose()
             await keeper.aclose()
-            if lease is not None and outcome != "fenced":
-                with contextlib.suppress(Exception):
-                    await lease.release()
             self.metrics.runs_by(outcome).inc()
             log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
+        return outcome
+
+    async def _attempt(self, msg: Msg, run: RunRequest, token: str, lease: SessionLease | None,
+                       emitter: Emitter, *, execution: Execution,
+                       acceptance: Acceptance) -> str:
+        """The attempt's phases: read the history window → generate → confirm the
+        gateway still wants the run → store the turn and report it done."""
+        assert self._turns is not None
+
+        def cancelled() -> bool:
+            return run.run_id in self._cancelled
+
+        if run.embed is not None:  # SPEC §11: vectors, and nothing stored
+            return await self._embed(msg, run, emitter, execution,
+                                     acceptance=acceptance, cancelled=cancelled)
+        # Only the turns the history budget lets the agent see are read (or the
+        # worker's cached copy of them, when the lease proves it current).
+        window = Window() if lease is None else await self._turns.window(token, lease)
+        if window.last is not None and window.last.run_id == run.run_id:
+            # Completed before (the ack was lost): report, never run twice.
+            await acceptance.confirm(cancelled)
+            await emitter.done(window.last.assistant, window.last.usage, "stop",
+                               window.last.tool_calls)
+            await msg.ack()
+            return "completed"
+        unmatched = None if lease is None else unmatched_tool_result(run, window.last)
+        if unmatched is not None:
+            await emitter.failed(errors.unmatched_tool_result(unmatched))
+            await msg.term()
+            return "failed"
+        if lease is not None:
+            run = with_tool_names(run, window.last)
+        reply = await self._generate(run, window.turns, emitter, execution)
+        if reply is None:
+            return await self._stopped(msg, emitter, execution)
+        self._observe(run, reply)
+        if missed_tool_choice(run, reply):
+            await emitter.failed(errors.missed_tool_choice())
+            await msg.term()
+            return "failed"
+        await acceptance.confirm(cancelled)  # nothing is stored for an unwanted run
+        return await self._store(msg, run, token, lease=lease, window=window, reply=reply,
+                                 emitter=emitter)
 
     async def _announce(self, run: RunRequest, acceptance: Acceptance) -> None:
         """Tell the gateway a worker took the run. A stateless run defers the
@@ -553,35 +504,43 @@ class Worker:
         else:
             # Fencing: only the lease holder may append (and the append itself is
             # conditional on the transcript being as we read it).
+            assert self._turns is not None
             try:
-                if not await self._append(lease, turn, window, emitter):
-                    emitter.fenced = True
-                    return "fenced"
+                seq = await self._append(lease, turn, window, emitter)
             except StaleTranscriptError:
+                self._turns.unknown(token)
                 await emitter.failed(errors.internal(
                     "session changed while the run was in progress; the turn was not saved"))
                 await msg.term()
                 return "failed"
+            except BaseException:
+                self._turns.unknown(token)  # stored or not: the next run reads it
+                raise
+            if seq is None:
+                emitter.fenced = True
+                return "fenced"
+            self._turns.stored(token, window.after(turn, seq))
         await emitter.done(reply.text, reply.usage, reply.finish_reason, reply.tool_calls)
         await msg.ack()
         return "completed"
 
     async def _append(self, lease: SessionLease, turn: Turn, window: Window,
-                      emitter: Emitter) -> bool:
-        """Refresh our lease (False: it was lost, we are fenced), then append the turn.
-        Both are retried while the bus is briefly unavailable and the lease cannot
-        have expired yet; a retried append is deduplicated by its run id."""
+                      emitter: Emitter) -> int | None:
+        """Refresh our lease (None: it was lost, we are fenced), then append the
+        turn; its stream sequence. Both are retried while the bus is briefly
+        unavailable and the lease cannot have expired yet; a retried append is
+        deduplicated by its run id."""
         assert self._transcripts is not None
         refreshed = False
         while True:
             try:
                 if not refreshed:
                     if not await lease.refresh():
-                        return False
+                        return None
                     emitter.lease_renewed()
                     refreshed = True
-                await self._transcripts.append(lease.token, turn, window.last_seq, window)
-                return True
+                return await self._transcripts.append(lease.token, turn, window.last_seq,
+                                                      window)
             except BUS_UNAVAILABLE:
                 if time.monotonic() + BUS_RETRY_DELAY >= lease.deadline:
                     raise

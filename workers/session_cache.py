@@ -1,0 +1,96 @@
+"""A worker's recently served sessions: their history windows, kept between runs.
+
+A session's transcript only changes through the holder of its lease (every
+append is a compare-and-set on the transcript, made by the lease holder; a
+session reset marks the lease too: ``bus/leases.py`` ``Leases.touch``). So a
+window this worker read or extended while holding the lease stays exact for as
+long as nobody else has written the lease since. The worker proves that with the
+lease itself, at no extra cost: it keeps the revision of the ``free`` marker it
+wrote when it let the lease go, and its next acquire is a compare-and-set
+*at that revision* (``SessionLease.acquire(..., expected=rev)``). If that
+succeeds, nobody held the lease in between and the cached window is served
+without reading the transcript; if it fails, the entry is dropped and the window
+read again. A window is never served stale.
+
+While the worker holds the lease (a run in progress, or the lease handed
+straight to the session's next run held here) the entry is current by
+construction: the runs extend it with each turn they store.
+
+Bounded: least recently used sessions go first, past :data:`MAX_SESSIONS`
+entries or :data:`MAX_CHARS` characters of turns.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from bus.transcripts import Window
+
+MAX_SESSIONS = 2048
+MAX_CHARS = 32 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Entry:
+    window: Window
+    chars: int
+    # The revision of the free marker this worker wrote on release: the entry
+    # is good for an acquire at exactly that revision. 0 while the lease is held.
+    rev: int = 0
+
+
+def _chars(window: Window) -> int:
+    return sum(t.size() for t in window.turns) + (window.last.size() if window.last else 0)
+
+
+class SessionCache:
+    __slots__ = ("_chars", "_entries", "max_chars", "max_sessions")
+
+    def __init__(self, max_sessions: int = MAX_SESSIONS, max_chars: int = MAX_CHARS) -> None:
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._chars = 0
+        self.max_sessions = max_sessions
+        self.max_chars = max_chars
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def released_at(self, token: str) -> int:
+        """The lease revision an acquire should expect to find the cached window
+        valid (0: nothing cached for the session)."""
+        entry = self._entries.get(token)
+        return 0 if entry is None else entry.rev
+
+    def window(self, token: str, budget: int) -> Window | None:
+        """The cached window of a session whose lease we hold and whose cache is
+        proven current (see the module doc); None if there is none to serve."""
+        entry = self._entries.get(token)
+        if entry is None or entry.window.budget != budget:
+            return None
+        self._entries.move_to_end(token)
+        entry.rev = 0  # held again: no acquire may rely on the old marker
+        return entry.window
+
+    def put(self, token: str, window: Window) -> None:
+        """The session's window as of now, while we hold its lease."""
+        self.drop(token)
+        entry = _Entry(window, _chars(window))
+        if entry.chars > self.max_chars:
+            return
+        self._entries[token] = entry
+        self._chars += entry.chars
+        while len(self._entries) > self.max_sessions or self._chars > self.max_chars:
+            _, oldest = self._entries.popitem(last=False)
+            self._chars -= oldest.chars
+
+    def released(self, token: str, rev: int) -> None:
+        """We let the lease go, writing its free marker at ``rev``."""
+        entry = self._entries.get(token)
+        if entry is not None:
+            entry.rev = rev
+
+    def drop(self, token: str) -> None:
+        entry = self._entries.pop(token, None)
+        if entry is not None:
+            self._chars -= entry.chars

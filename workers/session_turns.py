@@ -1,0 +1,219 @@
+"""A session's turn, from the worker's side: wait for it, see the history, pass it on.
+
+A run of a session starts only when it is the oldest stored run of its session
+(the *head*, read from the ``RUNS`` stream leader) and the worker holds the
+session's lease. Otherwise the worker holds the run (up to its share of slots),
+telling the gateway it is queued, until the session's ``sess.done`` signal, a
+lease handed over (below), or a periodic re-check.
+
+What a worker keeps between a session's runs, to make the next one cheap (each
+keeps the ordering, fencing and no-half-turn guarantees):
+
+- **The history window** (``workers/session_cache.py``): served without reading
+  the transcript when the lease is taken at the free marker this worker wrote
+  (one compare-and-set proves nobody held it since), or handed over.
+- **The lease, handed over** (``workers/handover.py``): when the finished run's
+  session has its next run held by this worker, and that run is now the head,
+  the lease goes straight to it: no release, no ``sess.done``, no acquire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus import subjects
+from bus.leases import Leases, SessionLease
+from bus.messages import RunRequest
+from bus.nats_adapter import LeaderGet
+from bus.transcripts import Transcripts, Window
+from clawbus.config import BusConfig
+
+from .events import Emitter, RunAbandoned
+from .handover import HeldRuns
+from .session_cache import SessionCache
+
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
+
+log = logging.getLogger("clawbus.worker")
+
+NAK_DELAY = 0.25
+# How a run ended, for whether its lease may go straight to the session's next
+# run: its message is gone for good (acked or terminated) and the lease is intact.
+# (Not "requeued" — it runs again, it is still the head — nor "superseded" or
+# "fenced": the lease is no longer this worker's to give.)
+PASSABLE = frozenset({"completed", "failed", "abandoned", "cancelled"})
+
+
+class SessionTurns:
+    def __init__(self, nc: Client, leases: Leases, leader: LeaderGet, transcripts: Transcripts,
+                 *, owner: bytes, worker_id: str, bus: BusConfig, budget: int,
+                 max_holds: int, metrics: WorkerMetrics, stopping: asyncio.Event,
+                 cancelled: Container[str]) -> None:
+        self._nc = nc
+        self._leases = leases
+        self._leader = leader
+        self._transcripts = transcripts
+        self._owner = owner
+        self._worker_id = worker_id
+        self._bus = bus
+        self._budget = budget
+        self.max_holds = max_holds
+        self._metrics = metrics
+        self._stopping = stopping
+        self._cancelled = cancelled
+        self.holds = 0
+        self.cache = SessionCache()
+        self._held: HeldRuns[SessionLease] = HeldRuns()
+        self._done: dict[str, asyncio.Event] = {}
+
+    # -- waiting for the turn ------------------------------------------------
+
+    async def head(self, token: str, after: int = 0) -> int | None:
+        """The sequence of the session's oldest stored run past ``after`` (from the
+        stream leader); None if there is none."""
+        found = await self._leader.next(subjects.RUNS_STREAM, after + 1, subjects.run(token))
+        return None if found is None else found.seq
+
+    def session_done(self, token: str) -> None:
+        """A ``sess.done`` signal: the session's waiters look again."""
+        event = self._done.pop(token, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, msg: Msg, run: RunRequest, token: str, seq: int,
+                   emitter: Emitter) -> SessionLease | None:
+        """Wait until this run heads its session and we hold the lease; the lease,
+        or None if the run was handed back (naked) or dropped."""
+        handed: asyncio.Future[SessionLease] | None = None
+        next_probe = 0.0
+        try:
+            while True:
+                if handed is not None and handed.done():
+                    lease = self._held.leave(token, seq)
+                    handed = None
+                    if lease is not None:
+                        emitter.lease = lease
+                        return lease
+                if run.run_id in self._cancelled:
+                    await msg.term()
+                    return None
+                head = await self.head(token)
+                if head is None or head > seq:
+                    # Deleted (its client gave up) or already completed elsewhere.
+                    await msg.term()
+                    return None
+                if head == seq:
+                    lease = await SessionLease.acquire(self._leases, token, self._owner,
+                                                       self.cache.released_at(token))
+                    if lease is not None:
+                        emitter.lease = lease
+                        return lease
+                if self._stopping.is_set():
+                    await msg.nak()
+                    return None
+                if handed is None:
+                    if self.holds >= self.max_holds:
+                        self._metrics.naks.inc()
+                        await msg.nak(delay=NAK_DELAY)
+                        return None
+                    self.holds += 1
+                    handed = self._held.hold(token, seq)
+                now = time.monotonic()
+                if now >= next_probe:
+                    try:
+                        await emitter.queued(self._worker_id, msg.reply)
+                    except RunAbandoned as exc:
+                        if not exc.superseded:  # (else the message is another's now)
+                            await msg.term()
+                        return None
+                    await msg.in_progress()
+                    next_probe = now + min(self._bus.heartbeat_seconds,
+                                           self._bus.ack_wait_seconds / 3)
+                done = self._done.setdefault(token, asyncio.Event())
+                await self._wait_any(done, handed, max(0.05, next_probe - time.monotonic()))
+        finally:
+            if handed is not None:
+                self.holds -= 1
+                unused = self._held.leave(token, seq)
+                if unused is not None:  # handed to us as we gave up: pass it on
+                    await self.let_go(token, unused)
+
+    async def _wait_any(self, done: asyncio.Event, handed: asyncio.Future[SessionLease],
+                        seconds: float) -> None:
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(done.wait()), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait([*waiters, handed], timeout=seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    # -- the history ---------------------------------------------------------
+
+    async def window(self, token: str, lease: SessionLease) -> Window:
+        """The history window the run sees: the cached one when the lease proves it
+        current, else read from the transcript (and cached)."""
+        if lease.unbroken:
+            cached = self.cache.window(token, self._budget)
+            if cached is not None:
+                self._metrics.history_from_cache.inc()
+                return cached
+        self.cache.drop(token)
+        window = await self._transcripts.load_window(token, self._budget)
+        self._metrics.history_from_stream.inc()
+        self.cache.put(token, window)
+        return window
+
+    def stored(self, token: str, window: Window) -> None:
+        """The run stored its turn: ``window`` is what the session's next run sees."""
+        self.cache.put(token, window)
+
+    def unknown(self, token: str) -> None:
+        """The session's transcript may have changed in ways we did not see."""
+        self.cache.drop(token)
+
+    # -- after the run -------------------------------------------------------
+
+    async def pass_on(self, token: str, seq: int, lease: SessionLease, outcome: str) -> None:
+        """The run at ``seq`` ended with ``outcome``: hand the lease to the
+        session's next run if this worker holds it, else let the lease go."""
+        if outcome in PASSABLE and lease.held and not self._stopping.is_set():
+            waiting = self._held.oldest(token)
+            if waiting is not None:
+                try:
+                    head = await self.head(token, after=seq)
+                except Exception:
+                    head = None
+                if head == waiting:
+                    lease.unbroken = True  # never let go: the cached history stays current
+                    if self._held.hand(token, waiting, lease):
+                        self._metrics.handovers.inc()
+                        return
+        await self.let_go(token, lease)
+
+    async def let_go(self, token: str, lease: SessionLease) -> None:
+        """Release the lease (unless it was lost) and tell the session's waiters."""
+        if lease.held:
+            try:
+                rev = await lease.release()
+            except Exception:
+                rev = None
+            if rev is None:
+                self.cache.drop(token)
+            else:
+                self.cache.released(token, rev)
+        else:
+            self.cache.drop(token)
+        with contextlib.suppress(Exception):
+            await self._nc.publish(subjects.session_done(token), b"")
