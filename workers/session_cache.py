@@ -41,7 +41,10 @@ class _Entry:
 
 
 def _chars(window: Window) -> int:
-    return sum(t.size() for t in window.turns) + (window.last.size() if window.last else 0)
+    chars = sum(t.size() for t in window.turns)
+    if window.last is not None and (not window.turns or window.turns[-1] is not window.last):
+        chars += window.last.size()  # (a last turn too large for the window)
+    return chars
 
 
 class SessionCache:

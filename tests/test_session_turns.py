@@ -1,0 +1,150 @@
+"""A worker's cached history windows (workers/session_cache.py, session_turns.py)
+against a real nats-server: two workers' SessionTurns share one session. A window
+is served from a worker's cache only when its lease proves nobody else held the
+session since; otherwise it is read again. Never stale."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from bus import subjects
+from bus.connection import connect, ensure_bus, lease_ttl_seconds
+from bus.leases import Leases, SessionLease, lease_owner
+from bus.messages import Turn
+from bus.nats_adapter import AckedPublisher, LeaderGet
+from bus.transcripts import Transcripts, within_budget
+from clawbus.config import BusConfig, SessionConfig
+from clawbus.natsserver import NatsServer
+from gateway.sessions import Sessions
+from workers.handover import HeldRuns
+from workers.metrics import WorkerMetrics
+from workers.session_cache import SessionCache
+from workers.session_turns import SessionTurns
+
+BUS = BusConfig(ack_wait_seconds=6)
+BUDGET = 60
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[tuple[Client, JetStreamContext]]:
+    nc = await connect(nats_server.url, "test-session-turns")
+    try:
+        yield nc, await ensure_bus(nc, BUS, SessionConfig())
+    finally:
+        await nc.close()
+
+
+class Side:
+    """One worker's session machinery (its own publisher, cache and metrics)."""
+
+    def __init__(self, name: str, nc: Client, js: JetStreamContext) -> None:
+        self.owner = lease_owner(name)
+        self.publisher = AckedPublisher(nc)
+        self.metrics = WorkerMetrics()
+        self.leases = Leases(js, lease_ttl_seconds(BUS), self.publisher)
+        self.transcripts = Transcripts(js, nc, self.publisher)
+        self.turns = SessionTurns(
+            nc, self.leases, LeaderGet(self.publisher, wait=5), self.transcripts,
+            owner=self.owner, worker_id=name, bus=BUS, budget=BUDGET, max_holds=4,
+            metrics=self.metrics, stopping=asyncio.Event(), cancelled=set())
+
+    def served(self) -> tuple[float, float]:
+        """Windows served from the cache and read from the stream, so far."""
+        return (self.metrics.history_from_cache._value.get(),
+                self.metrics.history_from_stream._value.get())
+
+    async def turn(self, token: str, text: str) -> list[Turn]:
+        """One run the way the worker does it: lease, window, store, let go; the
+        turns the run saw."""
+        lease = await SessionLease.acquire(self.leases, token, self.owner,
+                                           self.turns.cache.released_at(token))
+        assert lease is not None
+        window = await self.turns.window(token, lease)
+        seen = list(window.turns)
+        turn = Turn(run_id=f"r-{uuid.uuid4().hex}", agent_id="main", user=text,
+                    assistant=f"echo: {text}", ts=time.time())
+        assert await lease.refresh()
+        seq = await self.transcripts.append(token, turn, window.last_seq, window)
+        self.turns.stored(token, window.after(turn, seq))
+        await self.turns.let_go(token, lease)
+        return seen
+
+
+async def test_cached_windows_are_never_stale(bus: tuple[Client, JetStreamContext]) -> None:
+    nc, js = bus
+    a, b = Side("w-a", nc, js), Side("w-b", nc, js)
+    for side in (a, b):
+        await side.publisher.start()
+    token = subjects.session_token(f"cache-{uuid.uuid4().hex[:8]}")
+    said: list[str] = []
+
+    async def turn(side: Side, text: str) -> None:
+        seen = await side.turn(token, text)
+        whole, _ = await side.transcripts.load(token)
+        assert [t.user for t in whole] == [*said, text]
+        # The run saw exactly the newest earlier turns that fit the budget.
+        assert seen == within_budget(whole[:-1], BUDGET)
+        said.append(text)
+
+    try:
+        await turn(a, "one")       # read (nothing cached)
+        await turn(a, "two")       # cached: A held it last
+        await turn(a, "three")     # cached, and the window slides (budget)
+        assert a.served() == (2.0, 1.0)
+        await turn(b, "four")      # B has nothing cached: reads
+        await turn(a, "five")      # A's cache is stale (B held the lease): reads again
+        assert a.served() == (2.0, 2.0) and b.served() == (0.0, 1.0)
+        await turn(a, "six")
+        assert a.served() == (3.0, 2.0)
+        # A reset (WS sessions.reset) rewrites the free marker: A reads the empty
+        # transcript instead of serving the turns it cached.
+        await Sessions(js, nc).reset(subjects.session_key_from_token(token))
+        said.clear()
+        await turn(a, "seven")
+        assert a.served() == (3.0, 3.0)
+        await turn(a, "eight")
+        assert a.served() == (4.0, 3.0)
+    finally:
+        for side in (a, b):
+            await side.publisher.close()
+
+
+def test_cache_is_bounded_and_keyed_by_budget() -> None:
+    from bus.transcripts import Window
+
+    cache = SessionCache(max_sessions=2, max_chars=100)  # (40 chars a window)
+    turn = Turn(run_id="r", agent_id="main", user="x" * 20, assistant="y" * 20, ts=0.0)
+    window = Window([turn], [1], turn, 1, BUDGET)
+    cache.put("s1", window)
+    cache.put("s2", window)
+    assert cache.window("s1", BUDGET) is window  # (s1 now the most recent)
+    cache.put("s3", window)  # evicts the least recently used: s2
+    assert len(cache) == 2 and cache.window("s2", BUDGET) is None
+    assert cache.window("s1", BUDGET + 1) is None  # another budget: read again
+    cache.released("s1", 42)
+    assert cache.released_at("s1") == 42
+    assert cache.window("s1", BUDGET) is window and cache.released_at("s1") == 0
+    big = Turn(run_id="r", agent_id="main", user="x" * 200, assistant="", ts=0.0)
+    cache.put("s4", Window([big], [2], big, 2, 1000))  # larger than the cache: not kept
+    assert cache.window("s4", 1000) is None
+
+
+async def test_held_runs_hand_over_only_to_a_waiting_run() -> None:
+    held: HeldRuns[str] = HeldRuns()
+    assert held.oldest("t") is None
+    first = held.hold("t", 7)
+    held.hold("t", 9)
+    assert held.oldest("t") == 7
+    assert not held.hand("t", 8, "lease")  # not held here
+    assert held.hand("t", 7, "lease")
+    assert not held.hand("t", 7, "again")  # already handed
+    assert first.result() == "lease"
+    assert held.leave("t", 7) == "lease"  # a run that gave up returns what it got
+    assert held.leave("t", 9) is None and held.oldest("t") is None
