@@ -60,14 +60,23 @@ class Window:
     last: Turn | None = None  # the newest stored turn, whether or not it fits
     last_seq: int = 0  # its sequence: what the next append expects (0: none)
     budget: int = 0
+    chars: int = -1  # what ``turns`` cost against the budget (-1: count them)
+
+    def __post_init__(self) -> None:
+        if self.chars < 0:
+            self.chars = sum(t.size() for t in self.turns)
 
     def after(self, turn: Turn, seq: int) -> Window:
         """The window the next run sees once ``turn`` is stored at ``seq`` (what
-        :meth:`Transcripts.load_window` would then read)."""
-        kept = within_budget([*self.turns, turn], self.budget)
-        older = len(kept) - 1  # turns of this window that stay in the next one
-        seqs = [*self.seqs[len(self.seqs) - older:], seq] if older > 0 else [seq][:len(kept)]
-        return Window(kept, seqs, turn, seq, self.budget)
+        :meth:`Transcripts.load_window` would then read): this one's turns and
+        ``turn``, less the oldest until they fit the budget (the same suffix as
+        :func:`within_budget`, counting only the new turn and the dropped ones)."""
+        turns, seqs = [*self.turns, turn], [*self.seqs, seq]
+        chars, drop = self.chars + turn.size(), 0
+        while chars > self.budget and drop < len(turns):
+            chars -= turns[drop].size()
+            drop += 1
+        return Window(turns[drop:], seqs[drop:], turn, seq, self.budget, chars)
 
 
 class StaleTranscriptError(Exception):

@@ -128,8 +128,14 @@ def test_cache_is_bounded_and_keyed_by_budget() -> None:
     cache.put("s3", window)  # evicts the least recently used: s2
     assert len(cache) == 2 and cache.window("s2", BUDGET) is None
     assert cache.window("s1", BUDGET + 1) is None  # another budget: read again
-    cache.released("s1", 42)
+    cache.released("s1", 42, unbroken=False)  # read under this hold (a window served)
     assert cache.released_at("s1") == 42
+    cache.released("s1", 43, unbroken=True)  # a hold taken at our own marker
+    assert cache.released_at("s1") == 43
+    cache.released("s1", 44, unbroken=False)  # a hold that proved nothing: dropped
+    assert cache.released_at("s1") == 0 and cache.window("s1", BUDGET) is None
+    cache.put("s1", window)
+    cache.released("s1", 45, unbroken=False)
     assert cache.window("s1", BUDGET) is window and cache.released_at("s1") == 0
     big = Turn(run_id="r", agent_id="main", user="x" * 200, assistant="", ts=0.0)
     cache.put("s4", Window([big], [2], big, 2, 1000))  # larger than the cache: not kept

@@ -41,7 +41,7 @@ class _Entry:
 
 
 def _chars(window: Window) -> int:
-    chars = sum(t.size() for t in window.turns)
+    chars = window.chars
     if window.last is not None and (not window.turns or window.turns[-1] is not window.last):
         chars += window.last.size()  # (a last turn too large for the window)
     return chars
@@ -87,11 +87,18 @@ class SessionCache:
             _, oldest = self._entries.popitem(last=False)
             self._chars -= oldest.chars
 
-    def released(self, token: str, rev: int) -> None:
-        """We let the lease go, writing its free marker at ``rev``."""
+    def released(self, token: str, rev: int, *, unbroken: bool) -> None:
+        """We let the lease go, writing its free marker at ``rev``. The entry stays
+        good for an acquire there if it was current under this hold: read or
+        extended during it, or carried over a hold taken at our own marker
+        (``unbroken``); otherwise it is dropped."""
         entry = self._entries.get(token)
-        if entry is not None:
+        if entry is None:
+            return
+        if entry.rev == 0 or unbroken:
             entry.rev = rev
+        else:
+            self.drop(token)
 
     def drop(self, token: str) -> None:
         entry = self._entries.pop(token, None)

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Container
+from collections.abc import Awaitable, Container
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
@@ -106,17 +106,17 @@ class SessionTurns:
                 if run.run_id in self._cancelled:
                     await msg.term()
                     return None
-                head = await self.head(token)
+                # The first look takes the lease in the same round trip as the
+                # head check (a session's run is mostly its head); later ones
+                # only once the head check says so.
+                head, lease = await self._look(token, seq, together=handed is None)
                 if head is None or head > seq:
                     # Deleted (its client gave up) or already completed elsewhere.
                     await msg.term()
                     return None
-                if head == seq:
-                    lease = await SessionLease.acquire(self._leases, token, self._owner,
-                                                       self.cache.released_at(token))
-                    if lease is not None:
-                        emitter.lease = lease
-                        return lease
+                if lease is not None:
+                    emitter.lease = lease
+                    return lease
                 if self._stopping.is_set():
                     await msg.nak()
                     return None
@@ -146,6 +146,32 @@ class SessionTurns:
                 unused = self._held.leave(token, seq)
                 if unused is not None:  # handed to us as we gave up: pass it on
                     await self.let_go(token, unused)
+
+    async def _look(self, token: str, seq: int, *,
+                    together: bool) -> tuple[int | None, SessionLease | None]:
+        """The session's head, and its lease if the run at ``seq`` is the head and
+        the lease was free. ``together``: ask for both at once (if the run turns out
+        not to be the head, a lease taken is let go again)."""
+        def acquire() -> Awaitable[SessionLease | None]:
+            return SessionLease.acquire(self._leases, token, self._owner,
+                                        self.cache.released_at(token))
+
+        if not together:
+            head = await self.head(token)
+            return head, (await acquire() if head == seq else None)
+        found, taken = await asyncio.gather(self.head(token), acquire(),
+                                            return_exceptions=True)
+        if isinstance(taken, BaseException):
+            if found == seq:
+                raise taken
+            taken = None
+        if isinstance(found, BaseException) or found != seq:
+            if taken is not None:  # not this run's turn after all
+                await self.let_go(token, taken)
+            if isinstance(found, BaseException):
+                raise found
+            return found, None
+        return found, taken
 
     async def _wait_any(self, done: asyncio.Event, handed: asyncio.Future[SessionLease],
                         seconds: float) -> None:
@@ -212,7 +238,7 @@ class SessionTurns:
             if rev is None:
                 self.cache.drop(token)
             else:
-                self.cache.released(token, rev)
+                self.cache.released(token, rev, unbroken=lease.unbroken)
         else:
             self.cache.drop(token)
         with contextlib.suppress(Exception):
