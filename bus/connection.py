@@ -22,7 +22,7 @@ from nats.js.errors import BadRequestError
 from clawbus.config import BusConfig, SessionConfig
 
 from . import subjects
-from .nats_adapter import AckedPublisher
+from .nats_adapter import AckedPublisher, CoalescingClient
 from .payloads import ensure_buckets
 from .response_ids import ensure_bucket as ensure_response_ids
 
@@ -53,7 +53,7 @@ async def connect(url: str, name: str) -> Client:
         log.info("nats reconnected")
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
-    nc = Client()
+    nc = CoalescingClient()
     await nc.connect(
         servers=servers,
         name=name,

@@ -13,6 +13,10 @@ Internals touched (all in :mod:`.client`):
   connection's reader (no queue put, task wake-up and coroutine per message):
   the gateway's event subscription gets one message per streamed token, every
   reply inbox one per request. Guarded by ``tests/test_direct.py``.
+- ``Client._flusher`` (and the ``_flush_queue`` / ``_pending`` state it
+  drains): :class:`CoalescingClient` waits one more loop turn before each socket
+  write, so the publishes of many concurrent runs share system calls. Guarded by
+  ``tests/test_nats_adapter.py``.
 - ``JetStreamContext.PushSubscription._consumer``: :func:`consumer_name`, to
   delete an ordered consumer right after a read (the server keeps it until it
   reaps it otherwise, and refuses new ones past its limit). Guarded by
@@ -33,7 +37,7 @@ Hand-rolled protocol paths (public nats-py API plus :func:`subscribe_direct`):
 Figures for what each one buys are in ``docs/BENCHMARKS.md``.
 """
 
-from .client import consumer_name, subscribe_direct
+from .client import CoalescingClient, consumer_name, subscribe_direct
 from .gets import BatchGetter, LeaderGet, StoredMsg, parse_header_block
 from .requests import NO_RESPONDERS, AckedPublisher, Requester, api_answer
 
@@ -41,6 +45,7 @@ __all__ = [
     "NO_RESPONDERS",
     "AckedPublisher",
     "BatchGetter",
+    "CoalescingClient",
     "LeaderGet",
     "Requester",
     "StoredMsg",
