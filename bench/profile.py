@@ -44,7 +44,7 @@ import orjson
 from . import sessions as sessions_
 from .procs import process_role
 from .run import HELD_SHAPE, NONSTREAM, TTFT_SHAPE, Meter, choose_cpus
-from .systems import HOT_AGENT, ROOT, Clawbus, UpstreamProcess, tools_agent
+from .systems import ROOT, Clawbus, UpstreamProcess
 from .wrk import ensure_wrk, run_wrk
 
 RESULTS = ROOT / "bench" / "results"
@@ -114,23 +114,18 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
         meter = Meter(system, upstream.pids, cpus)
         load: dict[str, Any]
         if args.load == "hot":
-            sessions_.upstream_log(upstream.url)
-            body = orjson.dumps({"model": f"openclaw/{HOT_AGENT}",
-                                 "messages": [{"role": "user", "content": "hot @N@"}]})
-            load = run_wrk(ensure_wrk(), system.chat_url, body, auth=system.auth,
+            sessions_.upstream_log(upstream.url)  # empty it
+            load = run_wrk(ensure_wrk(), system.chat_url, sessions_.HOT_BODY, auth=system.auth,
                            connections=args.concurrency, duration=args.duration,
                            cpus=cpus.harness, sessions=1, session_prefix="hot-",
                            timeout_s=30.0)
-            until = time.monotonic()
             load["order"] = sessions_.session_order(sessions_.upstream_log(upstream.url),
-                                                    until)
+                                                    time.monotonic())
         elif args.load == "tools":
             sessions_.upstream_log(upstream.url)
-            body = orjson.dumps({"model": f"openclaw/{tools_agent(args.tool_rounds)}",
-                                 "messages": [{"role": "user", "content": "hi"}]})
-            load = run_wrk(ensure_wrk(), system.chat_url, body, auth=system.auth,
-                           connections=args.concurrency, duration=args.duration,
-                           cpus=cpus.harness)
+            load = run_wrk(ensure_wrk(), system.chat_url, sessions_.tools_body(args.tool_rounds),
+                           auth=system.auth, connections=args.concurrency,
+                           duration=args.duration, cpus=cpus.harness)
             load.update(sessions_.tool_round_gaps(sessions_.upstream_log(upstream.url)))
         elif args.load == "nonstream":
             body = orjson.dumps({"model": system.model(*NONSTREAM), "stream": False,

@@ -47,7 +47,6 @@ from . import sessions as sessions_
 from .procs import CLK_TCK, cpu_by_role, cpu_seconds, pss_bytes, rss_bytes, settle
 from .streamclient import DEFAULT_SLACK_MS, raise_nofile_limit
 from .systems import (
-    HOT_AGENT,
     ROOT,
     Clawbus,
     LiteLLM,
@@ -56,7 +55,6 @@ from .systems import (
     UpstreamProcess,
     ensure_litellm,
     litellm_version,
-    tools_agent,
 )
 from .wrk import ensure_wrk, run_wrk, wrk_version
 
@@ -319,9 +317,11 @@ class Runner:
 
     def wrk_run(self, system: System, *, connections: int, duration: float,
                 stream: bool = False, max_requests: int | None = None,
-                sessions: int | None = None) -> dict[str, Any]:
+                sessions: int | None = None, body: bytes | None = None) -> dict[str, Any]:
         meter = Meter(system, self.upstream_pids, self.cpus)
-        result = run_wrk(self.wrk, system.chat_url, self.body(system, NONSTREAM, stream=stream),
+        if body is None:
+            body = self.body(system, NONSTREAM, stream=stream)
+        result = run_wrk(self.wrk, system.chat_url, body,
                          auth=system.auth, connections=connections, duration=duration,
                          cpus=self.cpus.harness, max_requests=max_requests, sessions=sessions)
         return {**result, **meter.done()}
@@ -367,10 +367,8 @@ class Runner:
         if system.key != "clawbus":
             return
         sessions_.upstream_log(self.upstream.url)  # empty it
-        body = orjson.dumps({"model": f"openclaw/{HOT_AGENT}",
-                             "messages": [{"role": "user", "content": "hot @N@"}]})
         meter = Meter(system, self.upstream_pids, self.cpus)
-        result = run_wrk(self.wrk, system.chat_url, body, auth=system.auth,
+        result = run_wrk(self.wrk, system.chat_url, sessions_.HOT_BODY, auth=system.auth,
                          connections=self.plan.hot_clients, duration=self.plan.duration,
                          cpus=self.cpus.harness, sessions=1,
                          session_prefix=f"hot-r{round_}-", timeout_s=30.0)
@@ -402,10 +400,8 @@ class Runner:
         for rounds in (0, k):
             self.quiet(system)
             sessions_.upstream_log(self.upstream.url)
-            body = orjson.dumps({"model": f"openclaw/{tools_agent(rounds)}",
-                                 "messages": [{"role": "user", "content": "hi"}]})
-            result = self.wrk_run_body(system, body, connections=1,
-                                       duration=self.plan.duration)
+            result = self.wrk_run(system, connections=1, duration=self.plan.duration,
+                                  body=sessions_.tools_body(rounds))
             entries = sessions_.upstream_log(self.upstream.url)
             done = max(1, int(result["requests"]))
             result["cpu_ms_per_request"] = result["system_cpu_s"] * 1000.0 / done
@@ -414,13 +410,6 @@ class Runner:
             runs[str(rounds)] = result
         self.results.add(round_, system.key, "tool_rounds_c1", rounds=k, tool_alone=alone,
                          runs=runs)
-
-    def wrk_run_body(self, system: System, body: bytes, *, connections: int,
-                     duration: float) -> dict[str, Any]:
-        meter = Meter(system, self.upstream_pids, self.cpus)
-        result = run_wrk(self.wrk, system.chat_url, body, auth=system.auth,
-                         connections=connections, duration=duration, cpus=self.cpus.harness)
-        return {**result, **meter.done()}
 
     def throughput(self, round_: int, system: System, connections: int) -> None:
         result = self.wrk_run(system, connections=connections, duration=self.plan.duration)

@@ -16,8 +16,23 @@ import orjson
 
 from .procs import http_get, http_post
 from .stats import median, summary
+from .systems import HOT_AGENT, tools_agent
 
 SESSION_HEADER = "x-openclaw-session-key"
+
+
+def chat_body(model: str, content: str) -> bytes:
+    """A non-streaming chat completion request of one user message."""
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": content}]})
+
+
+# The hot session's turns: wrk numbers each prompt (bench/wrk_post.lua, "@N@").
+HOT_BODY = chat_body(f"openclaw/{HOT_AGENT}", "hot @N@")
+
+
+def tools_body(rounds: int) -> bytes:
+    """A turn of the agent whose model asks for ``rounds`` tool rounds."""
+    return chat_body(f"openclaw/{tools_agent(rounds)}", "hi")
 
 
 def upstream_log(upstream_url: str) -> list[dict[str, Any]]:

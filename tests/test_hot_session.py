@@ -17,8 +17,8 @@ import uuid
 import openai
 import orjson
 
-from tests.faultkit import session_turns
 from tests.fakes.openai_upstream import RequestRecord
+from tests.faultkit import session_turns
 from tests.helpers import TOKEN, Stack
 
 CLIENTS = 8
