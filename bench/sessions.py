@@ -75,7 +75,10 @@ def session_order(entries: Sequence[dict[str, Any]], until: float | None = None
       response had been written (two runs of the session at once);
     * ``history_mismatches``: turns whose history (the earlier user messages) is not
       the tail of the turns served before them, ending with the one just before
-      (a turn missing, repeated or out of order; the window may start later);
+      (a turn missing, repeated or out of order; the window may start later), over
+      the turns that arrived by ``until``; ``history_mismatches_after``: those
+      that arrived later (once the clients have gone, a run whose client left may
+      be dropped unstored: the next turn then lacks it, rightly);
     * ``duplicates``: prompts served more than once;
     * ``gap_ms``: previous turn's response end → this turn's request arrival, over
       the turns that arrived by ``until`` (monotonic; the load's end: after it the
@@ -84,7 +87,7 @@ def session_order(entries: Sequence[dict[str, Any]], until: float | None = None
     """
     ordered = sorted(entries, key=lambda e: float(e["t_in"]))
     served = [str(e["marker"]) for e in ordered]
-    overlaps = mismatches = 0
+    overlaps = mismatches = after = 0
     gaps: list[float] = []
     first_bad: list[str] = []
     for i, (prev, cur) in enumerate(itertools.pairwise(ordered), start=1):
@@ -94,6 +97,9 @@ def session_order(entries: Sequence[dict[str, Any]], until: float | None = None
             gaps.append((float(cur["t_in"]) - float(prev["t_out"])) * 1000.0)
         history = [str(h) for h in cur["history"]]
         if not history or history != served[max(0, i - len(history)):i]:
+            if until is not None and float(cur["t_in"]) > until:
+                after += 1
+                continue
             mismatches += 1
             if len(first_bad) < 3:
                 first_bad.append(f"{served[i]!r} carried {history[-3:]!r}, "
@@ -102,6 +108,7 @@ def session_order(entries: Sequence[dict[str, Any]], until: float | None = None
         "turns": len(ordered),
         "overlaps": overlaps,
         "history_mismatches": mismatches,
+        "history_mismatches_after": after,
         "duplicates": len(served) - len(set(served)),
         "examples": first_bad,
         "gap_ms": summary(gaps),

@@ -364,6 +364,8 @@ def test_session_order_judges_overlap_history_and_gaps() -> None:
     result = session_order(bad)
     assert result["overlaps"] == 1 and result["history_mismatches"] == 1
     assert result["duplicates"] == 1 and result["examples"]
+    late = session_order(bad, until=0.003)  # the third turn came after the load's end
+    assert (late["history_mismatches"], late["history_mismatches_after"]) == (0, 1)
     rounds = [{"t_in": 0.0, "t_out": 0.001, "tool_results": 0},
               {"t_in": 0.003, "t_out": 0.004, "tool_results": 1},
               {"t_in": 0.010, "t_out": 0.011, "tool_results": 0}]
