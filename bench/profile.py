@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="nonstream: spread requests round robin over N sessions "
                              "(stateful runs: lease, history window, stored turn) instead "
                              "of a fresh stateless session each")
-    parser.add_argument("--session-turns", type=int, default=0,
+    parser.add_argument("--session-turns", "--sessions-turns", type=int, default=0,
                         help="ttft: fill --history-sessions sessions with this many "
                              "turns first, then stream round robin over them")
     parser.add_argument("--history-sessions", type=int, default=16,
