@@ -102,6 +102,8 @@ def process_role(pid: int) -> str:
         return "gateway"
     if "bench.upstream" in words:
         return "upstream"
+    if "bench.mcp_tool" in words:  # the tool-round scenario's MCP server (a worker's child)
+        return "mcp-tool"
     for word in words[:3]:
         if Path(word).name == "litellm":
             return "litellm"

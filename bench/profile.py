@@ -3,6 +3,9 @@
     python -m bench.profile nonstream [--concurrency 16] [--duration 6] [--sessions 64]
     python -m bench.profile ttft      [--concurrency 1]
     python -m bench.profile held      [--streams 2000]
+    python -m bench.profile ttft      --session-turns 20 [--history-sessions 16]
+    python -m bench.profile hot       [--concurrency 8]      # one hot session
+    python -m bench.profile tools     [--tool-rounds 4]      # an agent's tool rounds
 
 Starts the fake upstream on the harness CPU and ``clawbus up`` (embedded
 nats-server, one gateway, ``--workers`` workers) on the system CPU, exactly as
@@ -31,12 +34,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from . import sessions as sessions_
 from .procs import process_role
 from .run import HELD_SHAPE, NONSTREAM, TTFT_SHAPE, Meter, choose_cpus
 from .systems import ROOT, Clawbus, UpstreamProcess
@@ -76,6 +81,8 @@ def _load_command(args: argparse.Namespace, system: Clawbus) -> list[str]:
     if args.load == "ttft":
         cmd += ["--concurrency", str(args.concurrency), "--duration", f"{args.duration:g}",
                 "--warmup", f"{args.warmup:g}"]
+        if args.session_turns:
+            cmd += ["--sessions", str(args.history_sessions), "--session-prefix", "hist-"]
     else:
         cmd += ["--streams", str(args.streams), "--rate", f"{args.rate:g}"]
     return cmd
@@ -90,10 +97,14 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
         system.warm()
         targets = {pid: process_role(pid) for pid in system.pids()} if py_spy else {}
         targets = {pid: role for pid, role in targets.items() if role in ("gateway", "worker")}
+        if args.load == "ttft" and args.session_turns:
+            sessions_.prefill(system.chat_url, system.auth, system.model(*NONSTREAM),
+                              sessions=args.history_sessions, turns=args.session_turns,
+                              prefix="hist-")
         # Held streams last tokens x delay after the last one opened.
         seconds = (args.duration + args.warmup if args.load == "ttft"
-                   else args.duration if args.load == "nonstream"
-                   else args.streams / args.rate + args.tokens * args.delay_ms / 1000)
+                   else args.streams / args.rate + args.tokens * args.delay_ms / 1000
+                   if args.load == "held" else args.duration)
         spies = {pid: subprocess.Popen(
             [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
              "--rate", str(args.rate_hz), "--duration", str(max(1, round(seconds))),
@@ -101,13 +112,27 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for pid, role in targets.items()}
         meter = Meter(system, upstream.pids, cpus)
-        if args.load == "nonstream":
+        load: dict[str, Any]
+        if args.load == "hot":
+            sessions_.upstream_log(upstream.url)  # empty it
+            load = run_wrk(ensure_wrk(), system.chat_url, sessions_.HOT_BODY, auth=system.auth,
+                           connections=args.concurrency, duration=args.duration,
+                           cpus=cpus.harness, sessions=1, session_prefix="hot-",
+                           timeout_s=30.0)
+            load["order"] = sessions_.session_order(sessions_.upstream_log(upstream.url),
+                                                    time.monotonic())
+        elif args.load == "tools":
+            sessions_.upstream_log(upstream.url)
+            load = run_wrk(ensure_wrk(), system.chat_url, sessions_.tools_body(args.tool_rounds),
+                           auth=system.auth, connections=args.concurrency,
+                           duration=args.duration, cpus=cpus.harness)
+            load.update(sessions_.tool_round_gaps(sessions_.upstream_log(upstream.url)))
+        elif args.load == "nonstream":
             body = orjson.dumps({"model": system.model(*NONSTREAM), "stream": False,
                                  "messages": [{"role": "user", "content": "hi"}]})
-            load: dict[str, Any] = run_wrk(ensure_wrk(), system.chat_url, body,
-                                           auth=system.auth, connections=args.concurrency,
-                                           duration=args.duration, cpus=cpus.harness,
-                                           sessions=args.sessions)
+            load = run_wrk(ensure_wrk(), system.chat_url, body, auth=system.auth,
+                           connections=args.concurrency, duration=args.duration,
+                           cpus=cpus.harness, sessions=args.sessions)
         else:
             cmd = _load_command(args, system)
             if cpus.harness:
@@ -134,7 +159,16 @@ def _figures(args: argparse.Namespace, load: dict[str, Any],
     """The numbers worth comparing: flat name → value."""
     out: dict[str, Any] = {"cpu_s": usage["system_cpu_s"]}
     roles: dict[str, float] = usage["system_cpu_s_by_role"]
-    if args.load == "nonstream":
+    if args.load == "hot":
+        order = load["order"]
+        out["turns/s"] = load.get("rps")
+        out["gap_p50_ms"] = order["gap_ms"]["p50"]
+        out["gap_p99_ms"] = order["gap_ms"]["p99"]
+        out["out_of_order"] = (order["overlaps"] + order["history_mismatches"]
+                               + order["duplicates"])
+    elif args.load == "tools":
+        out["round_gap_p50_ms"] = load["round_gap_ms"]["p50"]
+    if args.load in ("nonstream", "hot", "tools"):
         n = max(1, int(load.get("requests") or 0))
         out["rps"] = load.get("rps")
         out["p50_ms"] = (load.get("latency_us") or {}).get("p50", 0) / 1000
@@ -181,9 +215,9 @@ def _fmt(value: Any) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("load", choices=["nonstream", "ttft", "held"])
+    parser.add_argument("load", choices=["nonstream", "ttft", "held", "hot", "tools"])
     parser.add_argument("--concurrency", type=int, default=None,
-                        help="connections (nonstream: 16, ttft: 1)")
+                        help="connections (nonstream: 16, ttft: 1, hot: 8, tools: 1)")
     parser.add_argument("--duration", type=float, default=6.0,
                         help="seconds of load (ttft: measured, after the warm-up)")
     parser.add_argument("--warmup", type=float, default=0.0,
@@ -199,6 +233,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="nonstream: spread requests round robin over N sessions "
                              "(stateful runs: lease, history window, stored turn) instead "
                              "of a fresh stateless session each")
+    parser.add_argument("--session-turns", "--sessions-turns", type=int, default=0,
+                        help="ttft: fill --history-sessions sessions with this many "
+                             "turns first, then stream round robin over them")
+    parser.add_argument("--history-sessions", type=int, default=16,
+                        help="ttft with --session-turns: sessions (default 16)")
+    parser.add_argument("--tool-rounds", type=int, default=4,
+                        help="tools: tool rounds the model asks for (0: none)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--bus-sync", default=None, metavar="SYNC",
                         help="bus.sync for clawbus's embedded nats-server (default, always, "
@@ -212,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4, help="A/B rounds")
     args = parser.parse_args(argv)
     if args.concurrency is None:
-        args.concurrency = 16 if args.load == "nonstream" else 1
+        args.concurrency = {"nonstream": 16, "hot": 8}.get(args.load, 1)
+    tool_rounds = (args.tool_rounds,) if args.load == "tools" else ()
     py_spy: str | None = None
     if not args.no_spy and args.ab is None:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -226,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.ab is None:
             system = Clawbus(upstream.url, work, out_dir, workers=args.workers, cpus=cpus.system,
-                             shapes=[_held_shape(args)], bus_sync=args.bus_sync)
+                             shapes=[_held_shape(args)], bus_sync=args.bus_sync,
+                             tool_rounds=tool_rounds)
             figures = _measure(args, system, upstream, cpus, out_dir, py_spy=py_spy)
             _print_stacks(figures.pop("stacks"), args.top)
             print("\n" + "  ".join(f"{k} {_fmt(v)}" for k, v in figures.items()))
@@ -238,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
             for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
                 system = Clawbus(upstream.url, work, out_dir, workers=args.workers,
                                  cpus=cpus.system, source=sources[name], label=f"clawbus-{name}",
-                                 shapes=[_held_shape(args)], bus_sync=args.bus_sync)
+                                 shapes=[_held_shape(args)], bus_sync=args.bus_sync,
+                                 tool_rounds=tool_rounds)
                 figures = _measure(args, system, upstream, cpus, out_dir, py_spy=None,
                                    tag=f"-{name}-{round_ + 1}")
                 figures.pop("stacks")

@@ -184,6 +184,7 @@ def _side_by_side(data: Data, plan: dict[str, Any], peer: bool,
             + (f" ({_ratio(stateful, stateless)} stateless)" if stateless else ""), "—", "")
         cpu = data.med("clawbus", "sessions_c16", _get("cpu_ms_per_request"))
         row("… its CPU per request (ms)", "", _num(cpu, 2), "—", "")
+    _session_rows(data, plan, row)
 
     ttft50 = _get("ttft_ms.p50")
     gap99 = _get("gap_ms.p99")
@@ -285,6 +286,130 @@ def _side_by_side(data: Data, plan: dict[str, Any], peer: bool,
     add("")
 
 
+HISTORY = "ttft_history_c1"
+HOT = "hot_session"
+TOOLS = "tool_rounds_c1"
+
+
+def tool_round_added(record: dict[str, Any]) -> float | None:
+    """One round's added cost per tool round (ms): (latency p50 with K rounds −
+    with 0) / K − the tool alone (an MCP client's call round trip, p50)."""
+    runs = record.get("runs") or {}
+    k = int(record.get("rounds") or 0)
+    with_k = _get("latency_us.p50")(runs.get(str(k)) or {})
+    without = _get("latency_us.p50")(runs.get("0") or {})
+    alone = _get("call_ms.p50")(record.get("tool_alone") or {})
+    if not k or with_k is None or without is None or alone is None:
+        return None
+    return (with_k - without) / 1000.0 / k - alone
+
+
+def _tools_get(path: str, rounds: str) -> Getter:
+    inner = _get(path)
+
+    def get(record: dict[str, Any]) -> float | None:
+        runs = record.get("runs") or {}
+        key = str(record.get("rounds")) if rounds == "k" else rounds
+        return inner(runs.get(key) or {})
+
+    return get
+
+
+def _session_rows(data: Data, plan: dict[str, Any],
+                  row: Callable[[str, str, str, str, str], None]) -> None:
+    """Issue 20's session scenarios (clawbus only), when they ran."""
+    scenarios = data.scenarios()
+    if HISTORY in scenarios:
+        ttft50 = _get("ttft_ms.p50")
+        u, cb = (data.med(s, HISTORY, ttft50) for s in ("upstream", "clawbus"))
+        n, turns = plan.get("history_sessions", 16), plan.get("session_turns", 20)
+        row(f"TTFT p50, stream 32 × 20 ms, c=1, in sessions holding {turns}+ turns "
+            f"({n} sessions round robin; clawbus only) (ms)", _num(u, 2), _num(cb, 1), "—", "")
+        row(f"**added** TTFT p50, c=1, sessions of {turns}+ turns (ms)", "",
+            _signed(data.added("clawbus", HISTORY, ttft50)), "—", "")
+    if HOT in scenarios:
+        clients = plan.get("hot_clients", 8)
+        turns = data.med("clawbus", HOT, _get("rps"))
+        row(f"hot session: {clients} clients, one session key, turns/s (clawbus only)", "",
+            _num(turns, 0), "—", "")
+        p50 = data.med("clawbus", HOT, _get("order.gap_ms.p50"))
+        p99 = data.med("clawbus", HOT, _get("order.gap_ms.p99"))
+        row("… gap: a turn's upstream response end → the next turn's upstream request, "
+            "p50 / p99 (ms)", "", f"{_num(p50, 2)} / {_num(p99, 2)}", "—", "")
+        row("… its CPU per turn (ms)", "", _num(data.med("clawbus", HOT,
+                                                          _get("cpu_ms_per_request")), 2),
+            "—", "")
+        row("… served one at a time, in order, each with the turns before it", "",
+            _order_text(data), "—", "")
+    if TOOLS in scenarios:
+        k = next((int(r["rounds"]) for r in data.records if r["scenario"] == TOOLS), 0)
+        lat = [data.med("clawbus", TOOLS, _tools_get("latency_us.p50", key))
+               for key in ("0", "k")]
+        ms = [None if v is None else v / 1000.0 for v in lat]
+        row(f"agent tool loop, non-streaming c=1 latency p50 with 0 / {k} tool rounds "
+            "(ms; clawbus only)", "", f"{_num(ms[0], 2)} / {_num(ms[1], 2)}", "—", "")
+        alone = data.med("clawbus", TOOLS, _get("tool_alone.call_ms.p50"))
+        added = data.med("clawbus", TOOLS, tool_round_added)
+        row(f"… **added** per tool round (ms): ({k} rounds − 0) / {k} − the tool alone "
+            f"({_num(alone, 2)} ms: an MCP client's call round trip)", "", _signed(added),
+            "—", "")
+        gap = data.med("clawbus", TOOLS, _tools_get("round_gap_ms.p50", "k"))
+        row("… a round as the upstream sees it: tool call's response end → the request "
+            "with its result, p50 (ms)", "", _num(gap, 2), "—", "")
+        cpu = [data.med("clawbus", TOOLS, _tools_get("cpu_ms_per_request", key))
+               for key in ("0", "k")]
+        per_round = None if None in cpu else ((cpu[1] or 0.0) - (cpu[0] or 0.0)) / k
+        row("… CPU per request with 0 / k rounds, and per round (ms)", "",
+            f"{_num(cpu[0], 2)} / {_num(cpu[1], 2)}, {_num(per_round, 2)}", "—", "")
+
+
+def _order_text(data: Data) -> str:
+    bad: list[str] = []
+    for record in data.records:
+        if record["scenario"] != HOT:
+            continue
+        order = record.get("order") or {}
+        problems = [f"{order.get(key)} {label}" for key, label in (
+            ("overlaps", "overlapping"), ("history_mismatches", "out of order"),
+            ("duplicates", "served twice")) if order.get(key)]
+        if problems:
+            bad.append(f"round {record['round']}: " + ", ".join(problems))
+    return "yes, every round" if not bad else "**no** (" + "; ".join(bad) + ")"
+
+
+def _session_targets(data: Data, add: Callable[[str], None],
+                     verdict: Callable[[bool | None], str]) -> None:
+    """Issue 20's targets, for the scenarios that ran (clawbus only)."""
+    scenarios = data.scenarios()
+    if "sessions_c16" in scenarios:
+        rps = _get("rps")
+        stateless = data.med("clawbus", "rps_c16", rps)
+        stateful = data.med("clawbus", "sessions_c16", rps)
+        ok = None if not stateless or stateful is None else stateful >= 0.6 * stateless
+        add(f"| stateful req/s at c=16 (64 sessions) ≥ 0.6× stateless (clawbus only) | "
+            f"{_ratio(stateful, stateless)} ({_num(stateful, 0)} vs {_num(stateless, 0)}) | "
+            f"{verdict(ok)} |")
+        cpu = data.med("clawbus", "sessions_c16", _get("cpu_ms_per_request"))
+        add(f"| CPU per stateful request ≤ 1.4 ms (clawbus only) | {_num(cpu, 2)} ms | "
+            f"{verdict(None if cpu is None else cpu <= 1.4)} |")
+    if HISTORY in scenarios:
+        added = data.added("clawbus", HISTORY, _get("ttft_ms.p50"))
+        add(f"| added TTFT p50 at c=1 in a session of 20+ turns ≤ 3 ms (clawbus only) | "
+            f"{_signed(added)} ms | {verdict(None if added is None else added <= 3.0)} |")
+    if HOT in scenarios:
+        p50 = data.med("clawbus", HOT, _get("order.gap_ms.p50"))
+        p99 = data.med("clawbus", HOT, _get("order.gap_ms.p99"))
+        in_order = _order_text(data).startswith("yes")
+        ok = None if p50 is None or p99 is None else p50 <= 2.0 and p99 <= 2.0 and in_order
+        add(f"| hot session: gap between turns p50 and p99 ≤ 2 ms, turns in order "
+            f"(clawbus only) | {_num(p50, 2)} / {_num(p99, 2)} ms, in order: "
+            f"{'yes' if in_order else 'no'} | {verdict(ok)} |")
+    if TOOLS in scenarios:
+        added = data.med("clawbus", TOOLS, tool_round_added)
+        add(f"| added cost per agent tool round ≤ 2 ms (clawbus only) | {_signed(added)} ms | "
+            f"{verdict(None if added is None else added <= 2.0)} |")
+
+
 def _targets(data: Data, plan: dict[str, Any], peer: bool, add: Callable[[str], None]) -> None:
     add("**Targets**" + ("" if peer else
                          " — without `--peer litellm` the throughput target is "
@@ -335,6 +460,7 @@ def _targets(data: Data, plan: dict[str, Any], peer: bool, add: Callable[[str], 
     mib = None if rss is None else rss / MiB
     add(f"| idle RSS of all processes ≤ 150 MiB | {_num(mib, 0)} MiB | "
         f"{verdict(None if mib is None else mib <= 150)} |")
+    _session_targets(data, add, verdict)
     add("")
 
 

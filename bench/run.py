@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from . import report
+from . import sessions as sessions_
 from .procs import CLK_TCK, cpu_by_role, cpu_seconds, pss_bytes, rss_bytes, settle
 from .streamclient import DEFAULT_SLACK_MS, raise_nofile_limit
 from .systems import (
@@ -86,6 +87,15 @@ class Plan:
     # and stores its turn.
     sessions: int = 64
     only: str | None = None  # "rounds" or "scaling": the other part is skipped
+    # Issue 20's session scenarios (clawbus only; 0 skips each):
+    # TTFT at c=1 of streamed turns going round robin over `history_sessions`
+    # sessions, each filled with `session_turns` turns first;
+    session_turns: int = 20
+    history_sessions: int = 16
+    # one hot session: this many clients sending turns to one session key;
+    hot_clients: int = 8
+    # an agent's tool loop: latency at c=1 with this many tool rounds vs none.
+    tool_rounds: int = 4
 
 
 DEFAULT_SCALING: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4))
@@ -140,6 +150,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.slack_ms = args.slack_ms
     if args.sessions is not None:
         plan.sessions = args.sessions
+    for name in ("session_turns", "history_sessions", "hot_clients", "tool_rounds"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
     plan.ttft_warmup = (args.ttft_warmup if args.ttft_warmup is not None
                         else 2.0 if quick else plan.ttft_warmup)
     return plan
@@ -304,9 +317,11 @@ class Runner:
 
     def wrk_run(self, system: System, *, connections: int, duration: float,
                 stream: bool = False, max_requests: int | None = None,
-                sessions: int | None = None) -> dict[str, Any]:
+                sessions: int | None = None, body: bytes | None = None) -> dict[str, Any]:
         meter = Meter(system, self.upstream_pids, self.cpus)
-        result = run_wrk(self.wrk, system.chat_url, self.body(system, NONSTREAM, stream=stream),
+        if body is None:
+            body = self.body(system, NONSTREAM, stream=stream)
+        result = run_wrk(self.wrk, system.chat_url, body,
                          auth=system.auth, connections=connections, duration=duration,
                          cpus=self.cpus.harness, max_requests=max_requests, sessions=sessions)
         return {**result, **meter.done()}
@@ -321,6 +336,80 @@ class Runner:
         done = max(1, int(result["requests"]))
         result["cpu_ms_per_request"] = result["system_cpu_s"] * 1000.0 / done
         self.results.add(round_, system.key, "sessions_c16", **result)
+
+    def ttft_history(self, round_: int, system: System) -> None:
+        """TTFT at c=1 of turns in sessions that already hold ``plan.session_turns``
+        turns: fill ``plan.history_sessions`` sessions (non-streaming), then stream
+        turns round robin over them. Against the upstream alone (the baseline of
+        the added figure) the same streams, with no filling (it has no sessions)."""
+        if system.key not in ("clawbus", "upstream"):
+            return
+        n = self.plan.history_sessions
+        prefix = f"hist-r{round_}-"
+        filled = 0.0
+        if system.key == "clawbus":
+            filled = sessions_.prefill(system.chat_url, system.auth, system.model(*NONSTREAM),
+                                       sessions=n, turns=self.plan.session_turns,
+                                       prefix=prefix)
+            self.quiet(system)
+        result = self.streamclient(system, TTFT_SHAPE, "--concurrency", "1",
+                                   "--duration", f"{self.plan.duration:g}",
+                                   "--warmup", f"{self.plan.ttft_warmup:g}",
+                                   "--sessions", str(n), "--session-prefix", prefix)
+        self.results.add(round_, system.key, "ttft_history_c1", prefill_s=filled,
+                         sessions=n, session_turns=self.plan.session_turns, **result)
+
+    def hot_session(self, round_: int, system: System) -> None:
+        """``plan.hot_clients`` connections sending non-streaming turns to one session
+        key; the upstream's log says whether the turns were served one at a time, in
+        order, each with every earlier turn, and how long the session idled between
+        one turn's upstream response and the next turn's upstream request."""
+        if system.key != "clawbus":
+            return
+        sessions_.upstream_log(self.upstream.url)  # empty it
+        meter = Meter(system, self.upstream_pids, self.cpus)
+        result = run_wrk(self.wrk, system.chat_url, sessions_.HOT_BODY, auth=system.auth,
+                         connections=self.plan.hot_clients, duration=self.plan.duration,
+                         cpus=self.cpus.harness, sessions=1,
+                         session_prefix=f"hot-r{round_}-", timeout_s=30.0)
+        until = time.monotonic()
+        result.update(meter.done())
+        self.quiet(system)  # turns queued when the clients stopped drain first
+        order = sessions_.session_order(sessions_.upstream_log(self.upstream.url), until)
+        done = max(1, int(result["requests"]))
+        result["cpu_ms_per_request"] = result["system_cpu_s"] * 1000.0 / done
+        self.results.add(round_, system.key, "hot_session", clients=self.plan.hot_clients,
+                         order=order, **result)
+
+    def tool_round(self, round_: int, system: Clawbus) -> None:
+        """Non-streaming c=1 with an agent whose model asks for ``plan.tool_rounds``
+        rounds of one call of an MCP tool that answers at once, and with none;
+        plus the tool alone (an MCP client's call round trip to the same server)."""
+        k = self.plan.tool_rounds
+        cmd = [sys.executable, "-m", "bench.mcp_tool", "--time", "300"]
+        if self.cpus.system:
+            cmd += ["--cpus", self.cpus.system]
+        if self.cpus.harness:
+            cmd = ["taskset", "-c", self.cpus.harness, *cmd]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                             timeout=120)
+        if out.returncode != 0 or not out.stdout.strip():
+            raise RuntimeError(f"bench.mcp_tool --time failed: {out.stderr[-2000:]}")
+        alone: dict[str, Any] = orjson.loads(out.stdout.strip().splitlines()[-1])
+        runs: dict[str, Any] = {}
+        for rounds in (0, k):
+            self.quiet(system)
+            sessions_.upstream_log(self.upstream.url)
+            result = self.wrk_run(system, connections=1, duration=self.plan.duration,
+                                  body=sessions_.tools_body(rounds))
+            entries = sessions_.upstream_log(self.upstream.url)
+            done = max(1, int(result["requests"]))
+            result["cpu_ms_per_request"] = result["system_cpu_s"] * 1000.0 / done
+            result["upstream_calls_per_request"] = len(entries) / done
+            result.update(sessions_.tool_round_gaps(entries))
+            runs[str(rounds)] = result
+        self.results.add(round_, system.key, "tool_rounds_c1", rounds=k, tool_alone=alone,
+                         runs=runs)
 
     def throughput(self, round_: int, system: System, connections: int) -> None:
         result = self.wrk_run(system, connections=connections, duration=self.plan.duration)
@@ -393,6 +482,11 @@ def scenarios(plan: Plan, runner: Runner) -> list[tuple[str, Callable[[int, Syst
     if plan.sessions:
         out.append(("sessions_c16", runner.stateful))
     out.append(("cpu_per_request", runner.cpu_per_request))
+    # Issue 20's session scenarios last: they leave sessions with history behind.
+    if plan.session_turns and plan.history_sessions:
+        out.append(("ttft_history_c1", runner.ttft_history))
+    if plan.hot_clients:
+        out.append(("hot_session", runner.hot_session))
     return out
 
 
@@ -475,6 +569,8 @@ def run_rounds(plan: Plan, runner: Runner, upstream: UpstreamProcess, work: Path
                     log(f"  {name} · {system.label}")
                     attempt(results, f"round {round_}: {name} on {system.label}", run,
                             round_, system)
+            if plan.tool_rounds:
+                run_tool_rounds(runner, round_, work, logs, live)
             baseline = next((s for s in live if s.key == "upstream"), None)
             if baseline is not None:
                 runner.quiet(baseline)
@@ -489,6 +585,27 @@ def run_rounds(plan: Plan, runner: Runner, upstream: UpstreamProcess, work: Path
                 if problems:
                     results.problems.setdefault(system.label, []).extend(problems[:50])
                 system.stop()
+
+
+def run_tool_rounds(runner: Runner, round_: int, work: Path, logs: Path,
+                    live: Sequence[System]) -> None:
+    """The tool-round scenario on a clawbus of its own (its agents have an MCP tool,
+    whose server every worker runs: the main clawbus stays without one)."""
+    system = Clawbus(runner.upstream.url, work, logs, workers=1, cpus=runner.cpus.system,
+                     tool_rounds=(0, runner.plan.tool_rounds), label="clawbus+tools")
+    try:
+        if not attempt(runner.results, f"round {round_}: start {system.label}", system.start):
+            return
+        system.warm()
+        runner.quiet(system, live)
+        log(f"  tool_rounds_c1 · {system.label} ({runner.plan.tool_rounds} rounds vs 0)")
+        attempt(runner.results, f"round {round_}: tool rounds on {system.label}",
+                runner.tool_round, round_, system)
+    finally:
+        problems = system.log_problems()
+        if problems:
+            runner.results.problems.setdefault(system.label, []).extend(problems[:20])
+        system.stop()
 
 
 def scaling_scenario(gateways: int, workers: int) -> str:
@@ -566,6 +683,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=None,
                         help="session keys of the stateful run, clawbus only (default 64; "
                              "0 to skip)")
+    parser.add_argument("--session-turns", type=int, default=None,
+                        help="turns each session holds before the TTFT-in-a-session run, "
+                             "clawbus only (default 20; 0 to skip)")
+    parser.add_argument("--history-sessions", type=int, default=None,
+                        help="sessions of the TTFT-in-a-session run, streamed round robin "
+                             "(default 16)")
+    parser.add_argument("--hot-clients", type=int, default=None,
+                        help="clients of the hot-session run, all on one session key, "
+                             "clawbus only (default 8; 0 to skip)")
+    parser.add_argument("--tool-rounds", type=int, default=None,
+                        help="tool rounds of the tool-round run (vs 0), clawbus only "
+                             "(default 4; 0 to skip)")
     parser.add_argument("--ttft-warmup", type=float, default=None,
                         help="seconds of closed-loop streams before the measured TTFT "
                              "streams (default 5; quick 2)")

@@ -82,10 +82,10 @@ class StreamRecord:
 
 
 def build_request(host: str, port: int, path: str, body: bytes, auth: str | None,
-                  *, keep_alive: bool = True) -> bytes:
+                  *, keep_alive: bool = True, headers: Sequence[str] = ()) -> bytes:
     head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}",
             "Content-Type: application/json", "Accept: text/event-stream",
-            f"Content-Length: {len(body)}"]
+            f"Content-Length: {len(body)}", *headers]
     if auth:
         head.append(f"Authorization: Bearer {auth}")
     if not keep_alive:
@@ -303,12 +303,14 @@ async def _connect(host: str, port: int) -> _Connection:
     return protocol
 
 
-async def closed_loop(host: str, port: int, request: bytes, *, concurrency: int,
-                      duration: float, stream_timeout: float,
+async def closed_loop(host: str, port: int, request: bytes | Sequence[bytes], *,
+                      concurrency: int, duration: float, stream_timeout: float,
                       warmup: float = 0.0) -> tuple[list[StreamRecord], list[StreamRecord]]:
     """``concurrency`` keep-alive connections streaming back to back for
-    ``warmup + duration`` s: (the streams opened after the warm-up, every stream)."""
+    ``warmup + duration`` s: (the streams opened after the warm-up, every stream).
+    Several requests are sent round robin (stream k sends request k mod n)."""
     records: list[StreamRecord] = []
+    cycle = itertools.cycle([request] if isinstance(request, bytes) else list(request))
     measured_from = time.perf_counter() + warmup
     deadline = measured_from + duration
 
@@ -330,7 +332,7 @@ async def closed_loop(host: str, port: int, request: bytes, *, concurrency: int,
             first = False
             records.append(rec)
             try:
-                await asyncio.wait_for(conn.send(request, rec), stream_timeout)
+                await asyncio.wait_for(conn.send(next(cycle), rec), stream_timeout)
             except TimeoutError:
                 rec.error = "timeout"
                 conn.close()
@@ -470,10 +472,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         records = await open_rate(host, port, request, streams=args.streams, rate=args.rate,
                                   stream_timeout=timeout)
     else:
-        request = build_request(host, port, url.path, body, args.auth)
+        requests = [build_request(host, port, url.path, body, args.auth,
+                                  headers=[f"x-openclaw-session-key: {args.session_prefix}{k}"])
+                    for k in range(args.sessions)] if args.sessions else [
+            build_request(host, port, url.path, body, args.auth)]
         timeout = args.timeout or (args.tokens * args.delay_ms / 1000.0 + 30.0)
         records, every = await closed_loop(
-            host, port, request, concurrency=args.concurrency, duration=args.duration,
+            host, port, requests, concurrency=args.concurrency, duration=args.duration,
             stream_timeout=timeout, warmup=args.warmup)
         elapsed = time.perf_counter() - start - args.warmup
         result = summarize(records, tokens=args.tokens, delay_ms=args.delay_ms,
@@ -504,6 +509,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="closed loop: seconds measured (after the warm-up)")
     parser.add_argument("--warmup", type=float, default=0.0,
                         help="closed loop: seconds of streams before the measured ones")
+    parser.add_argument("--sessions", type=int, default=0,
+                        help="closed loop: send stream k to session <prefix><k mod N> "
+                             "(x-openclaw-session-key); 0: no session header")
+    parser.add_argument("--session-prefix", default="bench-",
+                        help="closed loop: session key prefix (with --sessions)")
     parser.add_argument("--streams", type=int, default=None,
                         help="open rate: number of streams (each on a new connection)")
     parser.add_argument("--rate", type=float, default=250.0, help="open rate: streams/s")

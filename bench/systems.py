@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from . import mcp_tool
 from .procs import Process, free_port, http_get, http_post, pinned
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,19 @@ _STARTS = itertools.count(1)  # unique state/log directory per system start
 
 # Every reply shape a scenario uses (tokens, delay in ms).
 SHAPES: tuple[tuple[int, float], ...] = ((32, 0.0), (32, 20.0), (20, 500.0))
+# The hot-session agent: 32-token replies, every upstream request logged
+# (bench/upstream.py: the `-log` model suffix, read back from GET /bench/log).
+HOT_AGENT = "hot"
+HOT_UPSTREAM_MODEL = "fake-t32-d0-log"
+
+
+def tools_agent(rounds: int) -> str:
+    """The agent whose model asks for ``rounds`` rounds of one tool call."""
+    return f"tools{rounds}"
+
+
+def tools_upstream_model(rounds: int) -> str:
+    return f"fake-t32-d0-tools{rounds}-log"
 
 
 def upstream_model(tokens: int, delay_ms: float) -> str:
@@ -175,8 +189,13 @@ class Clawbus(ProcessSystem):
     def __init__(self, upstream_url: str, workdir: Path, logs: Path, *, workers: int,
                  cpus: str | None, gateways: int = 1, label: str | None = None,
                  max_concurrent: int = 4096, source: Path | None = None,
-                 shapes: Sequence[tuple[int, float]] = (), bus_sync: str | None = None) -> None:
+                 shapes: Sequence[tuple[int, float]] = (), bus_sync: str | None = None,
+                 tool_rounds: Sequence[int] = ()) -> None:
         self.upstream_url = upstream_url
+        # Agents with an MCP tool (bench/mcp_tool.py), one per number of tool rounds
+        # the model asks for. Only when asked: each worker then runs the tool's
+        # server as a child process (more memory, a process more to account for).
+        self.tool_rounds = tuple(dict.fromkeys(tool_rounds))
         # `bus.sync` of the embedded nats-server (None: not in the config, its default).
         self.bus_sync = bus_sync
         # Reply shapes (tokens, delay) it has an agent for: the benchmark's, and more.
@@ -199,6 +218,12 @@ class Clawbus(ProcessSystem):
             {"id": f"t{t}-d{d:g}", "model": f"bench/{upstream_model(t, d)}"}
             for t, d in self.shapes]
         agents[0]["default"] = True
+        agents.append({"id": HOT_AGENT, "model": f"bench/{HOT_UPSTREAM_MODEL}"})
+        for rounds in self.tool_rounds:
+            agents.append({
+                "id": tools_agent(rounds), "model": f"bench/{tools_upstream_model(rounds)}",
+                "tools": {"maxRounds": rounds + 1, "mcpServers": {
+                    "bench": {"command": mcp_tool.command(), "cwd": str(ROOT)}}}})
         return {
             "gateway": {"bind": "loopback", "auth": {"mode": "token", "token": CLAWBUS_TOKEN},
                         "http": {"endpoints": {"chatCompletions": {"enabled": True}}}},

@@ -17,10 +17,27 @@ Routes:
   (absolute schedule: pacing never drifts under load); token 0 goes out at once,
   together with the response head and the role chunk.
 * ``GET /v1/models``, ``GET /health``.
+* ``GET /bench/log`` — the request log (see below) as JSON, emptied by the read.
 
 The reply's shape comes from the request's ``model``: a name ending in
 ``-t<N>`` or ``-t<N>-d<MS>`` (``fake-t32-d20``: 32 tokens, 20 ms apart) overrides
-``--tokens`` / ``--token-delay-ms``. So systems under test need no per-scenario
+``--tokens`` / ``--token-delay-ms``; then, optionally:
+
+* ``-tools<K>`` (``fake-t32-d0-tools4``): an agent's tool loop. The reply is one
+  tool call (to the first tool the request declares, else ``bench__echo``, with
+  arguments ``{"text": "r<round>"}``; finish reason ``tool_calls``) as long as the
+  conversation after its last user message holds fewer than K tool results, then
+  the text answer. So a run costs K + 1 upstream calls and K tool calls.
+* ``-log`` (``fake-t32-d0-log``, ``fake-t32-d0-tools4-log``): the request is
+  logged. Per request: ``t_in`` (``time.monotonic()`` when it had been read),
+  ``t_out`` (when the last byte of the response had been handed to the socket),
+  ``marker`` (the text of the last user message), ``history`` (the texts of the
+  earlier user messages, in order), ``messages`` (how many) and ``tool_results``
+  (tool results after the last user message). ``CLOCK_MONOTONIC`` is the same
+  clock in every process of the machine, so the times line up with other logs.
+  Opt-in by model name, so the other scenarios never pay for it.
+
+So systems under test need no per-scenario
 configuration other than routing a model name through. Token ``k``'s text is
 ``"w<k> "``: one whitespace-separated word per token, so a client can count tokens
 even when a gateway coalesces several into one delta.
@@ -38,13 +55,14 @@ import sys
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
-__all__ = ["ReplyShape", "Responses", "Server", "main", "serve"]
+__all__ = ["ReplyShape", "Responses", "Server", "main", "serve", "tool_call_response"]
 
-MODEL_RE = re.compile(r"-t(\d+)(?:-d(\d+(?:\.\d+)?))?$")
+MODEL_RE = re.compile(r"-t(\d+)(?:-d(\d+(?:\.\d+)?))?(?:-tools(\d+))?(-log)?$")
+DEFAULT_TOOL = "bench__echo"
 MAX_TOKENS = 100_000
 MAX_HEAD = 64 * 1024
 MAX_BODY = 16 * 1024 * 1024
@@ -56,6 +74,8 @@ class ReplyShape:
     model: str
     tokens: int
     delay_ms: float
+    tool_rounds: int = 0  # -tools<K>: K rounds of one tool call before the text
+    log: bool = False  # -log: every request is logged (Server.log)
 
 
 def token_text(k: int) -> str:
@@ -115,6 +135,75 @@ class Responses:
         self.stream_all = self.head + b"".join(self.token_chunks[1:]) + self.tail
 
 
+def tool_call_response(model: str, created: int, name: str, round_: int, *,
+                       stream: bool) -> bytes:
+    """The whole response asking for one call of tool ``name`` (round ``round_``)."""
+    cid = "chatcmpl-bench"
+    call = {"id": f"call_bench_{round_}", "type": "function",
+            "function": {"name": name, "arguments": orjson.dumps({"text": f"r{round_}"}).decode()}}
+    usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 1,
+             "total_tokens": PROMPT_TOKENS + 1}
+    if not stream:
+        body = orjson.dumps({
+            "id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None,
+                         "message": {"role": "assistant", "content": None, "refusal": None,
+                                     "tool_calls": [call]}}],
+            "usage": usage})
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _chunk(orjson.dumps({
+            "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                         "logprobs": None}]}))
+
+    return b"".join([
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
+        chunk({"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call}]}),
+        chunk({}, "tool_calls"),
+        _chunk(orjson.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                             "model": model, "choices": [], "usage": usage})),
+        _chunk(b"[DONE]"), b"0\r\n\r\n"])
+
+
+def _text(content: object) -> str:
+    """A message's text: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text") or "") for part in content
+                       if isinstance(part, dict))
+    return ""
+
+
+def _conversation(request: dict[str, Any]) -> tuple[str, list[str], int, int]:
+    """(last user text, earlier user texts, message count, tool results after the
+    last user message) of a chat completion request."""
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return "", [], 0, 0
+    users = [_text(m.get("content")) for m in messages
+             if isinstance(m, dict) and m.get("role") == "user"]
+    results = 0
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") == "user":
+            break
+        results += message.get("role") == "tool"
+    return (users[-1] if users else ""), users[:-1], len(messages), results
+
+
+def _first_tool(request: dict[str, Any]) -> str:
+    tools = request.get("tools")
+    if isinstance(tools, list) and tools and isinstance(tools[0], dict):
+        function = tools[0].get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return str(function["name"])
+    return DEFAULT_TOOL
+
+
 def _simple(status: bytes, body: bytes, content_type: bytes = b"application/json") -> bytes:
     return (b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
             % (status, content_type, len(body), body))
@@ -138,7 +227,10 @@ class Server:
         self.default_delay_ms = delay_ms
         self.created = int(time.time())
         self._cache: dict[str, Responses] = {}
+        self._tool_cache: dict[tuple[str, str, int, bool], bytes] = {}
         self.requests = 0
+        # Requests of ``-log`` models (see the module docstring), until read.
+        self.log: list[dict[str, Any]] = []
         self.models = _simple(b"200 OK", orjson.dumps(
             {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0,
                                          "owned_by": "bench"}]}))
@@ -148,16 +240,33 @@ class Server:
         if cached is not None:
             return cached
         tokens, delay = self.default_tokens, self.default_delay_ms
+        rounds, log = 0, False
         match = MODEL_RE.search(model)
         if match:
             tokens = int(match.group(1))
             if match.group(2) is not None:
                 delay = float(match.group(2))
+            rounds = int(match.group(3) or 0)
+            log = match.group(4) is not None
         tokens = max(1, min(tokens, MAX_TOKENS))
-        built = Responses(ReplyShape(model, tokens, delay), self.created)
+        built = Responses(ReplyShape(model, tokens, delay, rounds, log), self.created)
         if len(self._cache) < 1000:
             self._cache[model] = built
         return built
+
+    def tool_call(self, model: str, name: str, round_: int, *, stream: bool) -> bytes:
+        key = (model, name, round_, stream)
+        cached = self._tool_cache.get(key)
+        if cached is None:
+            cached = tool_call_response(model, self.created, name, round_, stream=stream)
+            if len(self._tool_cache) < 1000:
+                self._tool_cache[key] = cached
+        return cached
+
+    def log_response(self) -> bytes:
+        """``GET /bench/log``: the log so far, which the read empties."""
+        entries, self.log = self.log, []
+        return _simple(b"200 OK", orjson.dumps({"entries": entries}))
 
     def protocol(self) -> Connection:
         return Connection(self)
@@ -278,12 +387,31 @@ class Connection(asyncio.Protocol):
                 return
             model = request.get("model")
             responses = self.server.responses(model if isinstance(model, str) else "fake")
-            if request.get("stream") is not True:
+            shape = responses.shape
+            entry: dict[str, Any] | None = None
+            stream = request.get("stream") is True
+            results = 0
+            if shape.log or shape.tool_rounds:
+                marker, history, count, results = _conversation(request)
+                if shape.log:
+                    entry = {"t_in": time.monotonic(), "t_out": None, "marker": marker,
+                             "history": history, "messages": count,
+                             "tool_results": results}
+                    self.server.log.append(entry)
+            if results < shape.tool_rounds:
+                transport.write(self.server.tool_call(shape.model, _first_tool(request),
+                                                      results, stream=stream))
+            elif not stream:
                 transport.write(responses.json_response)
-            elif responses.shape.delay_ms <= 0 or len(responses.token_chunks) <= 1:
+            elif shape.delay_ms <= 0 or len(responses.token_chunks) <= 1:
                 transport.write(responses.stream_all)
             else:
-                self.start_stream(responses)
+                self.start_stream(responses, entry)
+                return
+            if entry is not None:
+                entry["t_out"] = time.monotonic()
+        elif method == b"GET" and path == b"/bench/log":
+            transport.write(self.server.log_response())
         elif method == b"GET" and path in (b"/health", b"/healthz", b"/"):
             transport.write(HEALTH)
         elif method == b"GET" and path == b"/v1/models":
@@ -291,7 +419,7 @@ class Connection(asyncio.Protocol):
         else:
             transport.write(NOT_FOUND)
 
-    def start_stream(self, responses: Responses) -> None:
+    def start_stream(self, responses: Responses, entry: dict[str, Any] | None = None) -> None:
         assert self.transport is not None
         self.busy = True
         self.transport.write(responses.head)
@@ -309,6 +437,8 @@ class Connection(asyncio.Protocol):
                 self.timer = loop.call_at(t0 + (k + 1) * delay, send, k + 1)
                 return
             self.transport.write(responses.tail)
+            if entry is not None:
+                entry["t_out"] = time.monotonic()
             self.busy = False
             if self.close_after_stream:
                 self.close()

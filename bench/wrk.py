@@ -56,18 +56,23 @@ def wrk_version(wrk: str) -> str:
 
 def run_wrk(wrk: str, url: str, body: bytes, *, auth: str | None, connections: int,
             duration: float, cpus: str | None, max_requests: int | None = None,
-            timeout_s: float = 10.0, sessions: int | None = None) -> dict[str, Any]:
+            timeout_s: float = 10.0, sessions: int | None = None,
+            session_prefix: str | None = None) -> dict[str, Any]:
     """One wrk run; its ``done()`` summary plus ``rps`` and ``duration_s``.
 
     With ``max_requests`` the run ends as soon as that many responses arrived
     (``duration`` is then only an upper bound). With ``sessions`` = N, requests go
-    round robin to N sessions (``x-openclaw-session-key: bench-<k>``).
+    round robin to N sessions (``x-openclaw-session-key: <session_prefix><k>``,
+    prefix ``bench-`` by default). A body holding ``@N@`` gets each request's number
+    (1, 2, …) there.
     """
     env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_AUTH": auth or ""}
     if max_requests is not None:
         env["BENCH_MAX_REQUESTS"] = str(max_requests)
     if sessions:
         env["BENCH_SESSIONS"] = str(sessions)
+    if session_prefix is not None:
+        env["BENCH_SESSION_PREFIX"] = session_prefix
     cmd = pinned([wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
                   f"--timeout={max(1, round(timeout_s))}s", "-s", str(SCRIPT), url], cpus)
     lines: list[str] = []

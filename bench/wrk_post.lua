@@ -13,15 +13,26 @@ if auth and auth ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. auth
 end
 
--- With $BENCH_SESSIONS = N, request k goes to session "bench-<k mod N>" (header
--- x-openclaw-session-key): stateful runs, each session's turns one after another.
+-- With $BENCH_SESSIONS = N, request k goes to session "<prefix><k mod N>" (header
+-- x-openclaw-session-key; prefix $BENCH_SESSION_PREFIX, default "bench-"):
+-- stateful runs, each session's turns one after another. A body holding "@N@"
+-- gets request k's number there (k = 1, 2, …): each turn's prompt is told apart.
 local sessions = tonumber(os.getenv("BENCH_SESSIONS") or "")
-if sessions and sessions > 0 then
+local prefix = os.getenv("BENCH_SESSION_PREFIX") or "bench-"
+local numbered = string.find(wrk.body, "@N@", 1, true) ~= nil
+if (sessions and sessions > 0) or numbered then
   local sent = 0
+  local template = wrk.body
   function request()
     sent = sent + 1
-    wrk.headers["x-openclaw-session-key"] = "bench-" .. (sent % sessions)
-    return wrk.format()
+    if sessions and sessions > 0 then
+      wrk.headers["x-openclaw-session-key"] = prefix .. (sent % sessions)
+    end
+    local body = nil
+    if numbered then
+      body = string.gsub(template, "@N@", tostring(sent))
+    end
+    return wrk.format(nil, nil, nil, body)
   end
 end
 

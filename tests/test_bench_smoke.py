@@ -284,3 +284,143 @@ async def test_history_bench_renders(nats_server: NatsServer) -> None:
     assert rows[0].startswith("| turns |") and len(rows) == 4
     assert rows[2].startswith("| 2 | ") and "(2)" in rows[2]
     assert rows[3].startswith("| 5 | ") and "(2)" in rows[3]  # ~620-char turns: 2 fit
+
+
+async def _get_log(port: int) -> list[dict[str, Any]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /bench/log HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    try:
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    entries: list[dict[str, Any]] = orjson.loads(raw.partition(b"\r\n\r\n")[2])["entries"]
+    return entries
+
+
+async def test_upstream_tool_rounds_then_text(fake: int) -> None:
+    """``-tools<K>``: one call of the request's first tool per round until the
+    conversation after the last user message holds K results, then the text."""
+    tools = [{"type": "function", "function": {"name": "srv__echo", "parameters": {}}}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "go"}]
+    for round_ in range(2):
+        raw = await _exchange(fake, {"model": "fake-t3-d0-tools2", "stream": True,
+                                     "tools": tools, "messages": messages})
+        events = [e[len(b"data: "):] for e in _dechunk(raw.partition(b"\r\n\r\n")[2])
+                  .split(b"\n\n") if e]
+        assert events[-1] == b"[DONE]"
+        chunks = [orjson.loads(e) for e in events[:-1]]
+        for chunk in chunks:
+            validate("chat_completion_chunk", chunk)
+        (call,) = chunks[0]["choices"][0]["delta"]["tool_calls"]
+        assert call["function"]["name"] == "srv__echo" and call["index"] == 0
+        assert orjson.loads(call["function"]["arguments"]) == {"text": f"r{round_}"}
+        assert chunks[1]["choices"][0]["finish_reason"] == "tool_calls"
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": "ok"}]
+    raw = await _exchange(fake, {"model": "fake-t3-d0-tools2", "tools": tools,
+                                 "messages": messages})
+    completion = orjson.loads(raw.partition(b"\r\n\r\n")[2])
+    validate("chat_completion", completion)
+    assert completion["choices"][0]["message"]["content"].split() == ["w0", "w1", "w2"]
+    # A new user message starts the count again; no `tools`: the default name.
+    raw = await _exchange(fake, {"model": "fake-t3-tools1", "messages": [
+        *messages, {"role": "assistant", "content": "w0"}, {"role": "user", "content": "again"}]})
+    message = orjson.loads(raw.partition(b"\r\n\r\n")[2])["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"]["name"] == upstream.DEFAULT_TOOL
+
+
+async def test_upstream_log_is_opt_in_and_emptied_by_reading(fake: int) -> None:
+    await _exchange(fake, {"model": "fake-t2", "messages": [{"role": "user", "content": "x"}]})
+    for k in range(2):
+        await _exchange(fake, {"model": "fake-t2-d0-log", "stream": k == 1, "messages": [
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "w0"},
+            {"role": "user", "content": f"m{k}"}]})
+    entries = await _get_log(fake)
+    assert [e["marker"] for e in entries] == ["m0", "m1"]  # not the unlogged model's
+    for entry in entries:
+        assert entry["history"] == ["a"] and entry["messages"] == 3
+        assert entry["t_in"] <= entry["t_out"]
+    assert entries[0]["t_out"] <= entries[1]["t_in"]
+    assert await _get_log(fake) == []
+
+
+def test_session_order_judges_overlap_history_and_gaps() -> None:
+    from bench.sessions import session_order, tool_round_gaps
+
+    def entry(marker: str, t_in: float, t_out: float, history: list[str]) -> dict[str, Any]:
+        return {"marker": marker, "t_in": t_in, "t_out": t_out, "history": history,
+                "tool_results": 0}
+
+    good = [entry("a", 0.0, 0.001, []), entry("b", 0.002, 0.003, ["a"]),
+            entry("c", 0.006, 0.007, ["b"])]  # a window that starts later is fine
+    result = session_order(list(reversed(good)))
+    assert (result["turns"], result["overlaps"], result["history_mismatches"]) == (3, 0, 0)
+    assert result["gap_ms"]["p50"] == pytest.approx(1.0)
+    assert result["gap_ms"]["max"] == pytest.approx(3.0)
+    assert session_order(good, until=0.004)["gaps"] == 1  # after the load's end: left out
+    bad = [entry("a", 0.0, 0.002, []), entry("b", 0.001, 0.003, ["a"]),
+           entry("c", 0.004, 0.005, ["a"]), entry("c", 0.006, 0.007, ["a", "b", "c"])]
+    result = session_order(bad)
+    assert result["overlaps"] == 1 and result["history_mismatches"] == 1
+    assert result["duplicates"] == 1 and result["examples"]
+    late = session_order(bad, until=0.003)  # the third turn came after the load's end
+    assert (late["history_mismatches"], late["history_mismatches_after"]) == (0, 1)
+    rounds = [{"t_in": 0.0, "t_out": 0.001, "tool_results": 0},
+              {"t_in": 0.003, "t_out": 0.004, "tool_results": 1},
+              {"t_in": 0.010, "t_out": 0.011, "tool_results": 0}]
+    gaps = tool_round_gaps(rounds)
+    assert gaps["rounds"] == 1 and gaps["round_gap_ms"]["p50"] == pytest.approx(2.0)
+
+
+def test_report_session_rows_and_targets() -> None:
+    def rec(scenario: str, system: str = "clawbus", **values: Any) -> dict[str, Any]:
+        return {"round": 1, "system": system, "scenario": scenario, **values}
+
+    gap = {"p50": 1.5, "p99": 3.0}
+    records = [
+        rec("rps_c16", rps=1000.0, latency_us={"p50": 100.0}, error_count=0),
+        rec("sessions_c16", rps=700.0, cpu_ms_per_request=1.2, error_count=0),
+        rec("ttft_history_c1", "upstream", ttft_ms={"p50": 0.5}),
+        rec("ttft_history_c1", ttft_ms={"p50": 3.0}),
+        rec("hot_session", rps=400.0, cpu_ms_per_request=2.0, error_count=0,
+            order={"gap_ms": gap, "overlaps": 0, "history_mismatches": 0, "duplicates": 0}),
+        rec("tool_rounds_c1", rounds=4, tool_alone={"call_ms": {"p50": 0.5}}, runs={
+            "0": {"latency_us": {"p50": 2000.0}, "cpu_ms_per_request": 1.0,
+                  "round_gap_ms": {"p50": None}},
+            "4": {"latency_us": {"p50": 10000.0}, "cpu_ms_per_request": 5.0,
+                  "round_gap_ms": {"p50": 1.8}}}),
+    ]
+    raw = {"plan": {"duration": 1, "concurrency": [16], "ttft_concurrency": [], "held": [],
+                    "held_rate": 250, "cpu_requests": 10, "slack_ms": 100, "sessions": 64,
+                    "session_turns": 20, "history_sessions": 16, "hot_clients": 8,
+                    "tool_rounds": 4},
+           "machine": {"cpu": "test"}, "cpus": {"system": "0", "harness": "1"},
+           "started": "2025-01-01T00:00:00", "records": records}
+    text = report.render(raw, "bench/results/x.json", "python -m bench.run")
+    assert "| **added** TTFT p50, c=1, sessions of 20+ turns (ms) |  | +2.50 | — |  |" in text
+    assert "p50 / p99 (ms) |  | 1.50 / 3.00 | — |  |" in text
+    assert "each with the turns before it |  | yes, every round | — |  |" in text
+    assert "with 0 / 4 tool rounds (ms; clawbus only) |  | 2.00 / 10.00 |" in text
+    assert "(0.50 ms: an MCP client's call round trip) |  | +1.50 |" in text
+    assert "| stateful req/s at c=16 (64 sessions) ≥ 0.6× stateless (clawbus only) | " \
+           "0.70× (700 vs 1,000) | yes |" in text
+    assert "| CPU per stateful request ≤ 1.4 ms (clawbus only) | 1.20 ms | yes |" in text
+    assert "| added TTFT p50 at c=1 in a session of 20+ turns ≤ 3 ms (clawbus only) | " \
+           "+2.50 ms | yes |" in text
+    assert "1.50 / 3.00 ms, in order: yes | **no** |" in text  # p99 over 2 ms
+    assert "| added cost per agent tool round ≤ 2 ms (clawbus only) | +1.50 ms | yes |" in text
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+async def test_wrk_numbers_each_prompt(fake: int) -> None:
+    """A body holding ``@N@`` gets each request's own number there."""
+    body = b'{"model": "fake-t2-log", "messages": [{"role": "user", "content": "hot @N@"}]}'
+    result = await asyncio.to_thread(
+        wrk.run_wrk, shutil.which("wrk") or "wrk", f"http://127.0.0.1:{fake}/v1/chat/completions",
+        body, auth=None, connections=2, duration=1, cpus=None, max_requests=20, sessions=1,
+        session_prefix="hot-")
+    markers = [e["marker"] for e in await _get_log(fake)]
+    assert result["requests"] >= 20 and len(markers) >= 20
+    assert len(set(markers)) == len(markers) and all(m.startswith("hot ") for m in markers)
+    assert "@N@" not in "".join(markers)
