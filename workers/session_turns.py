@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("clawbus.worker")
 
 NAK_DELAY = 0.25
+QUEUED_NOTICE_DELAY = 0.05  # a held run tells its gateway once held this long
 # How a run ended, for whether its lease may go straight to the session's next
 # run: its message is gone for good (acked or terminated) and the lease is intact.
 # (Not "requeued" — it runs again, it is still the head — nor "superseded" or
@@ -74,6 +75,7 @@ class SessionTurns:
         self.cache = SessionCache()
         self._held: HeldRuns[SessionLease] = HeldRuns()
         self._done: dict[str, asyncio.Event] = {}
+        self._leased: set[str] = set()  # sessions whose lease this worker holds
 
     # -- waiting for the turn ------------------------------------------------
 
@@ -94,7 +96,9 @@ class SessionTurns:
         """Wait until this run heads its session and we hold the lease; the lease,
         or None if the run was handed back (naked) or dropped."""
         handed: asyncio.Future[SessionLease] | None = None
-        next_probe = 0.0
+        # A run held only briefly (handed the lease within the notice delay, as
+        # in a busy session) costs its gateway no `queued` notice.
+        next_probe = time.monotonic() + QUEUED_NOTICE_DELAY
         try:
             while True:
                 if handed is not None and handed.done():
@@ -106,17 +110,24 @@ class SessionTurns:
                 if run.run_id in self._cancelled:
                     await msg.term()
                     return None
-                # The first look takes the lease in the same round trip as the
-                # head check (a session's run is mostly its head); later ones
-                # only once the head check says so.
-                head, lease = await self._look(token, seq, together=handed is None)
-                if head is None or head > seq:
-                    # Deleted (its client gave up) or already completed elsewhere.
-                    await msg.term()
-                    return None
-                if lease is not None:
-                    emitter.lease = lease
-                    return lease
+                if handed is None and token in self._leased:
+                    # One of our runs has the session: this one is not its head
+                    # (the running one is), and the lease comes here by hand-over
+                    # when it is due (or sess.done says to look again).
+                    pass
+                else:
+                    # The first look takes the lease in the same round trip as the
+                    # head check (a session's run is mostly its head); later ones
+                    # only once the head check says so.
+                    head, lease = await self._look(token, seq, together=handed is None)
+                    if head is None or head > seq:
+                        # Deleted (its client gave up) or already completed elsewhere.
+                        await msg.term()
+                        return None
+                    if lease is not None:
+                        self._leased.add(token)
+                        emitter.lease = lease
+                        return lease
                 if self._stopping.is_set():
                     await msg.nak()
                     return None
@@ -230,6 +241,7 @@ class SessionTurns:
 
     async def let_go(self, token: str, lease: SessionLease) -> None:
         """Release the lease (unless it was lost) and tell the session's waiters."""
+        self._leased.discard(token)
         if lease.held:
             try:
                 rev = await lease.release()
