@@ -154,3 +154,23 @@ async def test_held_runs_hand_over_only_to_a_waiting_run() -> None:
     assert first.result() == "lease"
     assert held.leave("t", 7) == "lease"  # a run that gave up returns what it got
     assert held.leave("t", 9) is None and held.oldest("t") is None
+
+
+def test_identity_memo_computes_once_per_object() -> None:
+    from workers.memo import IdentityMemo
+
+    calls: list[str] = []
+
+    def shout(text: list[str]) -> str:
+        calls.append(text[0])
+        return text[0].upper()
+
+    memo: IdentityMemo[list[str], str] = IdentityMemo(shout, size=2)
+    a, b, c = ["a"], ["b"], ["c"]
+    assert memo(a) == "A" and memo(a) == "A" and calls == ["a"]
+    assert memo(["a"]) == "A" and calls == ["a", "a"]  # equal but another object
+    memo(b)
+    memo(c)  # full: the oldest entries went
+    assert len(memo) == 2
+    memo(c)
+    assert calls == ["a", "a", "b", "c"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from bus.messages import ChatItem, RunRequest, ToolCall, ToolCallChunk, Turn, Usage
 
 from .events import Emitter
+from .memo import IdentityMemo
 from .providers.base import ChatMessage, Finish, Provider, ProviderRequest, TextDelta
 
 
@@ -41,14 +42,9 @@ def build_request(model: str, system_prompt: str, run: RunRequest,
     messages: list[ChatMessage] = []
     structured = bool(run.input)
     for turn in history:
-        if turn.structured():
-            structured = True
-            messages.extend(_message(item) for item in turn.input_items())
-            messages.extend(_message(item) for item in turn.steps)
-            messages.append(_message(turn.reply_item()))
-        else:  # the common case, without building items
-            messages.append(ChatMessage("user", turn.user))
-            messages.append(ChatMessage("assistant", turn.assistant))
+        turn_structured, turn_messages = _turn_messages(turn)
+        structured = structured or turn_structured
+        messages.extend(turn_messages)
     if run.input:
         messages.extend(_message(item) for item in run.input)
     else:
@@ -57,6 +53,17 @@ def build_request(model: str, system_prompt: str, run: RunRequest,
         messages = paired(messages)
     return ProviderRequest(model=model, system=system, messages=tuple(messages),
                            params=run.params, tools=run.tools, tool_choice=run.tool_choice)
+
+
+def _as_messages(turn: Turn) -> tuple[bool, tuple[ChatMessage, ...]]:
+    """A stored turn as chat messages; whether it holds tool traffic."""
+    if not turn.structured():  # the common case, without building items
+        return False, (ChatMessage("user", turn.user), ChatMessage("assistant", turn.assistant))
+    return True, (*(_message(item) for item in turn.input_items()),
+                  *(_message(item) for item in turn.steps), _message(turn.reply_item()))
+
+
+_turn_messages = IdentityMemo(_as_messages)
 
 
 def _message(item: ChatItem) -> ChatMessage:

@@ -49,7 +49,7 @@ from bus.nats_adapter import AckedPublisher, LeaderGet
 from bus.payloads import PAYLOADS_BUCKET, Objects, PayloadMissingError
 from bus.pull import PullConsumer
 from bus.registry import beat_period
-from bus.transcripts import StaleTranscriptError, Transcripts, Window, within_budget
+from bus.transcripts import StaleTranscriptError, Transcripts, Window
 from clawbus.config import Settings
 from clawbus.logs import run_context
 
@@ -560,11 +560,10 @@ class Worker:
                 raise ProviderError("failed", f"model provider '{provider_name}' is not "
                                     "configured here")
         provider = self._provider(provider_name)
-        history = within_budget(turns, settings.session.history_budget_chars)
         prompt = self._system_prompts.get(agent.id)
         if prompt is None:  # read once per process (systemPromptFile is a file read)
             prompt = self._system_prompts[agent.id] = settings.agent_system_prompt(agent)
-        request = build_request(model, prompt, run, history)
+        request = build_request(model, prompt, run, turns)  # (turns fit the budget)
         execution.timeout = settings.agent_timeout(agent)
         agent_tools = await self._tools.tools_for(agent.id) if self._tools is not None else ()
         if agent_tools:

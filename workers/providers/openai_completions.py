@@ -35,6 +35,7 @@ import orjson
 
 from bus.messages import ImagePart, ToolCallChunk, ToolChoice, Usage, unpack_vector
 
+from ..memo import IdentityMemo
 from .base import ChatMessage, Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
 from .http_client import HTTPError, Response
 from .http_stream import (
@@ -286,7 +287,7 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     if request.system:
         messages.append({"role": "system", "content": request.system})
-    messages.extend(_message(m) for m in request.messages)
+    messages.extend(map(_message_memo, request.messages))
     body: dict[str, Any] = {
         "model": request.model,
         "messages": messages,
@@ -328,6 +329,11 @@ def _message(message: ChatMessage) -> dict[str, Any]:
                      for image in message.images)
         return {"role": message.role, "content": parts}
     return {"role": message.role, "content": message.content}
+
+
+# A session's history arrives as the same ChatMessage objects run after run
+# (workers/memo.py); the dicts are only ever serialised, never changed.
+_message_memo = IdentityMemo(_message)
 
 
 def _image_url(image: ImagePart) -> dict[str, str]:
