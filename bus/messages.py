@@ -158,6 +158,9 @@ class RunRequest(_Wire):
     # An embeddings request (SPEC §11) rather than an agent turn: always
     # ephemeral, its embedding model in ``model``; answered by ``Embedded``.
     embed: EmbedParams | None = None
+    # The client shows the agent's tool steps (WS caps `tool-events`, the CLI):
+    # only then does the worker send ToolEvents.
+    tool_events: bool = False
 
 
 class Usage(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -62,7 +63,7 @@ def _preview(text: str) -> str:
 
 async def _follow(runs: RunClient, spec: Any, as_json: bool) -> int:
     try:
-        handle = await runs.submit(spec, door="cli")
+        handle = await runs.submit(dataclasses.replace(spec, tool_events=True), door="cli")
     except RunRejected as exc:
         print(f"clawbus agent: {exc.message}", file=sys.stderr)
         return EXIT_FAILED

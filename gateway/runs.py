@@ -102,6 +102,8 @@ class RunSpec:
     # An embeddings request (SPEC §11) instead of an agent turn: ephemeral, its
     # embedding model in ``model``; the run ends with ``Embedded``.
     embed: EmbedParams | None = None
+    # The client shows the agent's tool steps (else the worker sends none).
+    tool_events: bool = False
 
 
 # What :meth:`RunHandle.events` yields, when asked to, after ``keepalive`` seconds
@@ -469,7 +471,7 @@ class RunClient:
             params=spec.params, events_subject=subjects.events(self.gateway_id, run_id),
             created=handle.created, ephemeral=spec.ephemeral, stream=spec.stream,
             input=spec.input, tools=spec.tools, tool_choice=spec.tool_choice, model=spec.model,
-            embed=spec.embed,
+            embed=spec.embed, tool_events=spec.tool_events,
         )
         payload = request.model_dump_json().encode()
         self._runs[run_id] = handle

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -281,7 +282,8 @@ class Connection:
 
     async def _agent(self, arg: Any) -> dict[str, Any]:
         req_id, params = arg
-        spec = agent_turn(params, self.settings)
+        spec = dataclasses.replace(agent_turn(params, self.settings),
+                                   tool_events=self.tool_events)
         if len(self._run_tasks) >= MAX_RUNS_PER_SOCKET:
             raise ApiError(429, f"at most {MAX_RUNS_PER_SOCKET} runs per connection",
                            "rate_limit_error", "too_many_runs")

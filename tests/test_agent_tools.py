@@ -35,6 +35,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.http_upstream import FakeReply, text_of
 from tests.fakes.mcp_servers import HttpMcpServer, stdio_command
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.faultkit import EventTap
 from tests.helpers import TOKEN, Stack, base_config
 from tests.schemas import validate
 
@@ -278,7 +279,21 @@ async def ws_run(url: str, text: str, caps: list[str]) -> list[dict[str, Any]]:
 
 
 def test_ws_tool_events_only_with_the_cap(mstack: Stack) -> None:
-    with_cap = asyncio.run(ws_run(mstack.url, f"[{tag()}] two rounds", ["tool-events"]))
+    """Clients that show tool steps (WS caps) get them; for the others the worker
+    sends none at all (the bus carries no tool events for their runs)."""
+    async def both() -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, int]:
+        tap = await EventTap().start(mstack.nats.url)
+        try:
+            with_cap = await ws_run(mstack.url, f"[{tag()}] two rounds", ["tool-events"])
+            sent_with = sum(r.type == "tool" for r in tap.snapshot())
+            without = await ws_run(mstack.url, f"[{tag()}] two rounds", [])
+            sent_without = sum(r.type == "tool" for r in tap.snapshot()) - sent_with
+        finally:
+            await tap.close()
+        return with_cap, without, sent_with, sent_without
+
+    with_cap, without, sent_with, sent_without = asyncio.run(both())
+    assert sent_with == 6 and sent_without == 0  # (3 calls: a start and a result each)
     steps = [e["data"] for e in with_cap if e["stream"] == "tool"]
     assert [(s["phase"], s["name"]) for s in steps[:2]] == [("start", "calc__add"),
                                                             ("start", "web__add")]
@@ -286,7 +301,6 @@ def test_ws_tool_events_only_with_the_cap(mstack: Stack) -> None:
     assert sorted(s["result"] for s in results) == ["10", "3", "7"]
     assert all(s["isError"] is False and s["toolCallId"] for s in results)
     assert steps[0]["args"] == '{"a": 1, "b": 2}'
-    without = asyncio.run(ws_run(mstack.url, f"[{tag()}] two rounds", []))
     assert not [e for e in without if e["stream"] == "tool"]
 
 

@@ -98,8 +98,10 @@ def _abandoned(reply: bytes | None) -> str | None:
 class Emitter:
     def __init__(self, nc: Client, requests: Requester, subject: str, attempt: int,
                  coalesce_seconds: float = COALESCE_SECONDS, *, streaming: bool = True,
-                 liveness: Liveness | None = None, payloads: Objects | None = None) -> None:
+                 liveness: Liveness | None = None, payloads: Objects | None = None,
+                 tool_events: bool = True) -> None:
         self._nc = nc
+        self._tool_events = tool_events  # the client shows tool steps
         self._requests = requests
         self._subject = subject
         self.attempt = attempt
@@ -232,7 +234,9 @@ class Emitter:
     async def tool_event(self, phase: Literal["start", "result"], name: str, call_id: str, *,
                          args: str = "", result: str = "", is_error: bool = False) -> None:
         """A step of the agent's tool loop, sent at once after the text before it
-        (for every client: the gateway decides who sees it)."""
+        (only to clients that show them: RunRequest.tool_events)."""
+        if not self._tool_events:
+            return
         await self.drain()
         if time.monotonic() >= self.lease_deadline or not self.sure:
             return  # held text would go first; a step is not worth waiting for

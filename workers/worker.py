@@ -328,7 +328,7 @@ class Worker:
         meta = msg.metadata
         emitter = Emitter(self.nc, self._requests, run.events_subject, attempt=meta.num_delivered,
                           streaming=run.stream, liveness=self.liveness,
-                          payloads=self._payloads)
+                          payloads=self._payloads, tool_events=run.tool_events)
         try:
             if run.ephemeral:
                 # A gateway-generated stateless session: this is its only run, so
