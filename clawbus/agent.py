@@ -34,7 +34,7 @@ async def run_turn(settings: Settings, bus_url: str, params: dict[str, Any],
     nc = await connect(bus_url, "clawbus-agent")
     try:
         js = await ensure_bus(nc, settings.bus, settings.session)
-        runs = RunClient(nc, js, settings.bus)
+        runs = RunClient(nc, js, settings.bus, longest_run=settings.longest_agent_timeout())
         await runs.start()
         try:
             return await _follow(runs, spec, as_json)

@@ -479,6 +479,12 @@ class Settings(_Model):
     def agent_timeout(self, agent: AgentConfig) -> float:
         return agent.timeout_seconds or self.agents.defaults.timeout_seconds
 
+    def longest_agent_timeout(self) -> float:
+        """The longest any agent's run may take."""
+        agents = [a for a in map(self.agent, self.agent_ids) if a is not None]
+        return max((self.agent_timeout(a) for a in agents),
+                   default=self.agents.defaults.timeout_seconds)
+
     def agent_tools(self, agent: AgentConfig) -> AgentToolsConfig:
         """The agent's effective tools: the defaults' with the agent's own over them
         (the merge rule of the module docstring)."""

@@ -175,7 +175,8 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
         nc = await connect(bus_url, name)
         try:
             js = await ensure_bus(nc, settings.bus, settings.session)
-            runs = RunClient(nc, js, settings.bus, metrics=metrics)
+            runs = RunClient(nc, js, settings.bus, metrics=metrics,
+                             longest_run=settings.longest_agent_timeout())
             await runs.start()
             metrics.active_runs.set_function(lambda: runs.active_runs)
             auth = Authenticator(settings)

@@ -187,11 +187,15 @@ class RunHandle:
         queue = self._queue
         sequencer = self._sequencer
         last_event = last_yield = queue.time()
+        longest = self._client.longest_wait
+        wait_until = last_event + longest if longest else float("inf")
         try:
             while True:
                 # Any message (heartbeats and queued notices too) restarts the
                 # phase's timer; keep-alives count from the last thing yielded.
                 phase_deadline = last_event + self._timeout()
+                if not sequencer.accepted:
+                    phase_deadline = min(phase_deadline, wait_until)
                 deadline = min(phase_deadline, last_yield + keepalive) if keepalive \
                     else phase_deadline
                 data = await queue.get(deadline)
@@ -212,6 +216,11 @@ class RunHandle:
                         if not self._client.workers_alive():
                             await self.cancel("no_worker")
                             raise NoWorkerError() from None
+                        if queue.time() >= wait_until:
+                            yield await self._give_up(
+                                "turn_timeout", "the run's turn in its session never came "
+                                "(an earlier run of the session did not end)")
+                            return
                         if await self._client.still_queued(self) is False:
                             # Its message left the queue, yet no worker said it runs
                             # the run (a worker gave it up, finding the gateway
@@ -328,10 +337,16 @@ class RunClient:
     """Owns the event subscription of one gateway process and submits runs."""
 
     def __init__(self, nc: Client, js: JetStreamContext, bus: BusConfig,
-                 gateway_id: str | None = None, metrics: GatewayMetrics | None = None) -> None:
+                 gateway_id: str | None = None, metrics: GatewayMetrics | None = None, *,
+                 longest_run: float = 0.0) -> None:
         self.nc = nc
         self.js = js
         self.bus = bus
+        # How long a run may wait for its turn while workers say it is queued: an
+        # earlier run of its session may take the longest agent timeout, its
+        # recovery an ack wait more; past that, something is stuck (0: no bound).
+        self.longest_wait = (bus.queue_timeout_seconds + longest_run + bus.ack_wait_seconds
+                             if longest_run > 0 else 0.0)
         self.gateway_id = gateway_id or f"gw{uuid.uuid4().hex[:12]}"
         self.metrics = metrics
         self._runs: dict[str, RunHandle] = {}

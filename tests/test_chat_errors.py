@@ -267,6 +267,58 @@ async def test_run_dropped_from_the_queue_unserved_is_503_not_a_hang(
     assert_error(resp, 503, "the run left the queue without being served", "api_error")
 
 
+async def test_run_held_queued_past_any_earlier_run_is_503_not_a_hang(
+        tmp_path: Path, cfg: dict[str, Any]) -> None:
+    """A worker keeps saying the run is queued behind its session's earlier run
+    (as a stuck lease would make it): once longer than any earlier run could take
+    (queue timeout + the longest agent timeout + an ack wait) the client gets a
+    503, not an endless wait."""
+    import nats as nats_py
+
+    from bus import subjects
+    from bus.messages import Queued, RunRequest
+
+    cfg["agents"]["defaults"]["timeoutSeconds"] = 0.5
+    cfg["bus"]["ackWaitSeconds"] = 3  # (the least it may be) → a 4 s bound
+    with NatsServer(store_dir=tmp_path / "nats") as server:
+        async with in_process(cfg, server.url) as http:
+            nc = await nats_py.connect(server.url)
+            kv = await nc.jetstream().key_value(subjects.WORKERS_BUCKET)
+            runs: list[RunRequest] = []
+
+            async def on_run(msg: Any) -> None:
+                runs.append(RunRequest.model_validate_json(msg.data))
+
+            await nc.subscribe("runs.>", cb=on_run)
+            going = True
+
+            async def stuck_worker() -> None:  # alive, holding the run, forever queued
+                while going:
+                    await kv.put(subjects.session_token("w-stuck"), b'{"id": "w-stuck"}')
+                    for run in runs:
+                        queued = Queued(seq=0, attempt=1, worker_id="w-stuck", ack="")
+                        with contextlib.suppress(Exception):
+                            await nc.request(run.events_subject,
+                                             queued.model_dump_json().encode(), timeout=1)
+                    await asyncio.sleep(0.2)
+
+            worker = asyncio.create_task(stuck_worker())
+            try:
+                await kv.put(subjects.session_token("w-stuck"), b'{"id": "w-stuck"}')
+                started = time.monotonic()
+                resp = await asyncio.wait_for(http.post(
+                    URL, json={"model": "openclaw", "user": "u-stuck", **USER_MSG},
+                    headers=AUTH), timeout=30)
+                waited = time.monotonic() - started
+            finally:
+                going = False
+                await worker
+                await nc.close()
+    assert_error(resp, 503, "the run's turn in its session never came (an earlier run of "
+                 "the session did not end)", "api_error")
+    assert 4.0 <= waited < 10, waited
+
+
 # -- run failures: through a real worker and the fake upstream -------------------
 
 
