@@ -174,3 +174,65 @@ def test_identity_memo_computes_once_per_object() -> None:
     assert len(memo) == 2
     memo(c)
     assert calls == ["a", "a", "b", "c"]
+
+
+class _Msg:
+    """What SessionTurns.wait uses of a JetStream delivery."""
+
+    reply = "$JS.ACK.fake"
+
+    def __init__(self) -> None:
+        self.outcome = ""
+
+    async def term(self) -> None:
+        self.outcome = "term"
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.outcome = "nak"
+
+    async def in_progress(self) -> None:
+        pass
+
+
+class _Emitter:
+    lease: SessionLease | None = None
+
+    async def queued(self, worker_id: str, ack: str) -> None:
+        pass
+
+
+async def test_hand_over_to_the_next_run_held_here(bus: tuple[Client, JetStreamContext]) -> None:
+    """A run arriving while this worker runs its session waits; when the running
+    one ends, the lease goes straight to it (no release), and the hold is over."""
+    from typing import Any, cast
+
+    from bus.messages import RunRequest
+
+    nc, js = bus
+    a = Side("w-a", nc, js)
+    await a.publisher.start()
+    token = subjects.session_token(f"handover-{uuid.uuid4().hex[:8]}")
+    seqs = [(await js.publish(subjects.run(token), b"{}")).seq for _ in range(2)]
+    runs = [RunRequest(run_id=f"r{i}", session_key="k", agent_id="main", message="hi",
+                       events_subject="evt.x.y", created=time.time()) for i in range(2)]
+    try:
+        first = await a.turns.wait(cast(Any, _Msg()), runs[0], token, seqs[0],
+                                   cast(Any, _Emitter()))
+        assert first is not None
+        waiting = asyncio.create_task(a.turns.wait(cast(Any, _Msg()), runs[1], token, seqs[1],
+                                                   cast(Any, _Emitter())))
+        for _ in range(100):  # (until it holds: a few loop turns)
+            if a.turns.holds:
+                break
+            await asyncio.sleep(0.01)
+        assert a.turns.holds == 1
+        await js.delete_msg("RUNS", seqs[0])  # (its ack)
+        await a.turns.pass_on(token, seqs[0], first, "completed")
+        second = await asyncio.wait_for(waiting, 5)
+        assert second is first and second.held and second.unbroken
+        assert a.turns.holds == 0
+        assert a.metrics.handovers._value.get() == 1.0
+        await a.turns.pass_on(token, seqs[1], second, "completed")  # nobody next: released
+        assert not second.held
+    finally:
+        await a.publisher.close()

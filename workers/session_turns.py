@@ -103,7 +103,6 @@ class SessionTurns:
             while True:
                 if handed is not None and handed.done():
                     lease = self._held.leave(token, seq)
-                    handed = None
                     if lease is not None:
                         emitter.lease = lease
                         return lease
@@ -154,6 +153,7 @@ class SessionTurns:
         finally:
             if handed is not None:
                 self.holds -= 1
+                # (after a hand-over taken above this finds nothing: leave is idempotent)
                 unused = self._held.leave(token, seq)
                 if unused is not None:  # handed to us as we gave up: pass it on
                     await self.let_go(token, unused)
