@@ -87,17 +87,23 @@ class Leases:
         rev = await self._acquire_free(token, owner)
         return None if rev is None else (rev, False)
 
+    async def _current(self, token: str) -> tuple[bytes, int] | None:
+        """The lease's value and revision as stored now (None: no lease)."""
+        try:
+            msg = await self._js.get_msg(self._stream, subject=self._subject(token),
+                                         direct=False)
+        except NotFoundError:
+            return None
+        return None if msg.seq is None else (msg.data or b"", int(msg.seq))
+
     async def _acquire_free(self, token: str, owner: bytes) -> int | None:
         """Take the lease if it is free (or gone), reading it first."""
-        try:
-            current = await self._js.get_msg(
-                self._stream, subject=self._subject(token), direct=False)
-        except NotFoundError:
+        current = await self._current(token)
+        if current is None:
             # Expired between our two calls: try once more from empty.
             return await self._cas(token, owner, 0, self._ttl)
-        if current.data != FREE or current.seq is None:
-            return None
-        return await self._cas(token, owner, int(current.seq), self._ttl)
+        value, revision = current
+        return await self._cas(token, owner, revision, self._ttl) if value == FREE else None
 
     async def refresh(self, token: str, owner: bytes, revision: int) -> int | None:
         """Extend our lease; None means it was lost (expired and maybe taken)."""
@@ -112,25 +118,16 @@ class Leases:
         """Rewrite the session's free marker, if the lease is free: anything proven
         against the old marker (a cached history) no longer is. A held lease is left
         alone (its holder's next append finds the transcript changed)."""
-        try:
-            current = await self._js.get_msg(
-                self._stream, subject=self._subject(token), direct=False)
-        except NotFoundError:
-            return
-        if current.data == FREE and current.seq is not None:
-            await self._cas(token, FREE, int(current.seq), self._free_ttl)
+        await self.free_if_held_by(token, FREE)
 
     async def free_if_held_by(self, token: str, owner: bytes) -> bool:
-        """Free the session's lease if ``owner`` holds it (a worker taken for dead):
-        a compare-and-set on what was read, so a live holder is never clobbered."""
-        try:
-            current = await self._js.get_msg(
-                self._stream, subject=self._subject(token), direct=False)
-        except NotFoundError:
+        """Write a free marker over the session's lease if ``owner`` holds it (a
+        worker taken for dead; :data:`FREE` itself for :meth:`touch`): a
+        compare-and-set on what was read, so a live holder is never clobbered."""
+        current = await self._current(token)
+        if current is None or current[0] != owner:
             return False
-        if current.data != owner or current.seq is None:
-            return False
-        return await self._cas(token, FREE, int(current.seq), self._free_ttl) is not None
+        return await self._cas(token, FREE, current[1], self._free_ttl) is not None
 
 
 class SessionLease:

@@ -72,7 +72,7 @@ from .run import (
     unmatched_tool_result,
     with_tool_names,
 )
-from .session_turns import SessionTurns
+from .session_turns import NAK_DELAY, SessionTurns
 
 log = logging.getLogger("clawbus.worker")
 
@@ -81,7 +81,6 @@ BUS_RETRY_DELAY = 0.5
 # a credit estimate drifting above the server's cannot starve the worker until
 # the silence check notices (a batch of a quarter of a large worker's slots can).
 PULL_MIN_BATCH = 16
-NAK_DELAY = 0.25
 CANCELLED_MEMORY = 10_000
 
 T = TypeVar("T")
