@@ -1,0 +1,240 @@
+"""OpenTelemetry tracing end to end (SPEC §13): ``clawbus up`` with two workers
+exporting OTLP/HTTP to a receiver of the test's own (tests/fakes/otlp_receiver.py).
+
+- a streamed session turn sent with the official SDK and a client ``traceparent``
+  is ONE trace: the gateway's SERVER span (a child of the client's span), the bus
+  publish (PRODUCER), the worker's run (CONSUMER) with its phases, and the model
+  call (CLIENT) with the GenAI attributes; the upstream got the model call's
+  ``traceparent``; no prompt text in any span (content capture off); the JSON
+  log lines of the run carry its trace and span ids;
+- an agent tool call is a span under the run, and the MCP server saw its
+  ``traceparent`` in ``_meta``;
+- a run whose worker is SIGKILLed before any text is retried, both attempts in
+  the client's trace (``clawbus.attempt`` 1 and 2).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import secrets
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.http_upstream import FakeReply, text_of
+from tests.fakes.mcp_servers import stdio_command
+from tests.fakes.otlp_receiver import OtlpReceiver, Span
+from tests.faultkit import FaultyOpenAI
+from tests.helpers import base_config, sdk_client
+from tests.procs import LISTENING, WORKER_READY, Proc, wait_until, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def model(body: dict[str, Any]) -> str | FakeReply:
+    """Plain replies; a question with "meta" calls the agent tool ``calc__meta``
+    first and answers with what it returned."""
+    messages = body["messages"]
+    question = next(text_of(m["content"]) for m in reversed(messages) if m["role"] == "user")
+    results = [text_of(m["content"]) for m in messages if m["role"] == "tool"]
+    if "meta" in question and not results:
+        return FakeReply("", [("calc__meta", "{}")])
+    if results:
+        return "Tool said: " + results[-1]
+    return "plain: " + question
+
+
+@dataclass
+class Traced:
+    up: Proc
+    url: str
+    receiver: OtlpReceiver
+    upstream: FaultyOpenAI
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    directory = tmp_path_factory.mktemp("tracing")
+    with OtlpReceiver() as receiver, FaultyOpenAI(reply=model) as upstream:
+        config = base_config(upstream)
+        config["agents"]["list"][1]["tools"] = {
+            "mcpServers": {"calc": {"command": stdio_command(), "cwd": str(REPO)}}}
+        # Through the config (passed to every child by `clawbus up`); the batch
+        # processor's delay through the standard variable, for quick exports.
+        config["telemetry"] = {"otlp": {"endpoint": receiver.endpoint}}
+        path = write_config(directory / "clawbus.json5", config)
+        up = Proc(["up", "--config", str(path), "--workers", "2", "--port", "0", "--grace", "3",
+                   "--log-format", "json", "--log-level", "debug"],
+                  env={"CLAWBUS_STATE_DIR": str(directory / "state"),
+                       "OTEL_BSP_SCHEDULE_DELAY": "50"}, name="up")
+        try:
+            url = up.wait_line(LISTENING, 30).group(1)
+            wait_until(lambda: sum(1 for line in list(up.lines)
+                                   if WORKER_READY.search(line)) == 2, timeout=30)
+            wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, timeout=30)
+            yield Traced(up, url, receiver, upstream)
+        finally:
+            up.signal(signal.SIGINT)
+            up.stop()
+
+
+def client_parent() -> tuple[str, str, str]:
+    """(trace id, span id, traceparent) of a client's own span."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
+
+
+def streamed(url: str, text: str, traceparent: str, **headers: str) -> tuple[str, str]:
+    """A streamed session turn: (run id, the reply's text)."""
+    with sdk_client(url) as client:
+        stream = client.chat.completions.create(
+            model="openclaw", user=f"trace-{uuid.uuid4().hex[:8]}", stream=True,
+            messages=[{"role": "user", "content": text}],
+            extra_headers={"traceparent": traceparent, **headers})
+        chunks = list(stream)
+    return chunks[0].id, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def kinds(spans: list[Span], trace_id: str) -> set[str]:
+    return {s.kind for s in spans if s.trace_id == trace_id}
+
+
+def one(spans: list[Span], **where: Any) -> Span:
+    found = [s for s in spans if all(getattr(s, k) == v for k, v in where.items())]
+    assert len(found) == 1, (where, found)
+    return found[0]
+
+
+def test_a_streamed_turn_is_one_trace_from_client_to_upstream(traced: Traced) -> None:
+    trace_id, client_span, traceparent = client_parent()
+    secret = f"prompt-{uuid.uuid4().hex}"
+    run_id, text = streamed(traced.url, f"hello {secret}", traceparent)
+    assert text == f"plain: hello {secret}"
+    traced.receiver.wait_for(lambda spans: {"server", "producer", "consumer", "client"}
+                             <= kinds(spans, trace_id))
+    spans = traced.receiver.trace(trace_id)
+
+    server = one(spans, kind="server")
+    assert server.parent_id == client_span
+    assert server.name == "POST /v1/chat/completions"
+    assert server.service == "clawbus-gateway"
+    assert str(server.resource["service.instance.id"]).startswith("gw")
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.attributes["clawbus.run_id"] == run_id
+    assert not server.error
+
+    producer = one(spans, kind="producer")
+    assert producer.parent_id == server.span_id
+    assert producer.attributes["messaging.system"] == "nats"
+
+    consumer = one(spans, kind="consumer")
+    assert consumer.parent_id == producer.span_id
+    assert consumer.service == "clawbus-worker"
+    assert str(consumer.resource["service.instance.id"]).startswith("w-")
+    assert consumer.attributes["clawbus.run_id"] == run_id
+    assert consumer.attributes["clawbus.attempt"] == 1
+    assert consumer.attributes["clawbus.agent_id"] == "main"
+    assert str(consumer.attributes["clawbus.session_key"]).startswith("agent:main:")
+    assert consumer.attributes["clawbus.queue_wait_ms"] >= 0
+    assert consumer.attributes["clawbus.outcome"] == "completed"
+    for phase in ("session lease", "history read", "transcript append"):
+        assert one(spans, name=phase).parent_id == consumer.span_id, phase
+
+    call = one(spans, kind="client")
+    assert call.parent_id == consumer.span_id
+    assert call.name == "chat gpt-test"
+    assert call.attributes["gen_ai.operation.name"] == "chat"
+    assert call.attributes["gen_ai.system"] == "openai"
+    assert call.attributes["gen_ai.request.model"] == "gpt-test"
+    assert call.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert call.attributes["gen_ai.usage.input_tokens"] > 0
+    assert call.attributes["gen_ai.usage.output_tokens"] > 0
+    assert [e.name for e in call.events] == ["gen_ai.first_token"]
+    assert server.start_ns <= producer.start_ns <= consumer.start_ns <= call.start_ns
+    assert call.end_ns <= consumer.end_ns
+
+    # The upstream request continued the model call's span.
+    (request,) = [r for r in traced.upstream.requests if secret in json.dumps(r.body)]
+    assert request.headers["traceparent"] == f"00-{trace_id}-{call.span_id}-01"
+
+    # Content capture is off: the prompt is nowhere in the spans.
+    assert not [s.name for s in spans if secret in s.text()]
+
+    # The run's JSON log lines carry its trace and the span they were logged in.
+    logged = [json.loads(line) for line in list(traced.up.lines)
+              if line.startswith("{") and run_id in line]
+    traced_lines = [entry for entry in logged if entry.get("trace_id") == trace_id]
+    assert traced_lines, logged
+    span_ids = {s.span_id for s in spans}
+    assert all(entry["span_id"] in span_ids for entry in traced_lines)
+
+
+def test_an_agent_tool_call_is_a_span_and_its_server_sees_the_traceparent(
+        traced: Traced) -> None:
+    trace_id, _, traceparent = client_parent()
+    _, text = streamed(traced.url, "show me your meta", traceparent,
+                       **{"x-openclaw-agent-id": "beta"})
+    traced.receiver.wait_for(lambda spans: any(
+        s.trace_id == trace_id and s.kind == "consumer" for s in spans))
+    spans = traced.receiver.trace(trace_id)
+    consumer = one(spans, kind="consumer")
+    tool = one(spans, name="execute_tool calc__meta")
+    assert tool.parent_id == consumer.span_id
+    assert tool.attributes["gen_ai.tool.name"] == "calc__meta"
+    assert tool.attributes["gen_ai.operation.name"] == "execute_tool"
+    assert not tool.error
+    calls = [s for s in spans if s.kind == "client"]
+    assert len(calls) == 2 and all(c.parent_id == consumer.span_id for c in calls)
+    # The tool answered with the _meta it was sent.
+    meta = json.loads(text.removeprefix("Tool said: "))
+    assert meta["traceparent"] == f"00-{trace_id}-{tool.span_id}-01"
+    assert meta["clawbus/toolCallId"]
+
+
+def test_a_retried_run_has_both_attempts_in_the_clients_trace(traced: Traced) -> None:
+    """Runs last in the module: it kills one of the two workers."""
+    trace_id, _, traceparent = client_parent()
+    marker = f"killme-{uuid.uuid4().hex[:8]}"
+    held: list[int] = []
+
+    def head_delay(body: dict[str, Any]) -> float:
+        if marker in json.dumps(body) and not held:
+            held.append(1)
+            return 60.0  # the first attempt never sees text: its worker dies first
+        return 0.0
+
+    traced.upstream.head_delay = head_delay
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(streamed, traced.url, marker, traceparent)
+            spans = traced.receiver.wait_for(lambda spans: any(
+                s.trace_id == trace_id and s.name == "history read" for s in spans))
+            first = one([s for s in spans if s.trace_id == trace_id], name="history read")
+            assert first.attributes["clawbus.attempt"] == 1
+            worker_id = str(first.resource["service.instance.id"])
+            traced.upstream.wait_for(lambda records: any(
+                marker in json.dumps(r.body) for r in records))
+            os.kill(int(worker_id.split("-")[-2]), signal.SIGKILL)
+            _, text = reply.result(timeout=60)
+    finally:
+        traced.upstream.head_delay = lambda body: 0.0
+    assert text == f"plain: {marker}"
+    traced.receiver.wait_for(lambda spans: any(
+        s.trace_id == trace_id and s.kind == "consumer" for s in spans))
+    spans = traced.receiver.trace(trace_id)
+    producer = one(spans, kind="producer")
+    consumer = one(spans, kind="consumer")  # the first attempt's never ended
+    assert consumer.attributes["clawbus.attempt"] == 2
+    assert consumer.parent_id == producer.span_id
+    assert str(consumer.resource["service.instance.id"]) != worker_id
+    attempts = {s.attributes.get("clawbus.attempt") for s in spans
+                if s.kind not in ("server", "producer")}
+    assert attempts == {1, 2}
