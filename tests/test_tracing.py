@@ -9,12 +9,16 @@ exporting OTLP/HTTP to a receiver of the test's own (tests/fakes/otlp_receiver.p
   log lines of the run carry its trace and span ids;
 - an agent tool call is a span under the run, and the MCP server saw its
   ``traceparent`` in ``_meta``;
+- a WebSocket ``agent`` run continues the upgrade request's trace; an
+  embeddings request is an ``embeddings`` model call; a failed model call is
+  an ERROR span with its exception, and so is the run;
 - a run whose worker is SIGKILLed before any text is retried, both attempts in
   the client's trace (``clawbus.attempt`` 1 and 2).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -27,13 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
+import orjson
 import pytest
+import websockets
 
 from tests.fakes.http_upstream import FakeReply, text_of
 from tests.fakes.mcp_servers import stdio_command
 from tests.fakes.otlp_receiver import OtlpReceiver, Span
 from tests.faultkit import FaultyOpenAI
-from tests.helpers import base_config, sdk_client
+from tests.helpers import TOKEN, base_config, sdk_client
 from tests.procs import LISTENING, WORKER_READY, Proc, wait_until, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,6 +77,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
         # Through the config (passed to every child by `clawbus up`); the batch
         # processor's delay through the standard variable, for quick exports.
         config["telemetry"] = {"otlp": {"endpoint": receiver.endpoint}}
+        config["agents"]["defaults"]["embeddingModel"] = "fake/embed-test"
         path = write_config(directory / "clawbus.json5", config)
         up = Proc(["up", "--config", str(path), "--workers", "2", "--port", "0", "--grace", "3",
                    "--log-format", "json", "--log-level", "debug"],
@@ -169,12 +177,14 @@ def test_a_streamed_turn_is_one_trace_from_client_to_upstream(traced: Traced) ->
     assert not [s.name for s in spans if secret in s.text()]
 
     # The run's JSON log lines carry its trace and the span they were logged in.
-    logged = [json.loads(line) for line in list(traced.up.lines)
-              if line.startswith("{") and run_id in line]
-    traced_lines = [entry for entry in logged if entry.get("trace_id") == trace_id]
-    assert traced_lines, logged
+    def traced_lines() -> list[dict[str, Any]]:
+        logged = [json.loads(line) for line in list(traced.up.lines)
+                  if line.startswith("{") and run_id in line]
+        return [entry for entry in logged if entry.get("trace_id") == trace_id]
+
+    wait_until(lambda: bool(traced_lines()))  # (the output pipe is read by a thread)
     span_ids = {s.span_id for s in spans}
-    assert all(entry["span_id"] in span_ids for entry in traced_lines)
+    assert all(entry["span_id"] in span_ids for entry in traced_lines())
 
 
 def test_an_agent_tool_call_is_a_span_and_its_server_sees_the_traceparent(
@@ -197,6 +207,75 @@ def test_an_agent_tool_call_is_a_span_and_its_server_sees_the_traceparent(
     meta = json.loads(text.removeprefix("Tool said: "))
     assert meta["traceparent"] == f"00-{trace_id}-{tool.span_id}-01"
     assert meta["clawbus/toolCallId"]
+
+
+async def ws_agent(url: str, text: str, traceparent: str) -> str:
+    """An ``agent`` run over a WebSocket whose upgrade request sent ``traceparent``;
+    its run id."""
+    async with websockets.connect(url.replace("http", "ws") + "/",
+                                  additional_headers={"traceparent": traceparent}) as ws:
+        await ws.recv()  # connect.challenge
+        await ws.send(orjson.dumps({"type": "req", "id": 1, "method": "connect", "params": {
+            "minProtocol": 3, "maxProtocol": 3, "client": {"id": "test"},
+            "auth": {"token": TOKEN}}}).decode())
+        await ws.recv()
+        await ws.send(orjson.dumps({"type": "req", "id": 2, "method": "agent",
+                                    "params": {"message": text}}).decode())
+        while True:
+            frame = orjson.loads(await ws.recv())
+            if frame["type"] == "res" and frame["id"] == 2 \
+                    and frame["payload"].get("status") == "ok":
+                return str(frame["payload"]["runId"])
+
+
+async def test_a_websocket_agent_run_continues_the_upgrade_requests_trace(
+        traced: Traced) -> None:
+    trace_id, client_span, traceparent = client_parent()
+    run_id = await ws_agent(traced.url, "hello over ws", traceparent)
+    spans = await asyncio.to_thread(traced.receiver.wait_for, lambda spans: {
+        "server", "consumer"} <= kinds(spans, trace_id))
+    spans = [s for s in spans if s.trace_id == trace_id]
+    run = one(spans, kind="server")
+    assert run.name == "agent" and run.parent_id == client_span
+    assert run.attributes["clawbus.run_id"] == run_id
+    producer = one(spans, kind="producer")
+    assert producer.parent_id == run.span_id
+    assert one(spans, kind="consumer").parent_id == producer.span_id
+
+
+def test_embeddings_are_a_model_call_of_their_own(traced: Traced) -> None:
+    trace_id, _, traceparent = client_parent()
+    with sdk_client(traced.url) as client:
+        client.embeddings.create(model="openclaw", input=["one", "two"],
+                                 extra_headers={"traceparent": traceparent})
+    traced.receiver.wait_for(lambda spans: {"server", "client"} <= kinds(spans, trace_id))
+    spans = traced.receiver.trace(trace_id)
+    assert one(spans, kind="server").name == "POST /v1/embeddings"
+    call = one(spans, kind="client")
+    assert call.name == "embeddings embed-test"
+    assert call.attributes["gen_ai.operation.name"] == "embeddings"
+    assert call.attributes["gen_ai.request.model"] == "embed-test"
+    assert call.parent_id == one(spans, kind="consumer").span_id
+
+
+def test_a_failed_model_call_is_an_error_span(traced: Traced) -> None:
+    trace_id, _, traceparent = client_parent()
+    traced.upstream.fail_status = 500
+    try:
+        with sdk_client(traced.url) as client, pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(
+                model="openclaw", messages=[{"role": "user", "content": "fail please"}],
+                extra_headers={"traceparent": traceparent})
+    finally:
+        traced.upstream.fail_status = None
+    traced.receiver.wait_for(lambda spans: {"server", "consumer", "client"}
+                             <= kinds(spans, trace_id))
+    spans = traced.receiver.trace(trace_id)
+    call, run = one(spans, kind="client"), one(spans, kind="consumer")
+    assert call.error and run.error
+    assert [e.name for e in call.events if e.name == "exception"] == ["exception"]
+    assert run.attributes["clawbus.outcome"] == "failed"
+    assert one(spans, kind="server").error  # answered 5xx
 
 
 def test_a_retried_run_has_both_attempts_in_the_clients_trace(traced: Traced) -> None:
