@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +175,11 @@ class Clawbus(ProcessSystem):
     def __init__(self, upstream_url: str, workdir: Path, logs: Path, *, workers: int,
                  cpus: str | None, gateways: int = 1, label: str | None = None,
                  max_concurrent: int = 4096, source: Path | None = None,
-                 shapes: Sequence[tuple[int, float]] = (), bus_sync: str | None = None) -> None:
+                 shapes: Sequence[tuple[int, float]] = (), bus_sync: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.upstream_url = upstream_url
+        # Extra environment for its processes (e.g. OTEL_* to trace them).
+        self.env = dict(env or {})
         # `bus.sync` of the embedded nats-server (None: not in the config, its default).
         self.bus_sync = bus_sync
         # Reply shapes (tokens, delay) it has an agent for: the benchmark's, and more.
@@ -233,7 +236,7 @@ class Clawbus(ProcessSystem):
             base = [sys.executable, "-m", module]
         else:
             base = [str(exe)] if exe.exists() else [sys.executable, "-m", "clawbus"]
-        env = {"CLAWBUS_STATE_DIR": str(state)}
+        env = {**self.env, "CLAWBUS_STATE_DIR": str(state)}
         if self.source:  # children (`python -m clawbus worker`) inherit it
             # The checkout first; a PYTHONPATH of the caller's (a profiling hook's
             # sitecustomize, say) still applies after it.
