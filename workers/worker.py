@@ -314,13 +314,15 @@ class Worker:
         publish (its context rides in the message's headers): every attempt of a
         run joins the same trace, ``clawbus.attempt`` telling them apart."""
         spans = tracing.spans()
-        attributes: dict[str, str | int] = {
-            "clawbus.run_id": run.run_id, "clawbus.session_key": run.session_key,
-            "clawbus.agent_id": run.agent_id, "clawbus.attempt": msg.metadata.num_delivered}
+        # On every span of the attempt (its own may never end: a killed worker's).
+        attempt: dict[str, str | int] = {"clawbus.run_id": run.run_id,
+                                         "clawbus.attempt": msg.metadata.num_delivered}
         queued_ms = max(0.0, time.time() - run.created) * 1000
-        with spans.run_attributes(attributes), spans.active(
+        with spans.run_attributes(attempt), spans.active(
                 f"run {run.agent_id}", kind="consumer", context=spans.extract(msg.headers),
-                attributes={"messaging.system": "nats", "messaging.operation.type": "process",
+                attributes={"clawbus.session_key": run.session_key,
+                            "clawbus.agent_id": run.agent_id,
+                            "messaging.system": "nats", "messaging.operation.type": "process",
                             "messaging.destination.name": msg.subject,
                             "clawbus.queue_wait_ms": round(queued_ms, 3)}):
             await self._serve_run(msg, run)
