@@ -9,6 +9,8 @@ import http.server
 import threading
 from typing import Any
 
+from tests.fakes.otlp_receiver import LoopbackServer
+
 
 class OtlpSink:
     """``with OtlpSink() as sink:`` — the base URL to export to is :attr:`endpoint`."""
@@ -37,18 +39,12 @@ class OtlpSink:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        host, port = self._server.server_address[:2]
-        self.endpoint = f"http://{host!s}:{port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-sink",
-                                        daemon=True)
+        self._server = LoopbackServer(Handler, "otlp-sink")
+        self.endpoint = self._server.url
 
     def __enter__(self) -> OtlpSink:
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        self._server.close()

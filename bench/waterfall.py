@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import signal
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import orjson
 
@@ -30,7 +28,7 @@ from tests.fakes.http_upstream import FakeReply, text_of
 from tests.fakes.mcp_servers import stdio_command
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.otlp_receiver import OtlpReceiver, Span
-from tests.procs import LISTENING, WORKER_READY, Proc, wait_until, write_config
+from tests.procs import clawbus_up, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "waterfall-token"
@@ -65,14 +63,8 @@ def capture() -> list[Span]:
             "telemetry": {"otlp": {"endpoint": receiver.endpoint}},
         }
         path = write_config(directory / "clawbus.json5", config)
-        up = Proc(["up", "--config", str(path), "--workers", "2", "--port", "0"],
-                  env={"CLAWBUS_STATE_DIR": str(directory / "state"),
-                       "OTEL_BSP_SCHEDULE_DELAY": "50"}, name="up")
-        try:
-            url = up.wait_line(LISTENING, 30).group(1)
-            wait_until(lambda: sum(1 for line in list(up.lines)
-                                   if WORKER_READY.search(line)) == 2, timeout=30)
-            wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, timeout=30)
+        with clawbus_up(path, directory / "state",
+                        env={"OTEL_BSP_SCHEDULE_DELAY": "50"}) as (_, url):
             trace_id = secrets.token_hex(16)
             traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
             with openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0) as client:
@@ -84,9 +76,6 @@ def capture() -> list[Span]:
                     pass
             spans = receiver.wait_for(lambda spans: {"server", "consumer"} <= {
                 s.kind for s in spans if s.trace_id == trace_id})
-        finally:
-            up.signal(signal.SIGINT)
-            up.stop()
     return [s for s in spans if s.trace_id == trace_id]
 
 

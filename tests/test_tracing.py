@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import orjson
 import pytest
@@ -41,7 +40,7 @@ from tests.fakes.mcp_servers import stdio_command
 from tests.fakes.otlp_receiver import OtlpReceiver, Span
 from tests.faultkit import FaultyOpenAI
 from tests.helpers import TOKEN, base_config, sdk_client
-from tests.procs import LISTENING, WORKER_READY, Proc, wait_until, write_config
+from tests.procs import Proc, clawbus_up, wait_until, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,19 +78,10 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
         config["telemetry"] = {"otlp": {"endpoint": receiver.endpoint}}
         config["agents"]["defaults"]["embeddingModel"] = "fake/embed-test"
         path = write_config(directory / "clawbus.json5", config)
-        up = Proc(["up", "--config", str(path), "--workers", "2", "--port", "0", "--grace", "3",
-                   "--log-format", "json", "--log-level", "debug"],
-                  env={"CLAWBUS_STATE_DIR": str(directory / "state"),
-                       "OTEL_BSP_SCHEDULE_DELAY": "50"}, name="up")
-        try:
-            url = up.wait_line(LISTENING, 30).group(1)
-            wait_until(lambda: sum(1 for line in list(up.lines)
-                                   if WORKER_READY.search(line)) == 2, timeout=30)
-            wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, timeout=30)
+        with clawbus_up(path, directory / "state",
+                        args=["--grace", "3", "--log-format", "json", "--log-level", "debug"],
+                        env={"OTEL_BSP_SCHEDULE_DELAY": "50"}) as (up, url):
             yield Traced(up, url, receiver, upstream)
-        finally:
-            up.signal(signal.SIGINT)
-            up.stop()
 
 
 def client_parent() -> tuple[str, str, str]:

@@ -101,6 +101,27 @@ def decode(body: bytes) -> list[Span]:
     return out
 
 
+class LoopbackServer:
+    """An ``http.server`` on a free loopback port (bound at once), serving from a
+    thread of its own between :meth:`start` and :meth:`close`."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], name: str) -> None:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        host, port = self._server.server_address[:2]
+        self.url = f"http://{host!s}:{port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name,
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
 class OtlpReceiver:
     """``with OtlpReceiver() as receiver:`` — export to :attr:`endpoint` (the base
     URL, as ``OTEL_EXPORTER_OTLP_ENDPOINT`` takes it)."""
@@ -135,21 +156,15 @@ class OtlpReceiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        host, port = self._server.server_address[:2]
-        self.endpoint = f"http://{host!s}:{port}"
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="otlp-receiver", daemon=True)
+        self._server = LoopbackServer(Handler, "otlp-receiver")
+        self.endpoint = self._server.url
 
     def __enter__(self) -> OtlpReceiver:
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        self._server.close()
 
     def _add(self, spans: list[Span]) -> None:
         with self._changed:
