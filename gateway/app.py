@@ -56,6 +56,9 @@ EMBEDDINGS_PATH = "/v1/embeddings"
 KNOWN_ENDPOINTS = frozenset({CHAT_PATH, RESPONSES_PATH, EMBEDDINGS_PATH, "/v1/models",
                              "/healthz", "/readyz", "/metrics", "/"})
 
+# Probes and scrapes: no spans (they would drown the traces that matter).
+UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
 
 def endpoint_label(path: str) -> str:
     """A bounded label for a request path (no per-id or per-probe cardinality)."""
@@ -117,7 +120,7 @@ class GatewayApp(FastAPI):
         self.chat_handler: Callable[[Request], Awaitable[Response]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if tracing.ENABLED and scope["type"] == "http":
+        if tracing.ENABLED and scope["type"] == "http" and scope["path"] not in UNTRACED:
             await tracing.spans().http_server(self._serve, scope, receive, send,
                                               endpoint_label(scope["path"]))
         else:

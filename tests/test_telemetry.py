@@ -145,6 +145,21 @@ def test_config_check_reports_tracing(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "tracing off" in proc.stderr
 
 
+@pytest.mark.parametrize("command", [["gateway", "--port", "0"], ["worker"], ["up"]])
+def test_processes_refuse_an_unusable_otel_variable_before_starting(
+        tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "c.json5"
+    path.write_text("{}")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "clawbus", *command, "--config", str(path)], cwd=REPO,
+        env={**clean, "CLAWBUS_STATE_DIR": str(tmp_path / "state"),
+             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_TRACES_SAMPLER": "often"},
+        capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "OTEL_TRACES_SAMPLER" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_tracing_off_imports_neither_sdk_nor_spans() -> None:
     code = ("import sys, gateway.app, workers.worker, workers.main, clawbus.main; "
             "bad = [m for m in sys.modules if m.startswith(('opentelemetry.sdk', "

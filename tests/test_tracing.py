@@ -163,6 +163,9 @@ def test_a_streamed_turn_is_one_trace_from_client_to_upstream(traced: Traced) ->
     (request,) = [r for r in traced.upstream.requests if secret in json.dumps(r.body)]
     assert request.headers["traceparent"] == f"00-{trace_id}-{call.span_id}-01"
 
+    # Probes make no spans (the fixture polled /readyz).
+    assert not [s for s in traced.receiver.spans if s.attributes.get("url.path") == "/readyz"]
+
     # Content capture is off: the prompt is nowhere in the spans.
     assert not [s.name for s in spans if secret in s.text()]
 
