@@ -371,7 +371,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = load(args)
     tracing = plan(settings, os.environ, "gateway")  # (ConfigError: a bad OTEL_* variable)
     print(json.dumps(masked(settings), indent=2))
-    print(tracing.describe() if tracing is not None else "tracing off", file=sys.stderr)
+    if tracing is not None:  # (off: stderr stays as it was, empty for a good file)
+        print(tracing.describe(), file=sys.stderr)
     code = 0
     try:
         check_gateway_startable(settings)
