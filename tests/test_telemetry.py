@@ -173,6 +173,13 @@ def test_tracing_off_imports_neither_sdk_nor_spans() -> None:
 # --------------------------------------------------------------------------- in this process
 
 
+@pytest.fixture(autouse=True)
+def switched_off() -> Iterator[None]:
+    """Whatever a test did, tracing is off for the next one (it is process-wide)."""
+    yield
+    tracing.disable()
+
+
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
     with OtlpReceiver() as r:
