@@ -22,7 +22,9 @@ A/B mode judges a change against a baseline checkout in the same run, on the
 same noisy machine: ``--ab ../baseline --rounds 5`` (make the baseline with
 ``git worktree add ../baseline <commit>``) alternates the two (A B, B A, …), each
 a fresh system, no profiler, and prints each round and the medians: CPU per
-request by process and the load's figures.
+request by process and the load's figures. ``--trace-b`` turns tracing on for
+the current checkout (B) only, exporting to a local sink that drops the spans:
+with ``--ab`` on a second worktree of the same commit, the cost of tracing.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Any
 import orjson
 
 from . import sessions as sessions_
+from .otlp_sink import OtlpSink
 from .procs import process_role
 from .run import HELD_SHAPE, NONSTREAM, TTFT_SHAPE, Meter, choose_cpus
 from .systems import ROOT, Clawbus, UpstreamProcess
@@ -251,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ab", type=Path, default=None, metavar="BASELINE_DIR",
                         help="A/B: alternate this checkout of clawbus (A) with the current one")
     parser.add_argument("--rounds", type=int, default=4, help="A/B rounds")
+    parser.add_argument("--trace-b", action="store_true",
+                        help="trace the current checkout (B; the only one without --ab): its "
+                             "processes export OTLP/HTTP to a local sink that drops the spans")
     args = parser.parse_args(argv)
     if args.concurrency is None:
         args.concurrency = {"nonstream": 16, "hot": 8}.get(args.load, 1)
@@ -265,11 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="clawbus-profile-"))
     upstream = UpstreamProcess(out_dir, cpus.harness)
+    sink = OtlpSink().__enter__() if args.trace_b else None
+    traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint} if sink is not None else {}
     try:
         if args.ab is None:
             system = Clawbus(upstream.url, work, out_dir, workers=args.workers, cpus=cpus.system,
                              shapes=[_held_shape(args)], bus_sync=args.bus_sync,
-                             tool_rounds=tool_rounds)
+                             tool_rounds=tool_rounds, env=traced)
             figures = _measure(args, system, upstream, cpus, out_dir, py_spy=py_spy)
             _print_stacks(figures.pop("stacks"), args.top)
             print("\n" + "  ".join(f"{k} {_fmt(v)}" for k, v in figures.items()))
@@ -282,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
                 system = Clawbus(upstream.url, work, out_dir, workers=args.workers,
                                  cpus=cpus.system, source=sources[name], label=f"clawbus-{name}",
                                  shapes=[_held_shape(args)], bus_sync=args.bus_sync,
-                                 tool_rounds=tool_rounds)
+                                 tool_rounds=tool_rounds,
+                                 env=traced if name == "B" else None)
                 figures = _measure(args, system, upstream, cpus, out_dir, py_spy=None,
                                    tag=f"-{name}-{round_ + 1}")
                 figures.pop("stacks")
@@ -298,7 +307,11 @@ def main(argv: list[str] | None = None) -> None:
                 a, b = (statistics.median(numbers[n]) for n in ("A", "B"))
                 ratio = f"  B/A {b / a:.3f}" if a else ""
                 print(f"  {key:>22}: A {_fmt(a)}  B {_fmt(b)}{ratio}")
+        if sink is not None:
+            print(f"traces: {sink.exports} OTLP exports, {sink.bytes:,} bytes")
     finally:
+        if sink is not None:
+            sink.__exit__(None, None, None)
         upstream.stop()
         shutil.rmtree(work, ignore_errors=True)
 

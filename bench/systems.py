@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,12 +190,15 @@ class Clawbus(ProcessSystem):
                  cpus: str | None, gateways: int = 1, label: str | None = None,
                  max_concurrent: int = 4096, source: Path | None = None,
                  shapes: Sequence[tuple[int, float]] = (), bus_sync: str | None = None,
-                 tool_rounds: Sequence[int] = ()) -> None:
+                 tool_rounds: Sequence[int] = (),
+                 env: Mapping[str, str] | None = None) -> None:
         self.upstream_url = upstream_url
         # Agents with an MCP tool (bench/mcp_tool.py), one per number of tool rounds
         # the model asks for. Only when asked: each worker then runs the tool's
         # server as a child process (more memory, a process more to account for).
         self.tool_rounds = tuple(dict.fromkeys(tool_rounds))
+        # Extra environment for its processes (e.g. OTEL_* to trace them).
+        self.env = dict(env or {})
         # `bus.sync` of the embedded nats-server (None: not in the config, its default).
         self.bus_sync = bus_sync
         # Reply shapes (tokens, delay) it has an agent for: the benchmark's, and more.
@@ -258,7 +261,7 @@ class Clawbus(ProcessSystem):
             base = [sys.executable, "-m", module]
         else:
             base = [str(exe)] if exe.exists() else [sys.executable, "-m", "clawbus"]
-        env = {"CLAWBUS_STATE_DIR": str(state)}
+        env = {**self.env, "CLAWBUS_STATE_DIR": str(state)}
         if self.source:  # children (`python -m clawbus worker`) inherit it
             # The checkout first; a PYTHONPATH of the caller's (a profiling hook's
             # sitecustomize, say) still applies after it.

@@ -393,12 +393,77 @@ class BusConfig(_Model):
         return None if self.sync == "default" else self.sync
 
 
+# OTEL_TRACES_SAMPLER's names; the ratio ones take ":<ratio>" (default 1.0).
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+            "parentbased_always_off", "parentbased_traceidratio")
+
+
+def parse_sampler(text: str) -> tuple[str, float | None]:
+    """``(name, ratio)`` of a sampler written as ``name`` or ``name:ratio`` (ratio
+    only for the ``traceidratio`` ones, 0..1); ValueError saying what is wrong."""
+    name, sep, arg = text.strip().lower().partition(":")
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {text!r} is not one of {', '.join(SAMPLERS)} "
+                         f"(ratio samplers as 'traceidratio:0.1')")
+    if not name.endswith("traceidratio"):
+        if sep:
+            raise ValueError(f"sampler {name!r} takes no ratio")
+        return name, None
+    if not sep:
+        return name, 1.0
+    try:
+        ratio = float(arg)
+    except ValueError:
+        raise ValueError(f"sampler {text!r}: the ratio must be a number from 0 to 1") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"sampler {text!r}: the ratio must be a number from 0 to 1")
+    return name, ratio
+
+
+class OtlpConfig(_Model):
+    """Where traces go: an OTLP/HTTP (protobuf) collector's base URL, as
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (``/v1/traces`` is appended), and headers
+    sent with every export (e.g. an API key)."""
+
+    endpoint: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value, "endpoint")
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_headers(value)
+
+
+class TelemetryConfig(_Model):
+    """OpenTelemetry tracing (SPEC §13), off unless an OTLP endpoint is set here or
+    in the standard ``OTEL_*`` variables, which win over these keys
+    (clawbus/telemetry.py)."""
+
+    otlp: OtlpConfig = OtlpConfig()
+    service_name: str | None = Field(None, min_length=1)
+    sampler: str = "parentbased_always_on"
+    # Prompt and reply text in spans (gen_ai.prompt / gen_ai.completion events).
+    capture_content: bool = False
+
+    @field_validator("sampler")
+    @classmethod
+    def _check_sampler(cls, value: str) -> str:
+        parse_sampler(value)
+        return value.strip().lower()
+
+
 class Settings(_Model):
     gateway: GatewayConfig = GatewayConfig()
     agents: AgentsConfig = AgentsConfig()
     models: ModelsConfig = ModelsConfig()
     session: SessionConfig = SessionConfig()
     bus: BusConfig = BusConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     # Resolved at load time, never read from the file.
     state_dir: Path = Field(default=Path(DEFAULT_STATE_DIR).expanduser(), exclude=True)
     config_dir: Path = Field(default=Path("."), exclude=True)
@@ -728,6 +793,8 @@ def masked(settings: Settings) -> dict[str, Any]:
             provider["apiKey"] = "***"
         provider["headers"] = {k: "***" for k in provider.get("headers", {})}
     data["gateway"]["auth"]["mode"] = settings.auth_mode
+    otlp = data["telemetry"]["otlp"]
+    otlp["headers"] = {k: "***" for k in otlp.get("headers", {})}
     _mask_tools(settings, data["agents"])
     return data
 

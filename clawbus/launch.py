@@ -5,14 +5,19 @@ they start (the same program, ``python -m clawbus``, one role each)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import Settings, load_settings
+from .telemetry import plan
 
 
 def load(args: argparse.Namespace) -> Settings:
-    """The settings from ``--config`` (or the default places; SPEC §1)."""
-    return load_settings(args.config)
+    """The settings from ``--config`` (or the default places; SPEC §1), with the
+    ``OTEL_*`` variables checked too (ConfigError, before anything starts)."""
+    settings = load_settings(args.config)
+    plan(settings, os.environ, "gateway")
+    return settings
 
 
 def _role(role: str, args: argparse.Namespace, bus_url: str, *extra: str) -> list[str]:

@@ -3,7 +3,9 @@
 
 ``--log-format json`` writes one JSON object per line (for log shippers);
 the default is a human-readable line. The run context lives in contextvars, so
-it follows the asyncio task that handles the run and nothing else.
+it follows the asyncio task that handles the run and nothing else. With tracing
+on (clawbus/telemetry.py), JSON lines logged under a span also carry its
+``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from collections.abc import Iterator
 
 import orjson
+
+from . import tracing
 
 RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("run_id", default=None)
 SESSION_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("session_key",
@@ -38,6 +42,9 @@ class _RunContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.run_id = RUN_ID.get()
         record.session_key = SESSION_KEY.get()
+        if tracing.ENABLED:
+            ids = tracing.spans().log_ids()
+            record.trace_id, record.span_id = ids if ids is not None else (None, None)
         return True
 
 
@@ -52,7 +59,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "pid": record.process,
         }
-        for key in ("run_id", "session_key"):
+        for key in ("run_id", "session_key", "trace_id", "span_id"):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value

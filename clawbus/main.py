@@ -366,8 +366,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from .telemetry import plan
+
     settings = load(args)
+    tracing = plan(settings, os.environ, "gateway")  # (ConfigError: a bad OTEL_* variable)
     print(json.dumps(masked(settings), indent=2))
+    if tracing is not None:  # (off: stderr stays as it was, empty for a good file)
+        print(tracing.describe(), file=sys.stderr)
     code = 0
     try:
         check_gateway_startable(settings)

@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket
 
 from bus.connection import connect, ensure_bus
 from bus.response_ids import ResponseIds
+from clawbus import telemetry, tracing
 from clawbus.config import Settings
 
 from . import errors
@@ -54,6 +55,9 @@ RESPONSES_PATH = "/v1/responses"
 EMBEDDINGS_PATH = "/v1/embeddings"
 KNOWN_ENDPOINTS = frozenset({CHAT_PATH, RESPONSES_PATH, EMBEDDINGS_PATH, "/v1/models",
                              "/healthz", "/readyz", "/metrics", "/"})
+
+# Probes and scrapes: no spans (they would drown the traces that matter).
+UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def endpoint_label(path: str) -> str:
@@ -116,6 +120,13 @@ class GatewayApp(FastAPI):
         self.chat_handler: Callable[[Request], Awaitable[Response]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if tracing.ENABLED and scope["type"] == "http" and scope["path"] not in UNTRACED:
+            await tracing.spans().http_server(self._serve, scope, receive, send,
+                                              endpoint_label(scope["path"]))
+        else:
+            await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_PATH and self.chat_handler:
             await self._chat(scope, receive, SecuredSend(send, CHAT_PATH, self.metrics))
             return
@@ -177,6 +188,7 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
             js = await ensure_bus(nc, settings.bus, settings.session)
             runs = RunClient(nc, js, settings.bus, metrics=metrics,
                              longest_run=settings.longest_agent_timeout())
+            traces = telemetry.setup(settings, os.environ, "gateway", runs.gateway_id)
             await runs.start()
             metrics.active_runs.set_function(lambda: runs.active_runs)
             auth = Authenticator(settings)
@@ -190,6 +202,8 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
             finally:
                 await runs.close()
                 await chat.aclose()
+                if traces is not None:
+                    traces.shutdown()
         finally:
             with contextlib.suppress(Exception):
                 await nc.drain()
@@ -281,7 +295,9 @@ def create_app(settings: Settings, bus_url: str, *, name: str = "clawbus-gateway
         g.metrics.ws_connections.inc()
         try:
             await Connection(ws, settings, auth=g.auth, runs=g.runs, sessions=g.sessions,
-                             images=g.chat.images, health=g.health).serve()
+                             images=g.chat.images, health=g.health,
+                             trace_context=tracing.spans().extract_asgi(ws.scope)
+                             if tracing.ENABLED else None).serve()
         finally:
             g.metrics.ws_connections.dec()
 

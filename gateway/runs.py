@@ -53,6 +53,7 @@ from bus.messages import (
 from bus.nats_adapter import AckedPublisher, subscribe_direct
 from bus.payloads import PAYLOADS_BUCKET, Objects, fits
 from bus.registry import WorkerWatch, dead_after
+from clawbus import tracing
 from clawbus.config import BusConfig
 from clawbus.logs import run_context
 
@@ -494,8 +495,11 @@ class RunClient:
         try:
             if not fits(len(payload), self.nc.max_payload):
                 payload = await self._stored(handle, request, payload)
-            ack = await self._publish_run(
-                subjects.run(subjects.session_token(spec.session_key)), payload, run_id)
+            subject = subjects.run(subjects.session_token(spec.session_key))
+            if tracing.ENABLED:
+                ack = await self._traced_publish(subject, payload, spec, run_id)
+            else:
+                ack = await self._publish_run(subject, payload, {"Nats-Msg-Id": run_id})
         except Exception as exc:
             self.forget(handle)
             self.bus_error("publish")
@@ -531,7 +535,24 @@ class RunClient:
                                           "tools": (), "embed": None, "payload": name})
         return stub.model_dump_json().encode()
 
-    async def _publish_run(self, subject: str, payload: bytes, run_id: str) -> dict[str, Any]:
+    async def _traced_publish(self, subject: str, payload: bytes, spec: RunSpec,
+                              run_id: str) -> dict[str, Any]:
+        """The run's publish in a PRODUCER span whose context rides in the message's
+        headers (``traceparent``), so that the worker's spans join the trace, every
+        attempt of the run alike (a redelivered message keeps its headers)."""
+        spans = tracing.spans()
+        attributes = {"clawbus.run_id": run_id, "clawbus.session_key": spec.session_key,
+                      "clawbus.agent_id": spec.agent_id}
+        spans.current().set_attributes(attributes)  # the request's (or WS run's) span
+        with spans.active(f"publish {subjects.RUNS_STREAM}", kind="producer", attributes={
+                **attributes, "messaging.system": "nats", "messaging.operation.type": "send",
+                "messaging.destination.name": subject, "messaging.message.id": run_id}):
+            headers = {"Nats-Msg-Id": run_id}
+            spans.inject(headers)
+            return await self._publish_run(subject, payload, headers)
+
+    async def _publish_run(self, subject: str, payload: bytes,
+                           headers: dict[str, str]) -> dict[str, Any]:
         """Publish a run, retrying for up to the queue timeout while the bus is briefly
         unavailable (a NATS node died, a stream leader election): the run id as
         ``Nats-Msg-Id`` makes retrying a publish that did land a no-op."""
@@ -539,7 +560,7 @@ class RunClient:
         while True:
             try:
                 return await self._publisher.publish(subject, payload, ack_wait=PUBLISH_TIMEOUT,
-                                                     headers={"Nats-Msg-Id": run_id})
+                                                     headers=headers)
             except BUS_UNAVAILABLE:
                 if time.monotonic() + PUBLISH_RETRY_DELAY >= deadline:
                     raise

@@ -23,12 +23,13 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bus.messages import ToolEvent
+from clawbus import tracing
 from clawbus.config import Settings
 
 from . import errors
@@ -38,8 +39,11 @@ from .chat import failure_error
 from .chat_request import MAX_SESSION_KEY
 from .errors import ApiError
 from .images import ImageResolver
-from .runs import NoWorkerError, RunClient, RunHandle, RunRejected
+from .runs import NoWorkerError, RunClient, RunHandle, RunRejected, RunSpec
 from .sessions import Sessions
+
+if TYPE_CHECKING:
+    from clawbus.spans import Context, Span
 
 log = logging.getLogger("clawbus.gateway.ws")
 
@@ -89,8 +93,11 @@ class Connection:
 
     def __init__(self, ws: WebSocket, settings: Settings, *, auth: Authenticator,
                  runs: RunClient, sessions: Sessions, images: ImageResolver,
-                 health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+                 health: Callable[[], Awaitable[dict[str, Any]]],
+                 trace_context: Context | None = None) -> None:
         self.ws = ws
+        # The trace the upgrade request continued (tracing on): its `agent` runs join it.
+        self.trace_context = trace_context
         self.settings = settings
         self.auth = auth
         self.runs = runs
@@ -290,19 +297,37 @@ class Connection:
         sources = image_sources(params)
         if sources:
             spec = with_images(spec, await self.images.resolve(sources))
+        span = tracing.spans().start(
+            "agent", kind="server", context=self.trace_context,
+            attributes={"rpc.method": "agent", "clawbus.agent_id": spec.agent_id,
+                        "clawbus.session_key": spec.session_key}) if tracing.ENABLED else None
         try:
-            handle = await self.runs.submit(spec, door="ws")
+            handle = await self._submit(spec, span)
         except RunRejected as rej:
+            if span is not None:
+                tracing.spans().failed(span, rej)
+                span.end()
             raise errors.no_worker() if rej.status != 413 else errors.payload_too_large() \
                 from None
         self._handles[handle.run_id] = handle
-        task = asyncio.create_task(self._follow(req_id, handle), name="ws-run")
+        task = asyncio.create_task(self._follow(req_id, handle, span), name="ws-run")
         self._run_tasks[handle.run_id] = task
         return {"runId": handle.run_id, "status": "accepted", "sessionKey": spec.session_key,
                 "agentId": spec.agent_id, "acceptedAt": int(handle.created * 1000)}
 
-    async def _follow(self, req_id: Any, handle: RunHandle) -> None:
-        """Stream one run's events, then answer the second ``res``."""
+    async def _submit(self, spec: RunSpec, span: Span | None) -> RunHandle:
+        """The run submitted, inside ``span`` (its trace) when tracing."""
+        if span is None:
+            return await self.runs.submit(spec, door="ws")
+        token = tracing.spans().attach(span)
+        try:
+            return await self.runs.submit(spec, door="ws")
+        finally:
+            tracing.spans().detach(token)
+
+    async def _follow(self, req_id: Any, handle: RunHandle, span: Span | None = None) -> None:
+        """Stream one run's events, then answer the second ``res``; ``span`` (the
+        run's, when tracing) ends with it."""
         run_id = handle.run_id
         seq = 0
 
@@ -337,7 +362,11 @@ class Connection:
                     exc = failure_error(event)
                     agent_event("lifecycle", {"phase": "error", "error": error_body(exc)})
                     self.res_error(req_id, {**error_body(exc), "runId": run_id})
+                    if span is not None:
+                        tracing.spans().failed(span, description=exc.message)
         except NoWorkerError:
+            if span is not None:
+                tracing.spans().failed(span, description="no worker")
             exc = errors.no_worker()
             agent_event("lifecycle", {"phase": "error", "error": error_body(exc)})
             self.res_error(req_id, {**error_body(exc), "runId": run_id})
@@ -348,6 +377,8 @@ class Connection:
                                         "runId": run_id})
             raise
         finally:
+            if span is not None:
+                span.end()
             self._aborted.discard(run_id)
             self._handles.pop(run_id, None)
             self._run_tasks.pop(run_id, None)

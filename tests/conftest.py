@@ -7,6 +7,7 @@ Only fixtures and hooks live here; what tests import (the token, the config,
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import nats
@@ -17,6 +18,11 @@ from nats.aio.client import Client
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import Stack, base_config
 from tests.natsfixtures import SingleNats, nats_cluster, nats_server, shared_nats  # noqa: F401
+
+# Tracing is configured by the tests that want it, never by the caller's shell:
+# an OTEL_EXPORTER_OTLP_ENDPOINT there would turn it on in every process started.
+for _name in [name for name in os.environ if name.startswith("OTEL_")]:
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,16 @@ guessed with sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 
 from clawbus.watched import WatchedProcess
@@ -75,3 +78,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def clawbus_up(config: Path, state_dir: Path, *, workers: int = 2, args: Sequence[str] = (),
+               env: dict[str, str] | None = None) -> Iterator[tuple[Proc, str]]:
+    """``clawbus up`` on a free port with ``workers`` workers: (the process, the
+    gateway URL) once every worker is ready and ``/readyz`` says so; stopped with
+    SIGINT (Ctrl-C) at the end."""
+    up = Proc(["up", "--config", str(config), "--workers", str(workers), "--port", "0", *args],
+              env={"CLAWBUS_STATE_DIR": str(state_dir), **(env or {})}, name="up")
+    try:
+        url = up.wait_line(LISTENING, START_TIMEOUT).group(1)
+        wait_until(lambda: sum(1 for line in list(up.lines)
+                               if WORKER_READY.search(line)) == workers, timeout=START_TIMEOUT)
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200,
+                   timeout=START_TIMEOUT)
+        yield up, url
+    finally:
+        up.signal(signal.SIGINT)
+        up.stop()

@@ -447,3 +447,30 @@ def test_docker_compose_config_accepts_the_file() -> None:
     missing = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False,
                              env=env, cwd=ROOT)
     assert missing.returncode != 0 and "OPENCLAW_GATEWAY_TOKEN" in missing.stderr
+
+
+# --------------------------------------------------------------------------- tracing overlay
+
+TRACING_FILE = ROOT / "deploy" / "compose.tracing.yaml"
+
+
+def merged(base: Any, over: Any) -> Any:
+    """``over`` laid on ``base`` as Compose merges files: mappings key by key."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: merged(base.get(k), v) for k, v in over.items()}}
+    return over
+
+
+def test_the_tracing_overlay_sends_every_clawbus_process_to_jaeger(
+        compose: dict[str, Any], schema: dict[str, Any]) -> None:
+    overlay = yaml.safe_load(TRACING_FILE.read_text(encoding="utf-8"))
+    both = merged(compose, interpolate(overlay, ENV))
+    errors = list(validator(schema).iter_errors(both))
+    assert not errors, [e.message for e in errors]
+    assert set(overlay["services"]) - set(services(compose)) == {"jaeger"}
+    jaeger = services(both)["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    for name, svc in clawbus_services(both).items():
+        assert environment(svc)["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318", name
+        assert "CLAWBUS_CONFIG" in environment(svc), name  # compose.yaml's, kept
+        assert {"jaeger", "nats-1"} <= set(svc["depends_on"]), name

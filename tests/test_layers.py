@@ -14,7 +14,7 @@ PACKAGES = ("bus", "gateway", "workers", "clawbus")
 # clawbus/ holds the commands and, beside them, the few modules every process
 # uses; those are all bus, gateway and workers may import from it.
 FOUNDATION = {"clawbus.config", "clawbus.logs", "clawbus.prom", "clawbus.gcstats",
-              "clawbus.deadline"}
+              "clawbus.deadline", "clawbus.tracing", "clawbus.spans", "clawbus.telemetry"}
 MAY_IMPORT = {
     "bus": {"bus"},
     "gateway": {"gateway", "bus"},

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Mapping
 
 from prometheus_client import start_http_server
 
 from bus.connection import connect
+from clawbus import telemetry
 from clawbus.config import Settings
 
 from .worker import Worker
@@ -28,6 +30,8 @@ async def serve(settings: Settings, bus_url: str, *, grace_seconds: float = 30.0
     """
     nc = await connect(bus_url, "clawbus-worker")
     worker = Worker(settings, nc, env, grace_seconds=grace_seconds)
+    traces = telemetry.setup(settings, os.environ if env is None else env, "worker",
+                             worker.worker_id)
     if metrics_port is not None:
         server, _ = start_http_server(metrics_port, metrics_host, registry=worker.metrics.registry)
         host, port = server.server_address[:2]
@@ -44,3 +48,5 @@ async def serve(settings: Settings, bus_url: str, *, grace_seconds: float = 30.0
             await nc.drain()
         with contextlib.suppress(Exception):
             await nc.close()
+        if traces is not None:
+            traces.shutdown()

@@ -50,6 +50,7 @@ from bus.payloads import PAYLOADS_BUCKET, Objects, PayloadMissingError
 from bus.pull import PullConsumer
 from bus.registry import beat_period
 from bus.transcripts import StaleTranscriptError, Transcripts, Window
+from clawbus import tracing
 from clawbus.config import Settings
 from clawbus.logs import run_context
 
@@ -305,6 +306,27 @@ class Worker:
                 return
             run = whole
         with run_context(run.run_id, run.session_key):
+            if tracing.ENABLED:
+                await self._traced_serve_run(msg, run)
+            else:
+                await self._serve_run(msg, run)
+
+    async def _traced_serve_run(self, msg: Msg, run: RunRequest) -> None:
+        """:meth:`_serve_run` in the run's CONSUMER span, a child of the gateway's
+        publish (its context rides in the message's headers): every attempt of a
+        run joins the same trace, ``clawbus.attempt`` telling them apart."""
+        spans = tracing.spans()
+        # On every span of the attempt (its own may never end: a killed worker's).
+        attempt: dict[str, str | int] = {"clawbus.run_id": run.run_id,
+                                         "clawbus.attempt": msg.metadata.num_delivered}
+        queued_ms = max(0.0, time.time() - run.created) * 1000
+        with spans.run_attributes(attempt), spans.active(
+                f"run {run.agent_id}", kind="consumer", context=spans.extract(msg.headers),
+                attributes={"clawbus.session_key": run.session_key,
+                            "clawbus.agent_id": run.agent_id,
+                            "messaging.system": "nats", "messaging.operation.type": "process",
+                            "messaging.destination.name": msg.subject,
+                            "clawbus.queue_wait_ms": round(queued_ms, 3)}):
             await self._serve_run(msg, run)
 
     async def _whole_request(self, msg: Msg, stub: RunRequest) -> RunRequest | None:
@@ -338,7 +360,8 @@ class Worker:
                 await self._execute(msg, run, token, None, emitter)
                 return
             assert self._turns is not None
-            lease = await self._turns.wait(msg, run, token, meta.sequence.stream, emitter)
+            with tracing.span("session lease"):
+                lease = await self._turns.wait(msg, run, token, meta.sequence.stream, emitter)
             if lease is None:
                 return
             outcome = ""
@@ -363,6 +386,8 @@ class Worker:
                     await msg.term()
                 return
             log.exception("run failed inside the worker")
+            if tracing.ENABLED:
+                tracing.spans().failed(tracing.spans().current(), exc)
             with contextlib.suppress(Exception):
                 await emitter.failed(errors.internal("internal worker error"))
             with contextlib.suppress(Exception):
@@ -421,9 +446,13 @@ class Worker:
                 await msg.term()
         except ProviderError as exc:
             self.metrics.errors_by(self._provider_name(run), exc.kind).inc()
+            if tracing.ENABLED:
+                tracing.spans().failed(tracing.spans().current(), exc)
             await emitter.failed(errors.provider_failure(exc))
             await msg.term()
         except LoopExceededError as exc:
+            if tracing.ENABLED:
+                tracing.spans().failed(tracing.spans().current(), exc)
             await emitter.failed(errors.loop_exceeded(str(exc)))
             await msg.term()
         finally:
@@ -432,6 +461,8 @@ class Worker:
             await acceptance.aclose()
             await keeper.aclose()
             self.metrics.runs_by(outcome).inc()
+            if tracing.ENABLED:
+                tracing.spans().current().set_attribute("clawbus.outcome", outcome)
             log.debug("run attempt %d ended: %s", emitter.attempt, outcome)
         return outcome
 
@@ -450,7 +481,11 @@ class Worker:
                                      acceptance=acceptance, cancelled=cancelled)
         # Only the turns the history budget lets the agent see are read (or the
         # worker's cached copy of them, when the lease proves it current).
-        window = Window() if lease is None else await self._turns.window(token, lease)
+        if lease is None:
+            window = Window()
+        else:
+            with tracing.span("history read"):
+                window = await self._turns.window(token, lease)
         if window.last is not None and window.last.run_id == run.run_id:
             # Completed before (the ack was lost): report, never run twice.
             await acceptance.confirm(cancelled)
@@ -499,13 +534,15 @@ class Worker:
         if lease is None:
             # Ephemeral: nobody can read this session back through the API, so
             # the turn is recorded without waiting for the store's ack.
-            await self._transcripts.record(token, turn)
+            with tracing.span("transcript append"):
+                await self._transcripts.record(token, turn)
         else:
             # Fencing: only the lease holder may append (and the append itself is
             # conditional on the transcript being as we read it).
             assert self._turns is not None
             try:
-                seq = await self._append(lease, turn, window, emitter)
+                with tracing.span("transcript append"):
+                    seq = await self._append(lease, turn, window, emitter)
             except StaleTranscriptError:
                 self._turns.unknown(token)
                 await emitter.failed(errors.internal(
@@ -708,6 +745,10 @@ class Worker:
         if provider is None:
             cfg = self.settings.providers[name]
             provider = make_provider(cfg, self.settings.provider_api_key(cfg, self.env))
+            if tracing.ENABLED:
+                from .providers.traced import TracedProvider
+
+                provider = TracedProvider(provider, cfg.api, tracing.spans())
             self._providers[name] = provider
         return provider
 

@@ -16,6 +16,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import RequestParamsMeta
 
 from bus.messages import ToolSpec
+from clawbus import tracing
 from clawbus.config import Settings
 
 from ..metrics import WorkerMetrics
@@ -153,9 +154,23 @@ class AgentTools:
         """Run the agent tool ``name`` with the model's JSON ``arguments``.
 
         The request carries ``_meta`` ``{"clawbus/runId", "clawbus/toolCallId"}``
+        (and, with tracing on, the tool span's ``traceparent``/``tracestate``)
         and is bounded by the agent's ``callTimeoutSeconds``. Never raises for a
         tool or server failure (the outcome says what went wrong); a cancellation
         of the caller propagates and cancels the request in flight."""
+        if not tracing.ENABLED:
+            return await self._call_tool(agent_id, name, arguments, run_id, call_id)
+        spans = tracing.spans()
+        with spans.active(f"execute_tool {name}", attributes={
+                "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
+                "gen_ai.tool.call.id": call_id}) as span:
+            outcome = await self._call_tool(agent_id, name, arguments, run_id, call_id)
+            if outcome.is_error:
+                spans.failed(span, description=outcome.text[:200])
+            return outcome
+
+    async def _call_tool(self, agent_id: str, name: str, arguments: str, run_id: str,
+                         call_id: str) -> ToolOutcome:
         started = time.monotonic()
         view = self._agents.get(agent_id)
         if view is None:
@@ -174,9 +189,11 @@ class AgentTools:
             if isinstance(parsed, str):
                 text, is_error = parsed, True
             else:
+                fields = {META_RUN_ID: run_id, META_TOOL_CALL_ID: call_id}
+                if tracing.ENABLED:
+                    tracing.spans().inject(fields)  # traceparent, tracestate
                 # An open TypedDict (PEP 728 extra_items), which mypy does not model yet.
-                meta = cast(RequestParamsMeta,
-                            {META_RUN_ID: run_id, META_TOOL_CALL_ID: call_id})
+                meta = cast(RequestParamsMeta, fields)
                 text, is_error, outcome = await self._call(server, tool, parsed, meta,
                                                            limits.call_timeout_seconds)
         except asyncio.CancelledError:

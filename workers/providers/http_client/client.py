@@ -8,6 +8,8 @@ import os
 import ssl
 from collections.abc import Mapping
 
+from clawbus import tracing
+
 from .connection import Connection
 from .errors import ConnectError, ConnectTimeout
 from .inner_tls import InnerTLS
@@ -53,7 +55,11 @@ class HTTPClient:
         if pool.closed:
             raise RuntimeError("the HTTP client has been closed")
         target = self._targets.get(url) or self._target(url)
-        request = b"%s%d\r\n\r\n%s" % (target.head, len(body), body)
+        if tracing.ENABLED:  # the model call's span continues upstream
+            request = b"%s%d\r\n%s\r\n%s" % (target.head, len(body),
+                                             tracing.spans().header_lines(), body)
+        else:
+            request = b"%s%d\r\n\r\n%s" % (target.head, len(body), body)
         while True:
             conn = pool.get(target.key) or await self._open(target)
             conn.start(request)
