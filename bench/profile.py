@@ -4,7 +4,7 @@
     python -m bench.profile ttft      [--concurrency 1]
     python -m bench.profile held      [--streams 2000]
     python -m bench.profile ttft      --session-turns 20 [--history-sessions 16]
-    python -m bench.profile hot       [--concurrency 8]      # one hot session
+    python -m bench.profile hot       [--concurrency 8] [--paced]  # one hot session
     python -m bench.profile tools     [--tool-rounds 4]      # an agent's tool rounds
 
 Starts the fake upstream on the harness CPU and ``clawbus up`` (embedded
@@ -118,7 +118,8 @@ def _measure(args: argparse.Namespace, system: Clawbus, upstream: UpstreamProces
         load: dict[str, Any]
         if args.load == "hot":
             sessions_.upstream_log(upstream.url)  # empty it
-            load = run_wrk(ensure_wrk(), system.chat_url, sessions_.HOT_BODY, auth=system.auth,
+            body = sessions_.HOT_PACED_BODY if args.paced else sessions_.HOT_BODY
+            load = run_wrk(ensure_wrk(), system.chat_url, body, auth=system.auth,
                            connections=args.concurrency, duration=args.duration,
                            cpus=cpus.harness, sessions=1, session_prefix="hot-",
                            timeout_s=30.0)
@@ -241,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
                              "turns first, then stream round robin over them")
     parser.add_argument("--history-sessions", type=int, default=16,
                         help="ttft with --session-turns: sessions (default 16)")
+    parser.add_argument("--paced", action="store_true",
+                        help="hot: a model taking ~1 ms per token (32 ms a turn) instead of "
+                             "an instant one")
     parser.add_argument("--tool-rounds", type=int, default=4,
                         help="tools: tool rounds the model asks for (0: none)")
     parser.add_argument("--workers", type=int, default=1)

@@ -16,7 +16,7 @@ import orjson
 
 from .procs import http_get, http_post
 from .stats import median, summary
-from .systems import HOT_AGENT, tools_agent
+from .systems import HOT_AGENT, HOT_PACED_AGENT, tools_agent
 
 SESSION_HEADER = "x-openclaw-session-key"
 
@@ -28,6 +28,7 @@ def chat_body(model: str, content: str) -> bytes:
 
 # The hot session's turns: wrk numbers each prompt (bench/wrk_post.lua, "@N@").
 HOT_BODY = chat_body(f"openclaw/{HOT_AGENT}", "hot @N@")
+HOT_PACED_BODY = chat_body(f"openclaw/{HOT_PACED_AGENT}", "hot @N@")
 
 
 def tools_body(rounds: int) -> bytes:

@@ -44,6 +44,13 @@ SHAPES: tuple[tuple[int, float], ...] = ((32, 0.0), (32, 20.0), (20, 500.0))
 # (bench/upstream.py: the `-log` model suffix, read back from GET /bench/log).
 HOT_AGENT = "hot"
 HOT_UPSTREAM_MODEL = "fake-t32-d0-log"
+# The same with a paced model (1 ms per token, ~32 ms a turn): with an instant
+# upstream the one core is never idle and the gap between turns is simply all the
+# CPU a turn costs; with a model that takes time, work that need not come
+# between two turns (the gateway answering the last, a client queueing the next)
+# overlaps the model's, and the gap shows the hand-off itself.
+HOT_PACED_AGENT = "hot-paced"
+HOT_PACED_UPSTREAM_MODEL = "fake-t32-d1-log"
 
 
 def tools_agent(rounds: int) -> str:
@@ -222,6 +229,7 @@ class Clawbus(ProcessSystem):
             for t, d in self.shapes]
         agents[0]["default"] = True
         agents.append({"id": HOT_AGENT, "model": f"bench/{HOT_UPSTREAM_MODEL}"})
+        agents.append({"id": HOT_PACED_AGENT, "model": f"bench/{HOT_PACED_UPSTREAM_MODEL}"})
         for rounds in self.tool_rounds:
             agents.append({
                 "id": tools_agent(rounds), "model": f"bench/{tools_upstream_model(rounds)}",
