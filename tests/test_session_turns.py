@@ -176,6 +176,29 @@ def test_identity_memo_computes_once_per_object() -> None:
     assert calls == ["a", "a", "b", "c"]
 
 
+def test_identity_memo_many_matches_one_by_one() -> None:
+    """`many` answers what calling the memo per key would, computing only the
+    misses, in order, including a key repeated in one call and keys evicted
+    while the call fills its misses."""
+    from workers.memo import IdentityMemo
+
+    calls: list[str] = []
+
+    def shout(text: list[str]) -> str:
+        calls.append(text[0])
+        return text[0].upper()
+
+    memo: IdentityMemo[list[str], str] = IdentityMemo(shout, size=3)
+    a, b, c, d = ["a"], ["b"], ["c"], ["d"]
+    assert memo.many([]) == []
+    assert memo.many([a, b, a]) == ["A", "B", "A"] and calls == ["a", "b"]
+    assert memo.many([b, c, d, a]) == ["B", "C", "D", "A"]  # d and a push out older ones
+    assert calls == ["a", "b", "c", "d"]  # a was still cached when looked up
+    assert len(memo) == 3
+    calls.clear()
+    assert memo.many([a, b]) == ["A", "B"] and calls == ["a"]  # a had been evicted
+
+
 class _Msg:
     """What SessionTurns.wait uses of a JetStream delivery."""
 

@@ -12,6 +12,8 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 
 from bus.messages import ChatItem, RunRequest, ToolCall, ToolCallChunk, Turn, Usage
 
@@ -39,12 +41,10 @@ def build_request(model: str, system_prompt: str, run: RunRequest,
     session's earlier turns (already cut to the budget), then the current input.
     Tool traffic stays structured (SPEC §7)."""
     system = "\n\n".join(p for p in (system_prompt.strip(), run.extra_system_prompt.strip()) if p)
-    messages: list[ChatMessage] = []
-    structured = bool(run.input)
-    for turn in history:
-        turn_structured, turn_messages = _turn_messages(turn)
-        structured = structured or turn_structured
-        messages.extend(turn_messages)
+    # (The history's turns are looked up in C: see workers/memo.py.)
+    known = _turn_messages.many(history)
+    structured = bool(run.input) or any(map(_STRUCTURED, known))
+    messages: list[ChatMessage] = list(chain.from_iterable(map(_MESSAGES, known)))
     if run.input:
         messages.extend(_message(item) for item in run.input)
     else:
@@ -64,6 +64,7 @@ def _as_messages(turn: Turn) -> tuple[bool, tuple[ChatMessage, ...]]:
 
 
 _turn_messages = IdentityMemo(_as_messages)
+_STRUCTURED, _MESSAGES = itemgetter(0), itemgetter(1)
 
 
 def _message(item: ChatItem) -> ChatMessage:

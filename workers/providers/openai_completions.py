@@ -284,10 +284,10 @@ def _parse_batch(batch: list[bytes], state: _StreamState) -> tuple[str, Provider
 
 
 def _request_body(request: ProviderRequest) -> dict[str, Any]:
-    messages: list[dict[str, Any]] = []
+    messages: list[Any] = []
     if request.system:
         messages.append({"role": "system", "content": request.system})
-    messages.extend(map(_message_memo, request.messages))
+    messages.extend(_message_memo.many(request.messages))
     body: dict[str, Any] = {
         "model": request.model,
         "messages": messages,
@@ -308,7 +308,12 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     return body
 
 
-def _message(message: ChatMessage) -> dict[str, Any]:
+def _message(message: ChatMessage) -> orjson.Fragment:
+    """A message as the API's JSON, encoded once (see ``_message_memo``)."""
+    return orjson.Fragment(orjson.dumps(_message_dict(message)))
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
     if message.role == "tool":
         return {"role": "tool", "tool_call_id": message.tool_call_id,
                 "content": message.content}
@@ -332,7 +337,8 @@ def _message(message: ChatMessage) -> dict[str, Any]:
 
 
 # A session's history arrives as the same ChatMessage objects run after run
-# (workers/memo.py); the dicts are only ever serialised, never changed.
+# (workers/memo.py): each is encoded once, and the body built around the
+# encoded messages (orjson copies a Fragment as it is).
 _message_memo = IdentityMemo(_message)
 
 
