@@ -58,7 +58,7 @@ class Leases:
         self._stream = f"KV_{subjects.LEASES_BUCKET}"
 
     def _subject(self, token: str) -> str:
-        return f"$KV.{subjects.LEASES_BUCKET}.{token}"
+        return subjects.lease_key(token)
 
     async def _cas(self, token: str, value: bytes, last: int, ttl: str) -> int | None:
         try:

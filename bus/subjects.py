@@ -75,13 +75,14 @@ def cancel_all() -> str:
     return "cancel.*"
 
 
-def session_done(token: str) -> str:
-    """Published when a session's run ends, to wake workers holding its next run."""
-    return f"sess.done.{token}"
+def lease_key(token: str) -> str:
+    """The subject of a session's lease in the ``LEASES`` bucket: its writes, and
+    (subscribed to) the signal that it was let go (workers/lease_watch.py)."""
+    return f"$KV.{LEASES_BUCKET}.{token}"
 
 
-def session_done_all() -> str:
-    return "sess.done.*"
+def leases_all() -> str:
+    return f"$KV.{LEASES_BUCKET}.*"
 
 
 def last_token(subject: str) -> str:

@@ -156,12 +156,12 @@ def test_session_subjects_have_fixed_shape(key: str) -> None:
     cases = [
         (subjects.run(token), 2, subjects.runs_all()),
         (subjects.transcript(token), 2, subjects.transcripts_all()),
-        (subjects.session_done(token), 3, subjects.session_done_all()),
+        (subjects.lease_key(token), 3, subjects.leases_all()),
     ]
     for subject, count, wildcard in cases:
         parts = nats_tokens(subject)
         assert len(parts) == count, subject
-        assert all(is_valid_literal_token(p) for p in parts), subject
+        assert all(is_valid_literal_token(p.removeprefix("$")) for p in parts), subject
         assert subjects.last_token(subject) == token
         assert subject_matches(wildcard, subject)
         assert session_key_from_token(subjects.last_token(subject)) == key
@@ -171,7 +171,7 @@ def test_session_subjects_have_fixed_shape(key: str) -> None:
 @given(keys, keys)
 def test_session_subjects_never_shared(a: str, b: str) -> None:
     ta, tb = session_token(a), session_token(b)
-    for build in (subjects.run, subjects.transcript, subjects.session_done):
+    for build in (subjects.run, subjects.transcript, subjects.lease_key):
         assert (build(ta) == build(tb)) == (a == b)
     # One session's subject is never matched by another session's (literal) subject
     # used as a filter, e.g. a per-session purge or consumer filter.
@@ -205,7 +205,7 @@ def test_events_of_one_gateway_are_not_seen_by_another(gw_a: str, gw_b: str, run
 def test_wildcards_and_names() -> None:
     assert subjects.runs_all() == "runs.>"
     assert subjects.transcripts_all() == "tx.>"
-    assert subjects.session_done_all() == "sess.done.*"
+    assert subjects.leases_all() == "$KV.LEASES.*"
     assert subjects.cancel_all() == "cancel.*"
     names = [subjects.RUNS_STREAM, subjects.TX_STREAM, subjects.LEASES_BUCKET,
              subjects.WORKERS_BUCKET, subjects.RUNS_CONSUMER]

@@ -4,7 +4,7 @@ handed straight from a session's finished run to its next one held here.
 A worker that finishes a session's run and holds that session's next run (the
 next one in the session's order: the oldest stored after the finished one)
 passes the lease to it instead of releasing it and letting every waiter race to
-take it again: no release, no ``sess.done``, no acquire, and the history it has
+take it again: no release, no wake-up, no acquire, and the history it has
 cached stays current (it never let the lease go). Order is kept because only the
 session's head run may be handed the lease, and the head is read from the stream
 as always; fairness across sessions is untouched, since only this session's

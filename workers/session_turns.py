@@ -3,8 +3,9 @@
 A run of a session starts only when it is the oldest stored run of its session
 (the *head*, read from the ``RUNS`` stream leader) and the worker holds the
 session's lease. Otherwise the worker holds the run (up to its share of slots),
-telling the gateway it is queued, until the session's ``sess.done`` signal, a
-lease handed over (below), or a periodic re-check.
+telling the gateway it is queued, until the session's lease is let go (the
+release itself is the signal: ``workers/lease_watch.py``), the lease is handed
+over (below), or a periodic re-check.
 
 What a worker keeps between a session's runs, to make the next one cheap (each
 keeps the ordering, fencing and no-half-turn guarantees):
@@ -14,7 +15,7 @@ keeps the ordering, fencing and no-half-turn guarantees):
   (one compare-and-set proves nobody held it since), or handed over.
 - **The lease, handed over** (``workers/handover.py``): when the finished run's
   session has its next run held by this worker, and that run is now the head,
-  the lease goes straight to it: no release, no ``sess.done``, no acquire.
+  the lease goes straight to it: no release, no wake-up, no acquire.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from clawbus.config import BusConfig
 
 from .events import Emitter, RunAbandoned
 from .handover import HeldRuns
+from .lease_watch import LeaseWatch, Watched
 from .session_cache import SessionCache
 
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ class SessionTurns:
         self.holds = 0
         self.cache = SessionCache()
         self._held: HeldRuns[SessionLease] = HeldRuns()
-        self._done: dict[str, asyncio.Event] = {}
+        self._watch = LeaseWatch(nc)
         self._leased: set[str] = set()  # sessions whose lease this worker holds
 
     # -- waiting for the turn ------------------------------------------------
@@ -85,17 +87,12 @@ class SessionTurns:
         found = await self._leader.next(subjects.RUNS_STREAM, after + 1, subjects.run(token))
         return None if found is None else found.seq
 
-    def session_done(self, token: str) -> None:
-        """A ``sess.done`` signal: the session's waiters look again."""
-        event = self._done.pop(token, None)
-        if event is not None:
-            event.set()
-
     async def wait(self, msg: Msg, run: RunRequest, token: str, seq: int,
                    emitter: Emitter) -> SessionLease | None:
         """Wait until this run heads its session and we hold the lease; the lease,
         or None if the run was handed back (naked) or dropped."""
         handed: asyncio.Future[SessionLease] | None = None
+        watched: Watched | None = None
         # A run held only briefly (handed the lease within the notice delay, as
         # in a busy session) costs its gateway no `queued` notice.
         next_probe = time.monotonic() + QUEUED_NOTICE_DELAY
@@ -109,12 +106,16 @@ class SessionTurns:
                 if run.run_id in self._cancelled:
                     await msg.term()
                     return None
-                if handed is None and token in self._leased:
-                    # One of our runs has the session: this one is not its head
-                    # (the running one is), and the lease comes here by hand-over
-                    # when it is due (or sess.done says to look again).
-                    pass
-                else:
+                if watched is None and (handed is not None or token in self._leased
+                                        or token in self._watch):
+                    # Likely held: watched before the look, so a release after it
+                    # wakes us (and the running run of ours lets go after this).
+                    watched = await self._watch.watch(token)
+                changed = None if watched is None else watched.changed
+                if handed is not None or token not in self._leased:
+                    # (else one of our runs has the session: this one is not its
+                    # head — the running one is — and the lease comes here by
+                    # hand-over when it is due, or a release says to look again.)
                     # The first look takes the lease in the same round trip as the
                     # head check (a session's run is mostly its head); later ones
                     # only once the head check says so.
@@ -137,6 +138,8 @@ class SessionTurns:
                         return None
                     self.holds += 1
                     handed = self._held.hold(token, seq)
+                    if watched is None:  # the look above was not watched: look again
+                        continue
                 now = time.monotonic()
                 if now >= next_probe:
                     try:
@@ -148,9 +151,11 @@ class SessionTurns:
                     await msg.in_progress()
                     next_probe = now + min(self._bus.heartbeat_seconds,
                                            self._bus.ack_wait_seconds / 3)
-                done = self._done.setdefault(token, asyncio.Event())
-                await self._wait_any(done, handed, max(0.05, next_probe - time.monotonic()))
+                assert changed is not None
+                await self._wait_any(changed, handed, max(0.05, next_probe - time.monotonic()))
         finally:
+            if watched is not None:
+                await self._watch.unwatch(token, watched)
             if handed is not None:
                 self.holds -= 1
                 # (after a hand-over taken above this finds nothing: leave is idempotent)
@@ -240,18 +245,16 @@ class SessionTurns:
         await self.let_go(token, lease)
 
     async def let_go(self, token: str, lease: SessionLease) -> None:
-        """Release the lease (unless it was lost) and tell the session's waiters."""
+        """Release the lease (unless it was lost). The release wakes the session's
+        waiters on every worker (workers/lease_watch.py); when none was written,
+        this worker's own waiters are woken here."""
         self._leased.discard(token)
+        rev = None
         if lease.held:
-            try:
+            with contextlib.suppress(Exception):
                 rev = await lease.release()
-            except Exception:
-                rev = None
-            if rev is None:
-                self.cache.drop(token)
-            else:
-                self.cache.released(token, rev, unbroken=lease.unbroken)
-        else:
+        if rev is None:
             self.cache.drop(token)
-        with contextlib.suppress(Exception):
-            await self._nc.publish(subjects.session_done(token), b"")
+            self._watch.signal(token)
+        else:
+            self.cache.released(token, rev, unbroken=lease.unbroken)

@@ -7,7 +7,7 @@ Scheduling (DESIGN "The run, end to end", steps 2, 3, 6–8):
 - A run starts only if it is the oldest stored message of its session subject
   *and* the worker wins the session lease. Otherwise the worker holds it (up to
   a quarter of its slots), telling the gateway it is queued, until the
-  session's ``sess.done`` signal, the lease handed over by the session's run
+  session's lease is let go (``workers/lease_watch.py``), handed over by the session's run
   before it here, or a periodic re-check; beyond that it naks
   (``workers/session_turns.py``, which also keeps sessions' history windows).
 - While a run executes: ``in_progress`` acks and a fenced lease refresh every
@@ -168,8 +168,6 @@ class Worker:
             await self._tools.start()  # (a server that fails is retried on use)
         cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
-        done_sub = await self.nc.subscribe(subjects.session_done_all(), cb=self._on_session_done,
-                                           pending_msgs_limit=-1, pending_bytes_limit=-1)
         # Advertised before the first run: gateways know us, and our runs start
         # with a known liveness.
         await self._advertise(await js.key_value(subjects.WORKERS_BUCKET))
@@ -194,9 +192,8 @@ class Worker:
             registry.cancel()
             await asyncio.wait({registry}, timeout=10.0)
             await self._deregister(js)
-            for sub in (cancel_sub, done_sub):
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await cancel_sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await publisher.close()
             for provider in self._providers.values():
@@ -286,10 +283,6 @@ class Worker:
         if execution is not None:
             log.info("run %s cancelled by its client", run_id)
             execution.stop("cancelled")
-
-    async def _on_session_done(self, msg: Msg) -> None:
-        if self._turns is not None:
-            self._turns.session_done(subjects.last_token(msg.subject))
 
     # -- one run -------------------------------------------------------------
 
