@@ -31,6 +31,10 @@ log = logging.getLogger("clawbus.bus")
 # Timeout of JetStream API calls (publish acks, gets, CAS): every await on the
 # network has one.
 JS_TIMEOUT = 5.0
+# A JetStream publish stored only if the subject's last stored message is this
+# sequence (0: none stored), and the error codes of one refused for that.
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = (10071, 10164)
 
 # What a bus that is only briefly unavailable raises (a node died, a stream leader
 # election, a reconnect in progress): worth retrying, not worth failing a run for.

@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from . import subjects
-from .connection import stored_seq
+from .connection import EXPECTED_LAST_SUBJECT_SEQ, WRONG_LAST_SEQUENCE, stored_seq
 from .nats_adapter import AckedPublisher
 
 
@@ -39,9 +39,7 @@ def lease_owner(worker_id: str) -> bytes:
     return orjson.dumps({"worker": worker_id})
 
 
-_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _TTL = "Nats-TTL"
-_WRONG_LAST_SEQUENCE = (10071, 10164)
 FREE = b"free"
 FREE_TTL_SECONDS = 300  # how long a free marker (and the proof it carries) is kept
 
@@ -63,9 +61,9 @@ class Leases:
     async def _cas(self, token: str, value: bytes, last: int, ttl: str) -> int | None:
         try:
             return await stored_seq(self._js, self._publisher, self._subject(token), value,
-                                    {_EXPECTED_LAST_SUBJECT_SEQ: str(last), _TTL: ttl})
+                                    {EXPECTED_LAST_SUBJECT_SEQ: str(last), _TTL: ttl})
         except APIError as exc:
-            if exc.err_code in _WRONG_LAST_SEQUENCE:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
                 return None
             raise
 

@@ -33,7 +33,7 @@ from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 
 from . import subjects
-from .connection import JS_TIMEOUT, stored_seq
+from .connection import EXPECTED_LAST_SUBJECT_SEQ, JS_TIMEOUT, WRONG_LAST_SEQUENCE, stored_seq
 from .messages import Turn
 from .nats_adapter import (
     AckedPublisher,
@@ -45,7 +45,6 @@ from .nats_adapter import (
 )
 from .payloads import TURNS_BUCKET, Objects, fits
 
-_WRONG_LAST_SEQUENCE = (10071, 10164)
 READ_TIMEOUT = 10.0
 WINDOW_START = "Clawbus-Window-Start"
 WINDOW_BUDGET = "Clawbus-Window-Budget"
@@ -207,7 +206,7 @@ class Transcripts:
         with the ``window`` it was generated from, the new turn says where the next
         run's window starts."""
         headers = {
-            "Nats-Expected-Last-Subject-Sequence": str(expected_last_seq),
+            EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_seq),
             "Nats-Msg-Id": f"turn-{turn.run_id}",
         }
         if window is not None:
@@ -218,7 +217,7 @@ class Transcripts:
             return await stored_seq(self._js, self._publisher, subjects.transcript(token),
                                     await self._encoded(turn), headers)
         except APIError as exc:
-            if exc.err_code in _WRONG_LAST_SEQUENCE:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
                 raise StaleTranscriptError(str(exc)) from None
             raise
 

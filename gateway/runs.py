@@ -27,7 +27,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from bus import subjects
+from bus import heads, subjects
 from bus.connection import BUS_UNAVAILABLE, lease_ttl_seconds
 from bus.leases import Leases, lease_owner
 from bus.messages import (
@@ -499,7 +499,8 @@ class RunClient:
             if tracing.ENABLED:
                 ack = await self._traced_publish(subject, payload, spec, run_id)
             else:
-                ack = await self._publish_run(subject, payload, {"Nats-Msg-Id": run_id})
+                ack = await self._publish_run(subject, payload, {"Nats-Msg-Id": run_id},
+                                              session=not spec.ephemeral)
         except Exception as exc:
             self.forget(handle)
             self.bus_error("publish")
@@ -549,11 +550,26 @@ class RunClient:
                 "messaging.destination.name": subject, "messaging.message.id": run_id}):
             headers = {"Nats-Msg-Id": run_id}
             spans.inject(headers)
-            return await self._publish_run(subject, payload, headers)
+            return await self._publish_run(subject, payload, headers,
+                                           session=not spec.ephemeral)
 
-    async def _publish_run(self, subject: str, payload: bytes,
-                           headers: dict[str, str]) -> dict[str, Any]:
-        """Publish a run, retrying for up to the queue timeout while the bus is briefly
+    async def _publish_run(self, subject: str, payload: bytes, headers: dict[str, str], *,
+                           session: bool) -> dict[str, Any]:
+        """Publish a run. A ``session``'s run goes first as its session's head, stored
+        only if no other run of the session is (its worker then need not check
+        its turn: bus/heads.py), else as it is."""
+        if session:
+            try:
+                return await self._publish_retrying(subject, payload, heads.as_head(headers))
+            except Exception as exc:
+                if not heads.not_head(exc):
+                    raise
+            self.round_trip("publish_run")  # (the second publish)
+        return await self._publish_retrying(subject, payload, headers)
+
+    async def _publish_retrying(self, subject: str, payload: bytes,
+                                headers: dict[str, str]) -> dict[str, Any]:
+        """Publish, retrying for up to the queue timeout while the bus is briefly
         unavailable (a NATS node died, a stream leader election): the run id as
         ``Nats-Msg-Id`` makes retrying a publish that did land a no-op."""
         deadline = time.monotonic() + self.bus.queue_timeout_seconds

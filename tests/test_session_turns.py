@@ -259,3 +259,120 @@ async def test_hand_over_to_the_next_run_held_here(bus: tuple[Client, JetStreamC
         assert not second.held
     finally:
         await a.publisher.close()
+
+
+async def test_a_held_run_is_woken_by_the_release_itself(
+        bus: tuple[Client, JetStreamContext]) -> None:
+    """Worker B holds a session's next run while worker A runs the session. A's
+    release (the lease's free marker, seen on its KV subject) wakes B at once: B's
+    own periodic look is minutes away here, so only the release can be what woke
+    it. Once B runs, it watches the session no more."""
+    from typing import Any, cast
+
+    from bus.messages import RunRequest
+
+    nc, js = bus
+    a = Side("w-a", nc, js)
+    b = Side("w-b", nc, js)
+    slow = BusConfig(ack_wait_seconds=600, heartbeat_seconds=300)
+    b.turns = SessionTurns(
+        nc, b.leases, LeaderGet(b.publisher, wait=5), b.transcripts, owner=b.owner,
+        worker_id="w-b", bus=slow, budget=BUDGET, max_holds=4, metrics=b.metrics,
+        stopping=asyncio.Event(), cancelled=set())
+    for side in (a, b):
+        await side.publisher.start()
+    token = subjects.session_token(f"wake-{uuid.uuid4().hex[:8]}")
+    seqs = [(await js.publish(subjects.run(token), b"{}")).seq for _ in range(2)]
+    runs = [RunRequest(run_id=f"r{i}", session_key="k", agent_id="main", message="hi",
+                       events_subject="evt.x.y", created=time.time()) for i in range(2)]
+    notified = asyncio.Event()
+
+    class Notified(_Emitter):
+        async def queued(self, worker_id: str, ack: str) -> None:
+            notified.set()
+
+    try:
+        first = await a.turns.wait(cast(Any, _Msg()), runs[0], token, seqs[0],
+                                   cast(Any, _Emitter()))
+        assert first is not None
+        waiting = asyncio.create_task(b.turns.wait(cast(Any, _Msg()), runs[1], token, seqs[1],
+                                                   cast(Any, Notified())))
+        # Held past its queued notice: its next periodic look is 300 s away.
+        await asyncio.wait_for(notified.wait(), 10)
+        assert b.turns.holds == 1 and token in b.turns._watch
+        await js.delete_msg("RUNS", seqs[0])  # (its ack)
+        await a.turns.pass_on(token, seqs[0], first, "completed")  # nobody next here
+        assert not first.held
+        second = await asyncio.wait_for(waiting, 30)
+        assert second is not None and second.held and not second.unbroken
+        assert b.turns.holds == 0 and token not in b.turns._watch
+        await b.turns.let_go(token, second)
+    finally:
+        for side in (a, b):
+            await side.publisher.close()
+
+
+async def test_a_run_published_as_head_is_started_without_asking_only_when_proven(
+        bus: tuple[Client, JetStreamContext]) -> None:
+    """A run published as its session's head (bus/heads.py) skips the head check
+    only when the lease proves it still stored: taken at this worker's own free
+    marker, past the runs it knew were gone. An old delivery of a run already
+    served is found out by asking (and dropped); after another worker held the
+    lease, this one asks again."""
+    from typing import Any, cast
+
+    from bus import heads
+    from bus.messages import RunRequest
+
+    nc, js = bus
+    a, b = Side("w-a", nc, js), Side("w-b", nc, js)
+    for side in (a, b):
+        await side.publisher.start()
+    token = subjects.session_token(f"marked-{uuid.uuid4().hex[:8]}")
+    asked: list[int] = []
+    real_head = a.turns.head
+
+    async def counted(tok: str, after: int = 0) -> int | None:
+        asked.append(after)
+        return await real_head(tok, after)
+
+    a.turns.head = counted  # type: ignore[method-assign,assignment]
+
+    async def publish(n: int) -> tuple[RunRequest, int]:
+        ack = await js.publish(subjects.run(token), b"{}",
+                               headers=heads.as_head({"Nats-Msg-Id": f"{token}-{n}"}))
+        return RunRequest(run_id=f"r{n}", session_key="k", agent_id="main", message="hi",
+                          events_subject="evt.x.y", created=time.time()), ack.seq
+
+    async def serve(side: Side, run: RunRequest, seq: int) -> tuple[SessionLease | None, str]:
+        msg = _Msg()
+        lease = await side.turns.wait(cast(Any, msg), run, token, seq, cast(Any, _Emitter()),
+                                      head=True)
+        if lease is not None:
+            await side.turns.window(token, lease)  # (as every run: the cache keeps it)
+            await js.delete_msg("RUNS", seq)  # (its ack)
+            await side.turns.pass_on(token, seq, lease, "completed")
+        return lease, msg.outcome
+
+    try:
+        run1, seq1 = await publish(1)
+        assert (await serve(a, run1, seq1))[0] is not None
+        assert len(asked) == 1  # nothing known yet: asked
+        run2, seq2 = await publish(2)
+        assert (await serve(a, run2, seq2))[0] is not None
+        assert len(asked) == 1  # proven by the lease: not asked
+        # An old delivery of run 1, served long ago: asked, and dropped.
+        assert await serve(a, run1, seq1) == (None, "term")
+        assert len(asked) == 2
+        # Worker B serves the session once: A's marker is gone, so A asks again.
+        run3, seq3 = await publish(3)
+        assert (await serve(b, run3, seq3))[0] is not None
+        run4, seq4 = await publish(4)
+        assert (await serve(a, run4, seq4))[0] is not None
+        assert len(asked) == 3
+        # ... and an old delivery of B's run, after A's own release, is asked about.
+        assert await serve(a, run3, seq3) == (None, "term")
+        assert len(asked) == 4
+    finally:
+        for side in (a, b):
+            await side.publisher.close()

@@ -38,6 +38,9 @@ class _Entry:
     # The revision of the free marker this worker wrote on release: the entry
     # is good for an acquire at exactly that revision. 0 while the lease is held.
     rev: int = 0
+    # Every run of the session up to this ``RUNS`` sequence is gone (served or
+    # dropped): a fact that never stops being true (sequences are not reused).
+    gone: int = 0
 
 
 def _chars(window: Window) -> int:
@@ -65,6 +68,11 @@ class SessionCache:
         entry = self._entries.get(token)
         return 0 if entry is None else entry.rev
 
+    def gone_through(self, token: str) -> int:
+        """The session's runs up to this ``RUNS`` sequence are gone (0: unknown)."""
+        entry = self._entries.get(token)
+        return 0 if entry is None else entry.gone
+
     def window(self, token: str, budget: int) -> Window | None:
         """The cached window of a session whose lease we hold and whose cache is
         proven current (see the module doc); None if there is none to serve."""
@@ -77,8 +85,9 @@ class SessionCache:
 
     def put(self, token: str, window: Window) -> None:
         """The session's window as of now, while we hold its lease."""
+        old = self._entries.get(token)
         self.drop(token)
-        entry = _Entry(window, _chars(window))
+        entry = _Entry(window, _chars(window), gone=0 if old is None else old.gone)
         if entry.chars > self.max_chars:
             return
         self._entries[token] = entry
@@ -87,16 +96,18 @@ class SessionCache:
             _, oldest = self._entries.popitem(last=False)
             self._chars -= oldest.chars
 
-    def released(self, token: str, rev: int, *, unbroken: bool) -> None:
-        """We let the lease go, writing its free marker at ``rev``. The entry stays
-        good for an acquire there if it was current under this hold: read or
-        extended during it, or carried over a hold taken at our own marker
-        (``unbroken``); otherwise it is dropped."""
+    def released(self, token: str, rev: int, *, unbroken: bool, gone: int = 0) -> None:
+        """We let the lease go, writing its free marker at ``rev``, knowing the
+        session's runs up to ``gone`` are gone. The entry stays good for an acquire
+        there if it was current under this hold: read or extended during it, or
+        carried over a hold taken at our own marker (``unbroken``); otherwise it
+        is dropped."""
         entry = self._entries.get(token)
         if entry is None:
             return
         if entry.rev == 0 or unbroken:
             entry.rev = rev
+            entry.gone = max(entry.gone, gone)
         else:
             self.drop(token)
 

@@ -1,8 +1,9 @@
 """A session's turn, from the worker's side: wait for it, see the history, pass it on.
 
 A run of a session starts only when it is the oldest stored run of its session
-(the *head*, read from the ``RUNS`` stream leader) and the worker holds the
-session's lease. Otherwise the worker holds the run (up to its share of slots),
+(the *head*: read from the ``RUNS`` stream leader, unless the run was published
+as the head, ``bus/heads.py``) and the worker holds the session's lease.
+Otherwise the worker holds the run (up to its share of slots),
 telling the gateway it is queued, until the session's lease is let go (the
 release itself is the signal: ``workers/lease_watch.py``), the lease is handed
 over (below), or a periodic re-check.
@@ -88,9 +89,11 @@ class SessionTurns:
         return None if found is None else found.seq
 
     async def wait(self, msg: Msg, run: RunRequest, token: str, seq: int,
-                   emitter: Emitter) -> SessionLease | None:
+                   emitter: Emitter, *, head: bool = False) -> SessionLease | None:
         """Wait until this run heads its session and we hold the lease; the lease,
-        or None if the run was handed back (naked) or dropped."""
+        or None if the run was handed back (naked) or dropped. ``head``: the run
+        was published as its session's head (bus/heads.py): it is, as long as it
+        is stored, so only the lease is asked for."""
         handed: asyncio.Future[SessionLease] | None = None
         watched: Watched | None = None
         # A run held only briefly (handed the lease within the notice delay, as
@@ -119,8 +122,9 @@ class SessionTurns:
                     # The first look takes the lease in the same round trip as the
                     # head check (a session's run is mostly its head); later ones
                     # only once the head check says so.
-                    head, lease = await self._look(token, seq, together=handed is None)
-                    if head is None or head > seq:
+                    first, lease = await self._look(token, seq, together=handed is None,
+                                                    marked=head)
+                    if first is None or first > seq:
                         # Deleted (its client gave up) or already completed elsewhere.
                         await msg.term()
                         return None
@@ -161,21 +165,20 @@ class SessionTurns:
                 # (after a hand-over taken above this finds nothing: leave is idempotent)
                 unused = self._held.leave(token, seq)
                 if unused is not None:  # handed to us as we gave up: pass it on
-                    await self.let_go(token, unused)
+                    await self.let_go(token, unused, gone=seq - 1)
 
-    async def _look(self, token: str, seq: int, *,
-                    together: bool) -> tuple[int | None, SessionLease | None]:
+    async def _look(self, token: str, seq: int, *, together: bool,
+                    marked: bool = False) -> tuple[int | None, SessionLease | None]:
         """The session's head, and its lease if the run at ``seq`` is the head and
         the lease was free. ``together``: ask for both at once (if the run turns out
-        not to be the head, a lease taken is let go again)."""
-        def acquire() -> Awaitable[SessionLease | None]:
-            return SessionLease.acquire(self._leases, token, self._owner,
-                                        self.cache.released_at(token))
-
+        not to be the head, a lease taken is let go again). ``marked``: the run was
+        published as its session's head (see :meth:`_proven_head`)."""
+        if marked and together and self.cache.released_at(token):
+            return await self._look_marked(token, seq)
         if not together:
             head = await self.head(token)
-            return head, (await acquire() if head == seq else None)
-        found, taken = await asyncio.gather(self.head(token), acquire(),
+            return head, (await self._acquire(token) if head == seq else None)
+        found, taken = await asyncio.gather(self.head(token), self._acquire(token),
                                             return_exceptions=True)
         if isinstance(taken, BaseException):
             if found == seq:
@@ -183,11 +186,50 @@ class SessionTurns:
             taken = None
         if isinstance(found, BaseException) or found != seq:
             if taken is not None:  # not this run's turn after all
-                await self.let_go(token, taken)
+                await self.let_go(token, taken, gone=_gone_below(found, seq))
             if isinstance(found, BaseException):
                 raise found
             return found, None
         return found, taken
+
+    async def _look_marked(self, token: str,
+                           seq: int) -> tuple[int | None, SessionLease | None]:
+        """:meth:`_look` for a run published as its session's head, by a worker that
+        let the session's lease go before: the lease first, and the head asked
+        only if the lease does not prove the run is still stored."""
+        gone = self.cache.gone_through(token)
+        taken = await self._acquire(token)
+        if taken is not None and self._proven_head(taken, seq, gone):
+            return seq, taken
+        found = await self.head(token)
+        if found != seq and taken is not None:
+            await self.let_go(token, taken, gone=_gone_below(found, seq))
+            taken = None
+        return found, taken
+
+    @staticmethod
+    def _proven_head(lease: SessionLease, seq: int, gone: int) -> bool:
+        """Is the run at ``seq``, published as its session's head (bus/heads.py),
+        proven to be still stored — so still the head — without asking?
+
+        Published as the head, it stays the head for as long as it is stored. What
+        the mark cannot tell is whether it is still stored: this delivery may be an
+        old one (the worker stalled past the ack wait, and another worker served
+        the run meanwhile). The lease tells: taken at this worker's own free
+        marker (``unbroken``), nobody held it since this worker let it go; and a
+        run leaves the stream served or failed only under the lease (its ack or
+        term comes from the lease holder). When this worker let go, every run of
+        the session up to ``gone`` was gone; so a run past ``gone`` was served by
+        nobody since, and is still stored. (A run dropped without the lease —
+        cancelled before it started — is not stored either, but its gateway no
+        longer wants it: the run stores nothing, ``workers/acceptance.py``.)"""
+        return lease.unbroken and seq > gone
+
+    def _acquire(self, token: str) -> Awaitable[SessionLease | None]:
+        """Take the session's lease, at this worker's own free marker if it has one
+        (workers/session_cache.py)."""
+        return SessionLease.acquire(self._leases, token, self._owner,
+                                    self.cache.released_at(token))
 
     async def _wait_any(self, done: asyncio.Event, handed: asyncio.Future[SessionLease],
                         seconds: float) -> None:
@@ -242,12 +284,15 @@ class SessionTurns:
                     if self._held.hand(token, waiting, lease):
                         self._metrics.handovers.inc()
                         return
-        await self.let_go(token, lease)
+        # The run was its session's head: every run before it is gone, and so is
+        # the run itself if it ended for good.
+        await self.let_go(token, lease, gone=seq if outcome in PASSABLE else seq - 1)
 
-    async def let_go(self, token: str, lease: SessionLease) -> None:
-        """Release the lease (unless it was lost). The release wakes the session's
-        waiters on every worker (workers/lease_watch.py); when none was written,
-        this worker's own waiters are woken here."""
+    async def let_go(self, token: str, lease: SessionLease, *, gone: int = 0) -> None:
+        """Release the lease (unless it was lost), knowing the session's runs up to
+        ``gone`` are gone. The release wakes the session's waiters on every worker
+        (workers/lease_watch.py); when none was written, this worker's own waiters
+        are woken here."""
         self._leased.discard(token)
         rev = None
         if lease.held:
@@ -257,4 +302,12 @@ class SessionTurns:
             self.cache.drop(token)
             self._watch.signal(token)
         else:
-            self.cache.released(token, rev, unbroken=lease.unbroken)
+            self.cache.released(token, rev, unbroken=lease.unbroken, gone=gone)
+
+
+def _gone_below(head: int | BaseException | None, seq: int) -> int:
+    """What a head check says is gone: every run before the head; with no head,
+    every run up to ``seq``. (0 when the check failed.)"""
+    if isinstance(head, BaseException):
+        return 0
+    return seq if head is None else head - 1

@@ -41,7 +41,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from bus import subjects
+from bus import heads, subjects
 from bus.connection import BUS_UNAVAILABLE, JS_TIMEOUT, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases, SessionLease, lease_owner
 from bus.messages import RunRequest, Turn, Usage
@@ -354,7 +354,8 @@ class Worker:
                 return
             assert self._turns is not None
             with tracing.span("session lease"):
-                lease = await self._turns.wait(msg, run, token, meta.sequence.stream, emitter)
+                lease = await self._turns.wait(msg, run, token, meta.sequence.stream, emitter,
+                                               head=heads.published_as_head(msg.headers))
             if lease is None:
                 return
             outcome = ""
