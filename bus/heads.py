@@ -47,3 +47,49 @@ def not_head(exc: BaseException) -> bool:
 def published_as_head(headers: Mapping[str, str] | None) -> bool:
     """Does a delivered run message carry the proof that it is its session's head?"""
     return headers is not None and headers.get(EXPECTED_LAST_SUBJECT_SEQ) == _NONE_STORED
+
+
+class BusySessions:
+    """A gateway's guess of which sessions have a run stored, so that it does not
+    publish their runs conditionally only to be refused (two publishes instead of
+    one, in a hot session). A guess costs nothing in correctness either way: a run
+    published plainly is checked by its worker, one refused is published again.
+
+    Busy: the gateway has a run of the session under way, or a conditional publish
+    for it was refused less than :attr:`memory` seconds ago (another gateway's
+    run). Bounded: the oldest refusals are forgotten first."""
+
+    __slots__ = ("_live", "_refused", "limit", "memory")
+
+    def __init__(self, memory: float = 1.0, limit: int = 4096) -> None:
+        self.memory = memory
+        self.limit = limit
+        self._live: dict[str, int] = {}
+        self._refused: dict[str, float] = {}
+
+    def busy(self, session_key: str, now: float) -> bool:
+        if session_key in self._live:
+            return True
+        until = self._refused.get(session_key)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._refused[session_key]
+        return False
+
+    def started(self, session_key: str) -> None:
+        self._live[session_key] = self._live.get(session_key, 0) + 1
+
+    def ended(self, session_key: str) -> None:
+        left = self._live.get(session_key, 0) - 1
+        if left > 0:
+            self._live[session_key] = left
+        else:
+            self._live.pop(session_key, None)
+
+    def refused(self, session_key: str, now: float) -> None:
+        self._refused.pop(session_key, None)  # (re-inserted: the newest)
+        self._refused[session_key] = now + self.memory
+        while len(self._refused) > self.limit:
+            del self._refused[next(iter(self._refused))]

@@ -351,6 +351,7 @@ class RunClient:
         self.gateway_id = gateway_id or f"gw{uuid.uuid4().hex[:12]}"
         self.metrics = metrics
         self._runs: dict[str, RunHandle] = {}
+        self._busy = heads.BusySessions()  # (whose runs to publish as heads)
         self._background: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
         self._publisher = AckedPublisher(nc)
@@ -449,7 +450,8 @@ class RunClient:
             handle.offer(msg.data)
 
     def forget(self, handle: RunHandle) -> None:
-        self._runs.pop(handle.run_id, None)
+        if self._runs.pop(handle.run_id, None) is not None and not handle.ephemeral:
+            self._busy.ended(handle.session_key)
         if handle.payload:  # the run is over for its client: its request goes too
             name, handle.payload = handle.payload, ""
             self.in_background(self._payloads.delete(name))
@@ -490,17 +492,22 @@ class RunClient:
             embed=spec.embed, tool_events=spec.tool_events,
         )
         payload = request.model_dump_json().encode()
+        session = not spec.ephemeral
+        # (a session busy here or lately is not tried as the head: it would be refused)
+        as_head = session and not self._busy.busy(spec.session_key, time.monotonic())
         self._runs[run_id] = handle
+        if session:
+            self._busy.started(spec.session_key)
         self.round_trip("publish_run")
         try:
             if not fits(len(payload), self.nc.max_payload):
                 payload = await self._stored(handle, request, payload)
             subject = subjects.run(subjects.session_token(spec.session_key))
             if tracing.ENABLED:
-                ack = await self._traced_publish(subject, payload, spec, run_id)
+                ack = await self._traced_publish(subject, payload, spec, run_id, as_head)
             else:
                 ack = await self._publish_run(subject, payload, {"Nats-Msg-Id": run_id},
-                                              session=not spec.ephemeral)
+                                              spec.session_key if as_head else None)
         except Exception as exc:
             self.forget(handle)
             self.bus_error("publish")
@@ -537,7 +544,7 @@ class RunClient:
         return stub.model_dump_json().encode()
 
     async def _traced_publish(self, subject: str, payload: bytes, spec: RunSpec,
-                              run_id: str) -> dict[str, Any]:
+                              run_id: str, as_head: bool) -> dict[str, Any]:
         """The run's publish in a PRODUCER span whose context rides in the message's
         headers (``traceparent``), so that the worker's spans join the trace, every
         attempt of the run alike (a redelivered message keeps its headers)."""
@@ -551,19 +558,20 @@ class RunClient:
             headers = {"Nats-Msg-Id": run_id}
             spans.inject(headers)
             return await self._publish_run(subject, payload, headers,
-                                           session=not spec.ephemeral)
+                                           spec.session_key if as_head else None)
 
-    async def _publish_run(self, subject: str, payload: bytes, headers: dict[str, str], *,
-                           session: bool) -> dict[str, Any]:
-        """Publish a run. A ``session``'s run goes first as its session's head, stored
-        only if no other run of the session is (its worker then need not check
-        its turn: bus/heads.py), else as it is."""
-        if session:
+    async def _publish_run(self, subject: str, payload: bytes, headers: dict[str, str],
+                           as_head_of: str | None) -> dict[str, Any]:
+        """Publish a run. With ``as_head_of`` (its session key) it goes first as its
+        session's head, stored only if no other run of the session is (its worker
+        then need not check its turn: bus/heads.py), else as it is."""
+        if as_head_of is not None:
             try:
                 return await self._publish_retrying(subject, payload, heads.as_head(headers))
             except Exception as exc:
                 if not heads.not_head(exc):
                     raise
+            self._busy.refused(as_head_of, time.monotonic())
             self.round_trip("publish_run")  # (the second publish)
         return await self._publish_retrying(subject, payload, headers)
 

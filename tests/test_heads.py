@@ -5,8 +5,10 @@ session is, its header reaches the worker with the message, and the gateway's
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -89,3 +91,51 @@ async def test_the_gateway_publishes_session_runs_as_heads(nc: Client,
             await js.delete_msg(subjects.RUNS_STREAM, handle.stream_seq)
     finally:
         await client.close()
+
+
+def test_busy_sessions_are_those_under_way_here_or_lately_refused() -> None:
+    busy = heads.BusySessions(memory=1.0, limit=2)
+    assert not busy.busy("k", 0.0)
+    busy.started("k")
+    busy.started("k")
+    busy.ended("k")
+    assert busy.busy("k", 0.0)  # one run still under way
+    busy.ended("k")
+    assert not busy.busy("k", 0.0)
+    busy.refused("k", 10.0)  # another gateway's run was stored
+    assert busy.busy("k", 10.5) and not busy.busy("k", 11.0)
+    for key in ("a", "b", "c"):  # bounded: the oldest refusal goes first
+        busy.refused(key, 20.0)
+    assert not busy.busy("a", 20.1) and busy.busy("b", 20.1) and busy.busy("c", 20.1)
+
+
+async def test_a_busy_sessions_runs_are_not_offered_as_heads(nc: Client,
+                                                            js: JetStreamContext) -> None:
+    """A second gateway's run of a session whose run is stored is refused once as
+    the head, then published plainly at once for a while (one publish, not two)."""
+    ours, theirs = RunClient(nc, js, BUS), RunClient(nc, js, BUS)
+    for client in (ours, theirs):
+        await client.start()
+    key = f"busy-{uuid.uuid4().hex[:8]}"
+    try:
+        first = await theirs.submit(RunSpec(agent_id="main", session_key=key, message="a"))
+        refused = await ours.submit(RunSpec(agent_id="main", session_key=key, message="b"))
+        assert ours._busy.busy(key, time.monotonic())
+        sent: list[dict[str, str]] = []
+        publish = ours._publish_retrying
+
+        async def counted(subject: str, payload: bytes,
+                          headers: dict[str, str]) -> dict[str, Any]:
+            sent.append(headers)
+            return await publish(subject, payload, headers)
+
+        ours._publish_retrying = counted  # type: ignore[method-assign]
+        plain = await ours.submit(RunSpec(agent_id="main", session_key=key, message="c"))
+        assert len(sent) == 1 and not heads.published_as_head(sent[0])
+        for handle, marked in ((first, True), (refused, False), (plain, False)):
+            assert handle.stream_seq is not None
+            assert heads.published_as_head(await _headers(js, handle.stream_seq)) == marked
+            await js.delete_msg(subjects.RUNS_STREAM, handle.stream_seq)
+    finally:
+        for client in (ours, theirs):
+            await client.close()
