@@ -241,7 +241,9 @@ def test_embeddings_are_a_model_call_of_their_own(traced: Traced) -> None:
     with sdk_client(traced.url) as client:
         client.embeddings.create(model="openclaw", input=["one", "two"],
                                  extra_headers={"traceparent": traceparent})
-    traced.receiver.wait_for(lambda spans: {"server", "client"} <= kinds(spans, trace_id))
+    # (the worker's run span ends after its provider call: wait for both)
+    traced.receiver.wait_for(
+        lambda spans: {"server", "client", "consumer"} <= kinds(spans, trace_id))
     spans = traced.receiver.trace(trace_id)
     assert one(spans, kind="server").name == "POST /v1/embeddings"
     call = one(spans, kind="client")
