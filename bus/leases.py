@@ -172,22 +172,6 @@ class SessionLease:
         """False once a refresh found the lease lost, or after :meth:`release`."""
         return self.revision is not None
 
-    @property
-    def ttl(self) -> int:
-        """Seconds a write keeps the lease."""
-        return self._leases.ttl_seconds
-
-    def certain_for(self, seconds: float) -> bool:
-        """Is the lease certainly ours for ``seconds`` more, by the clock alone?
-
-        Only the holder writes a held lease: an acquire needs it absent or
-        ``free``, :meth:`Leases.touch` leaves a held lease alone, and the one
-        exception — a gateway freeing the lease of a worker it took for dead
-        (:meth:`Leases.free_if_held_by`) — the holder rules out with its own
-        liveness (``workers/liveness.py``), not with this. So until the TTL runs
-        out from our last write, nobody else can have taken it."""
-        return self.revision is not None and time.monotonic() + seconds < self.deadline
-
     async def refresh(self) -> bool:
         """Extend the lease; False if it was lost. Bus errors propagate (the lease
         may still be ours: try again while :attr:`deadline` allows)."""

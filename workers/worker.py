@@ -556,20 +556,12 @@ class Worker:
 
     async def _append(self, lease: SessionLease, turn: Turn, window: Window,
                       emitter: Emitter) -> int | None:
-        """Make sure the lease is still ours (None: it was lost, we are fenced),
-        then append the turn; its stream sequence. Both are retried while the bus
-        is briefly unavailable and the lease cannot have expired yet; a retried
-        append is deduplicated by its run id.
-
-        The lease is refreshed (a compare-and-set: fencing) unless it is certainly
-        ours for half its TTL more by the clock and this worker cannot have been
-        taken for dead (``emitter.sure``): then nobody else can have written it
-        (``SessionLease.certain_for``), and a refresh would only cost a KV write.
-        A worker that stalled past that margin (SIGSTOP, starvation) refreshes and
-        so finds out it was fenced; the append's own compare-and-set on the
-        transcript stays the second line, as it was behind the refresh."""
+        """Refresh our lease (None: it was lost, we are fenced), then append the
+        turn; its stream sequence. Both are retried while the bus is briefly
+        unavailable and the lease cannot have expired yet; a retried append is
+        deduplicated by its run id."""
         assert self._transcripts is not None
-        refreshed = lease.certain_for(lease.ttl / 2) and emitter.sure
+        refreshed = False
         while True:
             try:
                 if not refreshed:
