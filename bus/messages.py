@@ -320,9 +320,6 @@ REPLY_GONE = b"gone"
 # The gateway moved on from this attempt (its worker was taken for dead and the
 # run handed to another): stop it, and leave its JetStream message alone.
 REPLY_STALE = b"stale"
-# A probe with this header wants only a refusal: a gateway that still wants the
-# run stays silent (workers/acceptance.py says when silence is enough).
-QUIET_OK = "Clawbus-Quiet-Ok"
 
 
 def decode_event(data: bytes) -> Event:

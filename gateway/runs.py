@@ -31,7 +31,6 @@ from bus import heads, subjects
 from bus.connection import BUS_UNAVAILABLE, lease_ttl_seconds
 from bus.leases import Leases, lease_owner
 from bus.messages import (
-    QUIET_OK,
     REPLY_GONE,
     REPLY_OK,
     REPLY_STALE,
@@ -446,10 +445,7 @@ class RunClient:
     def _on_event(self, msg: Msg) -> None:
         handle = self._runs.get(subjects.last_token(msg.subject))
         if msg.reply:  # a probe (accepted, heartbeat, queued): rare
-            answer = _probe_answer(handle, msg.data)
-            # (a quiet probe wants only a refusal: workers/acceptance.py)
-            if answer != REPLY_OK or not (msg.headers and msg.headers.get(QUIET_OK)):
-                self.in_background(self.nc.publish(msg.reply, answer))
+            self.in_background(self.nc.publish(msg.reply, _probe_answer(handle, msg.data)))
         if handle is not None:
             handle.offer(msg.data)
 

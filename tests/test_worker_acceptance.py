@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from bus import subjects
-from bus.messages import QUIET_OK, REPLY_GONE, REPLY_OK, RunRequest
+from bus.messages import REPLY_GONE, REPLY_OK, RunRequest
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import Stack, base_config
 
@@ -165,105 +165,6 @@ async def test_wanted_run_completes_with_accepted_first(
     await wait_gone_from_runs(nc, token)
     assert await stored_turns(nc, token) == 1
     assert calls_with(slow_upstream, marker) == [True]
-
-
-async def test_a_session_runs_notice_is_quiet_and_silence_is_enough(
-        nc: Client, slow_upstream: FakeOpenAI) -> None:
-    """A session run's ``accepted`` asks for an answer only if the run is refused
-    (workers/acceptance.py): a gateway that stays silent gets its run done and
-    stored, with nothing else asked of it."""
-    marker = f"quiet-{uuid.uuid4().hex[:8]}"
-    subject = subjects.events("gwquiet", "r" + uuid.uuid4().hex)
-    probes: list[tuple[str, dict[str, str]]] = []
-    seen: list[str] = []
-    ended = asyncio.Event()
-
-    async def on_event(msg: Msg) -> None:  # a gateway that says nothing
-        event = orjson.loads(msg.data)
-        seen.append(event["type"])
-        if msg.reply:
-            probes.append((event["type"], dict(msg.headers or {})))
-        if event["type"] in ("done", "error"):
-            ended.set()
-
-    await nc.subscribe(subject, cb=on_event)
-    _, token = await submit(nc, subject, marker)
-    await asyncio.wait_for(ended.wait(), 20)
-    assert seen[0] == "accepted" and seen[-1] == "done", seen
-    assert probes[0] == ("accepted", {QUIET_OK: "1"})
-    await wait_gone_from_runs(nc, token)
-    assert await stored_turns(nc, token) == 1
-
-
-async def test_a_quiet_notice_to_a_dead_gateway_stores_nothing_even_when_instant(
-        nc: Client, slow_upstream: FakeOpenAI) -> None:
-    """With an instant model and a gone gateway, nothing is stored: the
-    "no responders" status stops the run as it comes, and, had it come after
-    the reply was ready, the check after the lease refresh would (see the next
-    test)."""
-    slow_upstream.token_delay = 0.0
-    try:
-        for _ in range(5):
-            marker = f"instant-dead-{uuid.uuid4().hex[:8]}"
-            _, token = await submit(nc, subjects.events("gwdead", "x" + uuid.uuid4().hex),
-                                    marker)
-            await wait_gone_from_runs(nc, token)
-            assert await stored_turns(nc, token) == 0
-    finally:
-        slow_upstream.token_delay = 0.05
-
-
-async def test_a_quiet_notices_refusal_is_checked_again_after_the_barrier() -> None:
-    """Acceptance with a quiet notice: silence passes ``confirm``; a refusal (or
-    "no responders") that comes later is caught by ``settled`` — called after
-    the lease refresh, the barrier — and stops the run before the append; at the
-    end the notice's answer is no longer waited for."""
-    from typing import Any, cast
-
-    from workers.acceptance import Acceptance
-    from workers.events import Emitter, RunAbandoned
-    from workers.probes import NO_RESPONDERS, Probe
-
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[Any] = loop.create_future()
-    asked: list[bool] = []
-
-    class Gateway:
-        refused = staticmethod(Emitter.refused)
-
-        async def accepted(self, worker_id: str, ack: str, on_abandoned: Any, *,
-                           quiet: bool = False) -> Probe:
-            asked.append(quiet)
-            return Probe(answer)
-
-        async def confirm_ours(self) -> None:
-            pass
-
-    acceptance = Acceptance(cast(Any, Gateway()), "w", on_abandoned=lambda _: None)
-    await acceptance.announce_now(quiet=True)
-    await acceptance.confirm(lambda: False)  # silence so far: go on
-    acceptance.settled(lambda: False)
-    with pytest.raises(RunAbandoned):  # the client cancelled meanwhile
-        acceptance.settled(lambda: True)
-
-    from types import SimpleNamespace
-
-    from bus.nats_adapter import NO_RESPONDERS as STATUS_503
-
-    # NATS's "no responders", come after confirm and before the barrier's answer
-    answer.set_result(SimpleNamespace(headers={"Status": STATUS_503}, data=b""))
-    assert Probe(answer).answer_so_far() == NO_RESPONDERS
-    with pytest.raises(RunAbandoned):
-        acceptance.settled(lambda: False)
-    await acceptance.aclose()
-    assert asked == [True]
-
-    later: asyncio.Future[Any] = loop.create_future()
-    answer = later
-    quiet = Acceptance(cast(Any, Gateway()), "w", on_abandoned=lambda _: None)
-    await quiet.announce_now(quiet=True)
-    await quiet.aclose()
-    assert later.cancelled()  # given up: an answer still to come is dropped
 
 
 async def test_probe_answers_are_demultiplexed_and_time_out(nc: Client) -> None:

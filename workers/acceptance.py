@@ -7,19 +7,7 @@ answer is awaited only before anything durable happens (:meth:`confirm`); an
 answer that the run is unwanted stops it at once (``on_abandoned``).
 
 For a leased run (a session that continues) the notice goes out as the run starts
-(:meth:`announce_now`, *quiet*): its answer guards the transcript. A quiet notice
-asks the gateway to answer only to refuse the run (``gone``, ``stale``); a
-gateway that still wants it stays silent, and NATS answers "no responders" at
-once for a gateway that is gone. Silence is read as "wanted" only after a
-*barrier*: the run's fenced lease refresh, a request on the same connection
-sent after the notice and answered by the server — any "no responders" status
-for the notice is sent to the worker before that answer, since the server
-handles a connection's messages in order (:meth:`settled`, called between the
-refresh and the append). A refusal the gateway sends (its client left) may come
-later than the barrier; its ``cancel`` message says the same and is checked too,
-and a run that ends as its client leaves may be stored either way, as when the
-client leaves just after. This saves a reply (a message out of the gateway and
-one into the worker) on every session run. For a stateless run
+(:meth:`announce_now`): its answer guards the transcript. For a stateless run
 (a session nobody can continue) it is deferred (:meth:`announce_later`): the
 run's first text or its final event tells the gateway the run was taken just as
 well, so a run that ends sooner — most stateless non-streaming calls — costs no
@@ -49,13 +37,11 @@ class Acceptance:
         self._on_abandoned = on_abandoned
         self._ack = ack
         self._probe: Probe | None = None
-        self._quiet = False
         self._later: Deferred | None = None
 
-    async def announce_now(self, *, quiet: bool = False) -> None:
-        self._quiet = quiet
+    async def announce_now(self) -> None:
         self._probe = await self._emitter.accepted(self._worker_id, self._ack,
-                                                   self._on_abandoned, quiet=quiet)
+                                                   self._on_abandoned)
 
     def announce_later(self, delay: float) -> None:
         self._later = Deferred(delay, self.announce_now, "run-accepted")
@@ -67,26 +53,13 @@ class Acceptance:
             self._later.stop_waiting()
             if self._later.task is not None:
                 await self._later.task  # it only publishes: never waits for the answer
-        if self._probe is not None and not self._quiet:
+        if self._probe is not None:
             await self._emitter.confirm(self._probe)
-        else:
-            if self._probe is not None:
-                self._emitter.refused(self._probe)
-            if cancelled():
-                raise RunAbandoned("cancelled")
+        elif cancelled():
+            raise RunAbandoned("cancelled")
         # Taken for dead meanwhile? Then the run may be another worker's now.
         await self._emitter.confirm_ours()
 
-    def settled(self, cancelled: Callable[[], bool]) -> None:
-        """After a barrier (see the module doc): raises RunAbandoned if a quiet
-        notice was refused, or the client cancelled the run."""
-        if self._quiet and self._probe is not None:
-            self._emitter.refused(self._probe)
-        if cancelled():
-            raise RunAbandoned("cancelled")
-
     async def aclose(self) -> None:
-        if self._quiet and self._probe is not None:
-            self._probe.give_up()  # (silence was the answer)
         if self._later is not None:
             await self._later.aclose()

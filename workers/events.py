@@ -139,12 +139,11 @@ class Emitter:
             return
         await self._nc.publish(self._subject, data)
 
-    async def _send_probe(self, data: bytes, *, quiet: bool = False) -> Probe:
+    async def _send_probe(self, data: bytes) -> Probe:
         if self.fenced:
             raise RunAbandoned("fenced")
         self.last_probe = time.monotonic()
-        return await send_probe(self._requests, self._subject, data, PROBE_TIMEOUT,
-                                quiet=quiet)
+        return await send_probe(self._requests, self._subject, data, PROBE_TIMEOUT)
 
     async def _probe(self, data: bytes) -> None:
         """Send an event as a request: raises RunAbandoned if the gateway let go."""
@@ -154,13 +153,6 @@ class Emitter:
     async def confirm(probe: Probe) -> None:
         """Wait for a probe's answer: raises RunAbandoned if the gateway let go."""
         why = _abandoned(await probe.reply())
-        if why is not None:
-            raise RunAbandoned(why, superseded=why == "superseded")
-
-    @staticmethod
-    def refused(probe: Probe) -> None:
-        """A quiet probe's refusal, if one has come: raises RunAbandoned."""
-        why = _abandoned(probe.answer_so_far())
         if why is not None:
             raise RunAbandoned(why, superseded=why == "superseded")
 
@@ -183,16 +175,15 @@ class Emitter:
         event = Queued(seq=0, attempt=self.attempt, worker_id=worker_id, ack=ack)
         await self._probe(event.model_dump_json().encode())
 
-    async def accepted(self, worker_id: str, ack: str, on_abandoned: Callable[[bool], None],
-                       *, quiet: bool = False) -> Probe:
+    async def accepted(self, worker_id: str, ack: str,
+                       on_abandoned: Callable[[bool], None]) -> Probe:
         """Tell the gateway the run started (and how to hand it back if this worker
         dies), without waiting for its answer: the caller works meanwhile and
         awaits :meth:`confirm` before anything durable. ``on_abandoned(superseded)``
-        is called as soon as an answer says the run is unwanted. ``quiet``: the
-        gateway answers only to refuse (workers/acceptance.py)."""
+        is called as soon as an answer says the run is unwanted."""
         event = Accepted(seq=self._next_seq(), attempt=self.attempt, worker_id=worker_id,
                          ack=ack)
-        probe = await self._send_probe(event.model_dump_json().encode(), quiet=quiet)
+        probe = await self._send_probe(event.model_dump_json().encode())
 
         def answered(reply: bytes | None) -> None:
             why = _abandoned(reply)

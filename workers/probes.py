@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
-from bus.messages import QUIET_OK
 from bus.nats_adapter import NO_RESPONDERS as NO_RESPONDERS_STATUS
 from bus.nats_adapter import Requester
 
@@ -39,17 +38,6 @@ class Probe:
     def __init__(self, future: asyncio.Future[Msg | None]) -> None:
         self._future = future
 
-    def answer_so_far(self) -> bytes | None:
-        """The answer if one has come (None: none yet, or given up)."""
-        future = self._future
-        if not future.done() or future.cancelled():
-            return None
-        return _answer(future.result())
-
-    def give_up(self) -> None:
-        """Stop waiting for the answer (an answer still to come is dropped)."""
-        self._future.cancel()
-
     async def reply(self) -> bytes | None:
         """The gateway's answer, :data:`NO_RESPONDERS`, or None if none came in time
         (a busy gateway is not a dead one)."""
@@ -66,11 +54,6 @@ class Probe:
 
 
 async def send_probe(requests: Requester, subject: str, data: bytes,
-                     answer_within: float, *, quiet: bool = False) -> Probe:
-    """Publish ``data`` on ``subject`` as a request; its answer is awaited later.
-    ``quiet``: the gateway answers only to refuse (see workers/acceptance.py)."""
-    headers = _QUIET if quiet else None
-    return Probe(await requests.send(subject, data, wait=answer_within, headers=headers))
-
-
-_QUIET = {QUIET_OK: "1"}
+                     answer_within: float) -> Probe:
+    """Publish ``data`` on ``subject`` as a request; its answer is awaited later."""
+    return Probe(await requests.send(subject, data, wait=answer_within))

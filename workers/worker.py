@@ -504,22 +504,21 @@ class Worker:
             return "failed"
         await acceptance.confirm(cancelled)  # nothing is stored for an unwanted run
         return await self._store(msg, run, token, lease=lease, window=window, reply=reply,
-                                 emitter=emitter, settled=lambda: acceptance.settled(cancelled))
+                                 emitter=emitter)
 
     async def _announce(self, run: RunRequest, acceptance: Acceptance) -> None:
         """Tell the gateway a worker took the run. A stateless run defers the
         notice (its first text says as much; see workers/acceptance.py); a leased
-        run sends it now, quiet: a refusal, or NATS's "no responders" for a gone
-        gateway, guards the transcript (checked after the lease refresh)."""
+        run sends it now, its answer guarding the transcript."""
         if run.ephemeral:
             budget = run.created + self.settings.bus.queue_timeout_seconds - time.time()
             acceptance.announce_later(max(0.0, min(ANNOUNCE_DELAY, budget / 2)))
         else:
-            await acceptance.announce_now(quiet=True)
+            await acceptance.announce_now()
 
     async def _store(self, msg: Msg, run: RunRequest, token: str, *,
                      lease: SessionLease | None, window: Window, reply: Reply,
-                     emitter: Emitter, settled: Callable[[], None]) -> str:
+                     emitter: Emitter) -> str:
         """Store the turn, then report it done and ack the run; the outcome."""
         assert self._transcripts is not None
         turn = Turn(run_id=run.run_id, agent_id=run.agent_id, user=run.message,
@@ -537,7 +536,7 @@ class Worker:
             assert self._turns is not None
             try:
                 with tracing.span("transcript append"):
-                    seq = await self._append(lease, turn, window, emitter, settled)
+                    seq = await self._append(lease, turn, window, emitter)
             except StaleTranscriptError:
                 self._turns.unknown(token)
                 await emitter.failed(errors.internal(
@@ -556,14 +555,11 @@ class Worker:
         return "completed"
 
     async def _append(self, lease: SessionLease, turn: Turn, window: Window,
-                      emitter: Emitter, settled: Callable[[], None]) -> int | None:
+                      emitter: Emitter) -> int | None:
         """Refresh our lease (None: it was lost, we are fenced), then append the
         turn; its stream sequence. Both are retried while the bus is briefly
         unavailable and the lease cannot have expired yet; a retried append is
-        deduplicated by its run id. Between the two, ``settled()`` (raising
-        RunAbandoned): the refresh is the barrier after which a quiet
-        ``accepted`` notice's silence means the gateway wants the run
-        (workers/acceptance.py)."""
+        deduplicated by its run id."""
         assert self._transcripts is not None
         refreshed = False
         while True:
@@ -573,7 +569,6 @@ class Worker:
                         return None
                     emitter.lease_renewed()
                     refreshed = True
-                    settled()
                 return await self._transcripts.append(lease.token, turn, window.last_seq,
                                                       window)
             except BUS_UNAVAILABLE:

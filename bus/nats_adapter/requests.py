@@ -160,8 +160,8 @@ class Requester:
         result: Msg = waiter.done.result()
         return result
 
-    async def send(self, subject: str, payload: bytes, *, wait: float,
-                   headers: dict[str, str] | None = None) -> asyncio.Future[Msg | None]:
+    async def send(self, subject: str, payload: bytes, *,
+                   wait: float) -> asyncio.Future[Msg | None]:
         """Send now; the answer's future, resolved with the answer, or with None
         when none came within ``wait`` s. Cancel it to stop waiting."""
         if self._sub is None:
@@ -178,7 +178,7 @@ class Requester:
 
         later.done.add_done_callback(forget)
         try:
-            await self._nc.publish(subject, payload, reply=reply, headers=headers)
+            await self._nc.publish(subject, payload, reply=reply)
         except BaseException:
             later.done.cancel()
             raise
