@@ -55,12 +55,9 @@ class Leases:
         self._free_ttl = str(free_ttl_seconds)
         self._stream = f"KV_{subjects.LEASES_BUCKET}"
 
-    def _subject(self, token: str) -> str:
-        return subjects.lease_key(token)
-
     async def _cas(self, token: str, value: bytes, last: int, ttl: str) -> int | None:
         try:
-            return await stored_seq(self._js, self._publisher, self._subject(token), value,
+            return await stored_seq(self._js, self._publisher, subjects.lease_key(token), value,
                                     {EXPECTED_LAST_SUBJECT_SEQ: str(last), _TTL: ttl})
         except APIError as exc:
             if exc.err_code in WRONG_LAST_SEQUENCE:
@@ -88,7 +85,7 @@ class Leases:
     async def _current(self, token: str) -> tuple[bytes, int] | None:
         """The lease's value and revision as stored now (None: no lease)."""
         try:
-            msg = await self._js.get_msg(self._stream, subject=self._subject(token),
+            msg = await self._js.get_msg(self._stream, subject=subjects.lease_key(token),
                                          direct=False)
         except NotFoundError:
             return None

@@ -494,7 +494,8 @@ class RunClient:
         payload = request.model_dump_json().encode()
         session = not spec.ephemeral
         # (a session busy here or lately is not tried as the head: it would be refused)
-        as_head = session and not self._busy.busy(spec.session_key, time.monotonic())
+        as_head_of = spec.session_key if session and not self._busy.busy(
+            spec.session_key, time.monotonic()) else None
         self._runs[run_id] = handle
         if session:
             self._busy.started(spec.session_key)
@@ -504,10 +505,10 @@ class RunClient:
                 payload = await self._stored(handle, request, payload)
             subject = subjects.run(subjects.session_token(spec.session_key))
             if tracing.ENABLED:
-                ack = await self._traced_publish(subject, payload, spec, run_id, as_head)
+                ack = await self._traced_publish(subject, payload, spec, run_id, as_head_of)
             else:
                 ack = await self._publish_run(subject, payload, {"Nats-Msg-Id": run_id},
-                                              spec.session_key if as_head else None)
+                                              as_head_of)
         except Exception as exc:
             self.forget(handle)
             self.bus_error("publish")
@@ -544,7 +545,7 @@ class RunClient:
         return stub.model_dump_json().encode()
 
     async def _traced_publish(self, subject: str, payload: bytes, spec: RunSpec,
-                              run_id: str, as_head: bool) -> dict[str, Any]:
+                              run_id: str, as_head_of: str | None) -> dict[str, Any]:
         """The run's publish in a PRODUCER span whose context rides in the message's
         headers (``traceparent``), so that the worker's spans join the trace, every
         attempt of the run alike (a redelivered message keeps its headers)."""
@@ -557,8 +558,7 @@ class RunClient:
                 "messaging.destination.name": subject, "messaging.message.id": run_id}):
             headers = {"Nats-Msg-Id": run_id}
             spans.inject(headers)
-            return await self._publish_run(subject, payload, headers,
-                                           spec.session_key if as_head else None)
+            return await self._publish_run(subject, payload, headers, as_head_of)
 
     async def _publish_run(self, subject: str, payload: bytes, headers: dict[str, str],
                            as_head_of: str | None) -> dict[str, Any]:

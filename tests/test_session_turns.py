@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from bus import subjects
 from bus.connection import connect, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases, SessionLease, lease_owner
-from bus.messages import Turn
+from bus.messages import RunRequest, Turn
 from bus.nats_adapter import AckedPublisher, LeaderGet
 from bus.transcripts import Transcripts, within_budget
 from clawbus.config import BusConfig, SessionConfig
@@ -224,20 +224,24 @@ class _Emitter:
         pass
 
 
+def _run_request(n: int) -> RunRequest:
+    """Run ``n`` of a session, as SessionTurns.wait sees it."""
+    return RunRequest(run_id=f"r{n}", session_key="k", agent_id="main", message="hi",
+                      events_subject="evt.x.y", created=time.time())
+
+
 async def test_hand_over_to_the_next_run_held_here(bus: tuple[Client, JetStreamContext]) -> None:
     """A run arriving while this worker runs its session waits; when the running
     one ends, the lease goes straight to it (no release), and the hold is over."""
     from typing import Any, cast
 
-    from bus.messages import RunRequest
 
     nc, js = bus
     a = Side("w-a", nc, js)
     await a.publisher.start()
     token = subjects.session_token(f"handover-{uuid.uuid4().hex[:8]}")
     seqs = [(await js.publish(subjects.run(token), b"{}")).seq for _ in range(2)]
-    runs = [RunRequest(run_id=f"r{i}", session_key="k", agent_id="main", message="hi",
-                       events_subject="evt.x.y", created=time.time()) for i in range(2)]
+    runs = [_run_request(i) for i in range(2)]
     try:
         first = await a.turns.wait(cast(Any, _Msg()), runs[0], token, seqs[0],
                                    cast(Any, _Emitter()))
@@ -269,7 +273,6 @@ async def test_a_held_run_is_woken_by_the_release_itself(
     it. Once B runs, it watches the session no more."""
     from typing import Any, cast
 
-    from bus.messages import RunRequest
 
     nc, js = bus
     a = Side("w-a", nc, js)
@@ -283,8 +286,7 @@ async def test_a_held_run_is_woken_by_the_release_itself(
         await side.publisher.start()
     token = subjects.session_token(f"wake-{uuid.uuid4().hex[:8]}")
     seqs = [(await js.publish(subjects.run(token), b"{}")).seq for _ in range(2)]
-    runs = [RunRequest(run_id=f"r{i}", session_key="k", agent_id="main", message="hi",
-                       events_subject="evt.x.y", created=time.time()) for i in range(2)]
+    runs = [_run_request(i) for i in range(2)]
     notified = asyncio.Event()
 
     class Notified(_Emitter):
@@ -322,7 +324,6 @@ async def test_a_run_published_as_head_is_started_without_asking_only_when_prove
     from typing import Any, cast
 
     from bus import heads
-    from bus.messages import RunRequest
 
     nc, js = bus
     a, b = Side("w-a", nc, js), Side("w-b", nc, js)
@@ -341,8 +342,7 @@ async def test_a_run_published_as_head_is_started_without_asking_only_when_prove
     async def publish(n: int) -> tuple[RunRequest, int]:
         ack = await js.publish(subjects.run(token), b"{}",
                                headers=heads.as_head({"Nats-Msg-Id": f"{token}-{n}"}))
-        return RunRequest(run_id=f"r{n}", session_key="k", agent_id="main", message="hi",
-                          events_subject="evt.x.y", created=time.time()), ack.seq
+        return _run_request(n), ack.seq
 
     async def serve(side: Side, run: RunRequest, seq: int) -> tuple[SessionLease | None, str]:
         msg = _Msg()

@@ -7,8 +7,8 @@ Scheduling (DESIGN "The run, end to end", steps 2, 3, 6–8):
 - A run starts only if it is the oldest stored message of its session subject
   *and* the worker wins the session lease. Otherwise the worker holds it (up to
   a quarter of its slots), telling the gateway it is queued, until the
-  session's lease is let go (``workers/lease_watch.py``), handed over by the session's run
-  before it here, or a periodic re-check; beyond that it naks
+  session's lease is let go (``workers/lease_watch.py``) or handed over by the
+  session's run before it here, or a periodic re-check; beyond that it naks
   (``workers/session_turns.py``, which also keeps sessions' history windows).
 - While a run executes: ``in_progress`` acks and a fenced lease refresh every
   ``ackWait/3``, liveness probes to the gateway while silent, a per-run timeout,
