@@ -62,11 +62,13 @@ class WorkerWatch:
     back its own runs."""
 
     def __init__(self, nc: Client, js: JetStreamContext, heartbeat_seconds: float,
-                 on_lost: Callable[[str], None]) -> None:
+                 on_lost: Callable[[str], None],
+                 on_found: Callable[[str], None] | None = None) -> None:
         self._nc = nc
         self._js = js
         self._heartbeat = heartbeat_seconds
         self._on_lost = on_lost
+        self._on_found = on_found  # a worker not known before (or again after loss)
         self._last_seen: dict[str, float] = {}  # worker id -> monotonic time
         self._draining: set[str] = set()  # alive, finishing its runs, taking no new ones
         self._sub: Subscription | None = None
@@ -79,6 +81,13 @@ class WorkerWatch:
         horizon = time.monotonic() - dead_after(self._heartbeat)
         return sum(1 for worker, seen in self._last_seen.items()
                    if seen > horizon and worker not in self._draining)
+
+    def alone(self, worker_id: str) -> bool:
+        """Is ``worker_id`` the only worker heard from within :func:`dead_after`
+        (draining ones count: they still run runs)?"""
+        horizon = time.monotonic() - dead_after(self._heartbeat)
+        return all(worker == worker_id for worker, seen in self._last_seen.items()
+                   if seen > horizon)
 
     def is_alive(self, worker_id: str) -> bool:
         seen = self._last_seen.get(worker_id)
@@ -116,7 +125,10 @@ class WorkerWatch:
             worker = subjects.session_key_from_token(key)
         except ValueError:
             return
+        known = worker in self._last_seen
         self._last_seen[worker] = time.monotonic()
+        if not known and self._on_found is not None:
+            self._on_found(worker)
         try:
             draining = orjson.loads(value).get("draining") is True
         except (orjson.JSONDecodeError, AttributeError):

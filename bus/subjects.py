@@ -75,6 +75,15 @@ def cancel_all() -> str:
     return "cancel.*"
 
 
+def session_reset(token: str) -> str:
+    """Announces that a session was reset (workers drop what they kept of it)."""
+    return f"sess.reset.{token}"
+
+
+def session_resets() -> str:
+    return "sess.reset.*"
+
+
 def lease_key(token: str) -> str:
     """The subject of a session's lease in the ``LEASES`` bucket: its writes, and
     (subscribed to) the signal that it was let go (workers/lease_watch.py)."""

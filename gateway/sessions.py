@@ -35,6 +35,7 @@ class SessionSummary:
 class Sessions:
     def __init__(self, js: JetStreamContext, nc: Client | None = None) -> None:
         self._js = js
+        self._nc = nc
         self._transcripts = Transcripts(js, nc)
         self._leases = Leases(js, ttl_seconds=0)  # (only touched here: no lease taken)
 
@@ -84,6 +85,13 @@ class Sessions:
         # Workers keep a session's history between its runs for as long as its
         # lease's free marker is the one they wrote: a new one makes them read again.
         await self._leases.touch(token)
+        if self._nc is not None:
+            # ... and a worker keeping the lease itself between runs
+            # (workers/warm_leases.py) hears it here. Flushed before the reset
+            # returns: the server has it queued for every worker before any run
+            # published after the reset, and workers handle it in message order.
+            await self._nc.publish(subjects.session_reset(token), b"")
+            await self._nc.flush()
 
 
 def _item(item: ChatItem, common: dict[str, Any]) -> dict[str, Any]:

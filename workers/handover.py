@@ -47,6 +47,10 @@ class HeldRuns(Generic[L]):
             return None
         return future.result()
 
+    def sessions(self) -> list[str]:
+        """The session tokens with a run held here."""
+        return list(self._held)
+
     def oldest(self, token: str) -> int | None:
         """The oldest run of the session held here (None: none)."""
         runs = self._held.get(token)

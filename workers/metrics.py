@@ -51,6 +51,9 @@ class WorkerMetrics:
         self.handovers = Counter("clawbus_worker_lease_handovers",
                                  "Session leases handed straight to the session's next run",
                                  registry=r)
+        self.warm_leases = Counter("clawbus_worker_warm_leases",
+                                   "Session leases kept between runs and taken by the "
+                                   "session's next run (the worker alone)", registry=r)
         # Agent tools (SPEC §9); `server` is the MCP server's configured name, `tool`
         # the tool's own name on that server, `outcome` ok|error|timeout|cancelled.
         self.tool_calls = Counter("clawbus_worker_tool_calls", "Agent tool calls by outcome",

@@ -83,6 +83,12 @@ class SessionCache:
         entry.rev = 0  # held again: no acquire may rely on the old marker
         return entry.window
 
+    def current(self, token: str) -> bool:
+        """Was the session's entry read or extended under the lease held now (rather
+        than kept from before it)?"""
+        entry = self._entries.get(token)
+        return entry is not None and entry.rev == 0
+
     def put(self, token: str, window: Window) -> None:
         """The session's window as of now, while we hold its lease."""
         old = self._entries.get(token)

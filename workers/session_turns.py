@@ -17,6 +17,9 @@ keeps the ordering, fencing and no-half-turn guarantees):
 - **The lease, handed over** (``workers/handover.py``): when the finished run's
   session has its next run held by this worker, and that run is now the head,
   the lease goes straight to it: no release, no wake-up, no acquire.
+- **The lease, kept warm** (``workers/warm_leases.py``): while this worker is the
+  only one, a finished run's lease is kept for the session's next run: no
+  release, no acquire, and for a run published as its head no head check.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Container
+from collections.abc import Awaitable, Callable, Container, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus import subjects
-from bus.leases import Leases, SessionLease
+from bus.leases import Leases, SessionLease, lease_owner
 from bus.messages import RunRequest
 from bus.nats_adapter import LeaderGet
 from bus.transcripts import Transcripts, Window
@@ -42,6 +45,7 @@ from .events import Emitter, RunAbandoned
 from .handover import HeldRuns
 from .lease_watch import LeaseWatch, Watched
 from .session_cache import SessionCache
+from .warm_leases import WarmLeases
 
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
@@ -79,6 +83,11 @@ class SessionTurns:
         self._held: HeldRuns[SessionLease] = HeldRuns()
         self._watch = LeaseWatch(nc)
         self._leased: set[str] = set()  # sessions whose lease this worker holds
+        self._warm = WarmLeases(leases.ttl_seconds, self._cold)
+        # Whether this worker is the only live one (set by the worker from its
+        # registry view; until then, never: no lease is kept warm).
+        self.alone: Callable[[], bool] = _never
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- waiting for the turn ------------------------------------------------
 
@@ -94,6 +103,12 @@ class SessionTurns:
         or None if the run was handed back (naked) or dropped. ``head``: the run
         was published as its session's head (bus/heads.py): it is, as long as it
         is stored, so only the lease is asked for."""
+        warm = self._warm.take(token)
+        if warm is not None:
+            lease = await self._from_warm(token, seq, head, *warm)
+            if lease is not None:
+                emitter.lease = lease
+                return lease
         handed: asyncio.Future[SessionLease] | None = None
         watched: Watched | None = None
         # A run held only briefly (handed the lease within the notice delay, as
@@ -225,6 +240,25 @@ class SessionTurns:
         longer wants it: the run stores nothing, ``workers/acceptance.py``.)"""
         return lease.unbroken and seq > gone
 
+    async def _from_warm(self, token: str, seq: int, marked: bool, lease: SessionLease,
+                         gone: int) -> SessionLease | None:
+        """The warm lease for the run at ``seq`` if that run is the session's head;
+        else the lease is let go (None: the run waits or ends as any other)."""
+        try:
+            # Held here since the session's runs up to ``gone`` were gone: a run
+            # published as the head and past them is still stored (see
+            # _proven_head), so still the head.
+            found = seq if marked and seq > gone else await self.head(token)
+        except BaseException:
+            await self.let_go(token, lease, gone=gone)
+            raise
+        if found != seq:
+            await self.let_go(token, lease, gone=max(gone, _gone_below(found, seq)))
+            return None
+        self._leased.add(token)
+        self._metrics.warm_leases.inc()
+        return lease
+
     def _acquire(self, token: str) -> Awaitable[SessionLease | None]:
         """Take the session's lease, at this worker's own free marker if it has one
         (workers/session_cache.py)."""
@@ -284,6 +318,14 @@ class SessionTurns:
                     if self._held.hand(token, waiting, lease):
                         self._metrics.handovers.inc()
                         return
+            elif self.alone() and self._warm.keep(token, lease, seq):
+                self._leased.discard(token)
+                # Never let go from here on: the cached history, if it was read or
+                # extended under this hold, stays current; one from before is not.
+                if not self.cache.current(token):
+                    self.cache.drop(token)
+                lease.unbroken = True
+                return
         # The run was its session's head: every run before it is gone, and so is
         # the run itself if it ended for good.
         await self.let_go(token, lease, gone=seq if outcome in PASSABLE else seq - 1)
@@ -303,6 +345,48 @@ class SessionTurns:
             self._watch.signal(token)
         else:
             self.cache.released(token, rev, unbroken=lease.unbroken, gone=gone)
+
+
+    # -- warm leases: let go when worth no more, or wanted elsewhere -----------
+
+    def _cold(self, token: str, lease: SessionLease, gone: int) -> None:
+        self._spawn(self.let_go(token, lease, gone=gone))
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work, name="session-lease")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def other_worker_found(self) -> None:
+        """Another worker is alive: no lease stays warm (its runs may want one)."""
+        for token, lease, gone in self._warm.let_all_go():
+            self._spawn(self.let_go(token, lease, gone=gone))
+
+    def reset_seen(self, token: str) -> None:
+        """The session was reset: what this worker keeps of it is stale."""
+        self.cache.drop(token)
+        warm = self._warm.let_go(token)
+        if warm is not None:
+            self._spawn(self.let_go(token, warm[0], gone=warm[1]))
+
+    def worker_lost(self, worker_id: str) -> None:
+        """A worker was taken for dead: free the leases it holds of the sessions whose
+        runs wait here (a gateway frees those of its running runs; nobody else
+        knows of a lease it kept warm)."""
+        owner = lease_owner(worker_id)
+        for token in self._held.sessions():
+            self._spawn(self._leases.free_if_held_by(token, owner))
+
+    async def close(self) -> None:
+        """Stopping: every warm lease is let go."""
+        for token, lease, gone in self._warm.let_all_go():
+            await self.let_go(token, lease, gone=gone)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _never() -> bool:
+    return False
 
 
 def _gone_below(head: int | BaseException | None, seq: int) -> int:

@@ -45,10 +45,10 @@ from bus import heads, subjects
 from bus.connection import BUS_UNAVAILABLE, JS_TIMEOUT, ensure_bus, lease_ttl_seconds
 from bus.leases import Leases, SessionLease, lease_owner
 from bus.messages import RunRequest, Turn, Usage
-from bus.nats_adapter import AckedPublisher, LeaderGet
+from bus.nats_adapter import AckedPublisher, LeaderGet, subscribe_direct
 from bus.payloads import PAYLOADS_BUCKET, Objects, PayloadMissingError
 from bus.pull import PullConsumer
-from bus.registry import beat_period
+from bus.registry import WorkerWatch, beat_period
 from bus.transcripts import StaleTranscriptError, Transcripts, Window
 from clawbus import tracing
 from clawbus.config import Settings
@@ -168,6 +168,19 @@ class Worker:
             await self._tools.start()  # (a server that fails is retried on use)
         cancel_sub = await self.nc.subscribe(subjects.cancel_all(), cb=self._on_cancel,
                                              pending_msgs_limit=-1, pending_bytes_limit=-1)
+        turns = self._turns
+        # Handled in the reader, in message order: before any run published after
+        # the reset (gateway/sessions.py).
+        reset_sub = await subscribe_direct(
+            self.nc, subjects.session_resets(),
+            lambda msg: turns.reset_seen(subjects.last_token(msg.subject)),
+            pending_msgs_limit=-1, pending_bytes_limit=-1)
+        # Which workers are alive: alone, this one keeps session leases warm
+        # between runs (workers/warm_leases.py).
+        workers = WorkerWatch(self.nc, js, bus.heartbeat_seconds, on_lost=turns.worker_lost,
+                              on_found=self._worker_found)
+        await workers.start()
+        turns.alone = lambda: workers.alone(self.worker_id)
         # Advertised before the first run: gateways know us, and our runs start
         # with a known liveness.
         await self._advertise(await js.key_value(subjects.WORKERS_BUCKET))
@@ -184,6 +197,8 @@ class Worker:
         finally:
             await puller.stop()
             await self._drain()
+            await turns.close()
+            await workers.close()
             self._drained.set()
             # The registry ends by itself once drained. Never wait on a cancel
             # alone: Python 3.11's asyncio.wait_for (inside every nats-py
@@ -194,6 +209,8 @@ class Worker:
             await self._deregister(js)
             with contextlib.suppress(Exception):
                 await cancel_sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await reset_sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await publisher.close()
             for provider in self._providers.values():
@@ -273,6 +290,10 @@ class Worker:
             await kv.purge(subjects.session_token(self.worker_id))
 
     # -- bus signals ---------------------------------------------------------
+
+    def _worker_found(self, worker_id: str) -> None:
+        if worker_id != self.worker_id and self._turns is not None:
+            self._turns.other_worker_found()
 
     async def _on_cancel(self, msg: Msg) -> None:
         run_id = subjects.last_token(msg.subject)
