@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import nats
 import orjson
@@ -20,9 +21,12 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from bus import subjects
+from bus.leases import SessionLease
 from gateway.sessions import Sessions
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.helpers import Stack, base_config, sdk_client, seen_by_upstream
+from workers.liveness import Liveness
+from workers.warm_leases import WarmLeases
 
 HEARTBEAT = 1.0
 LEASE_STREAM = f"KV_{subjects.LEASES_BUCKET}"
@@ -195,3 +199,48 @@ def test_a_killed_workers_kept_lease_is_freed_for_the_next_run(upstream: FakeOpe
             "role": "user", "content": "before the kill"}
     finally:
         st.stop()
+
+
+# --------------------------------------------------------------------------- WarmLeases alone
+
+
+class _Lease:
+    """What WarmLeases reads of a SessionLease."""
+
+    def __init__(self, seconds_left: float) -> None:
+        self.deadline = time.monotonic() + seconds_left
+        self.held = True
+
+
+def _warm(ttl: float) -> tuple[WarmLeases, list[tuple[str, int]]]:
+    cold: list[tuple[str, int]] = []
+    return WarmLeases(ttl, lambda token, lease, gone: cold.append((token, gone))), cold
+
+
+async def test_a_lease_is_kept_only_while_half_its_ttl_is_left() -> None:
+    warm, cold = _warm(ttl=10.0)
+    assert not warm.keep("a", cast(SessionLease, _Lease(4.9)), 7)  # under half left
+    young = cast(SessionLease, _Lease(9.9))
+    assert warm.keep("b", young, 8)
+    assert warm.take("b") == (young, 8) and "b" not in warm
+    assert warm.take("b") is None and cold == []
+
+
+async def test_a_kept_lease_goes_cold_when_half_its_ttl_is_left() -> None:
+    warm, cold = _warm(ttl=1.0)
+    assert warm.keep("s", cast(SessionLease, _Lease(0.55)), 3)  # cold in ~50 ms
+    async with asyncio.timeout(5):
+        while not cold:  # noqa: ASYNC110 - the timer's callback, no event to await
+            await asyncio.sleep(0.01)
+    assert cold == [("s", 3)] and "s" not in warm and warm.take("s") is None
+
+
+async def test_a_kept_lease_is_not_taken_after_a_liveness_lapse() -> None:
+    warm, cold = _warm(ttl=10.0)
+    liveness = Liveness(heartbeat_seconds=1.0)
+    liveness.wrote(time.monotonic())
+    warm.liveness = liveness
+    assert warm.keep("s", cast(SessionLease, _Lease(9.9)), 5)
+    liveness.until = time.monotonic() - 1  # its heartbeats stalled: maybe taken for dead
+    liveness.wrote(time.monotonic())  # ... and it came back: a new epoch
+    assert warm.take("s") is None and cold == [("s", 5)]

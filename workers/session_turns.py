@@ -83,7 +83,8 @@ class SessionTurns:
         self._held: HeldRuns[SessionLease] = HeldRuns()
         self._watch = LeaseWatch(nc)
         self._leased: set[str] = set()  # sessions whose lease this worker holds
-        self._warm = WarmLeases(leases.ttl_seconds, self._cold)
+        # (given the worker's liveness by the worker)
+        self.warm = WarmLeases(leases.ttl_seconds, self._cold)
         # Whether this worker is the only live one (set by the worker from its
         # registry view; until then, never: no lease is kept warm).
         self.alone: Callable[[], bool] = _never
@@ -103,7 +104,7 @@ class SessionTurns:
         or None if the run was handed back (naked) or dropped. ``head``: the run
         was published as its session's head (bus/heads.py): it is, as long as it
         is stored, so only the lease is asked for."""
-        warm = self._warm.take(token)
+        warm = self.warm.take(token)
         if warm is not None:
             lease = await self._from_warm(token, seq, head, *warm)
             if lease is not None:
@@ -318,7 +319,7 @@ class SessionTurns:
                     if self._held.hand(token, waiting, lease):
                         self._metrics.handovers.inc()
                         return
-            elif self.alone() and self._warm.keep(token, lease, seq):
+            elif self.alone() and self.warm.keep(token, lease, seq):
                 self._leased.discard(token)
                 # Never let go from here on: the cached history, if it was read or
                 # extended under this hold, stays current; one from before is not.
@@ -359,13 +360,13 @@ class SessionTurns:
 
     def other_worker_found(self) -> None:
         """Another worker is alive: no lease stays warm (its runs may want one)."""
-        for token, lease, gone in self._warm.let_all_go():
+        for token, lease, gone in self.warm.let_all_go():
             self._spawn(self.let_go(token, lease, gone=gone))
 
     def reset_seen(self, token: str) -> None:
         """The session was reset: what this worker keeps of it is stale."""
         self.cache.drop(token)
-        warm = self._warm.let_go(token)
+        warm = self.warm.let_go(token)
         if warm is not None:
             self._spawn(self.let_go(token, warm[0], gone=warm[1]))
 
@@ -379,7 +380,7 @@ class SessionTurns:
 
     async def close(self) -> None:
         """Stopping: every warm lease is let go."""
-        for token, lease, gone in self._warm.let_all_go():
+        for token, lease, gone in self.warm.let_all_go():
             await self.let_go(token, lease, gone=gone)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

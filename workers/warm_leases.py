@@ -18,7 +18,10 @@ What keeps every guarantee:
   throughout); otherwise the head is read, as always.
 - **Fencing.** A warm lease is kept only while at least half its TTL is left:
   a run taking it has time for the keep-alive's first refresh, and the fenced
-  refresh before each append still proves it is ours.
+  refresh before each append still proves it is ours. It is not taken after a
+  lapse of the worker's own liveness (``workers/liveness.py``): a worker that
+  stalled long enough to be taken for dead may have had its leases freed by
+  then.
 - **Other workers.** When another worker appears (its first heartbeat), every
   warm lease is let go at once, writing the usual ``free`` marker, which wakes
   any run of the session that worker holds (``workers/lease_watch.py``). A run
@@ -42,6 +45,8 @@ from dataclasses import dataclass
 
 from bus.leases import SessionLease
 
+from .liveness import Liveness
+
 # A lease is kept warm while more than this share of its TTL is left.
 WARM_SHARE = 0.5
 
@@ -51,6 +56,7 @@ class _Warm:
     lease: SessionLease
     gone: int  # the session's runs up to this RUNS sequence are gone
     timer: asyncio.TimerHandle
+    epoch: int  # the worker's liveness epoch when it was kept
 
 
 class WarmLeases:
@@ -58,13 +64,14 @@ class WarmLeases:
     a timer) for each one that was kept as long as it may be: the caller lets it
     go."""
 
-    __slots__ = ("_on_cold", "_ttl", "_warm")
+    __slots__ = ("_on_cold", "_ttl", "_warm", "liveness")
 
     def __init__(self, ttl_seconds: float,
                  on_cold: Callable[[str, SessionLease, int], None]) -> None:
         self._ttl = ttl_seconds
         self._on_cold = on_cold
         self._warm: dict[str, _Warm] = {}
+        self.liveness: Liveness | None = None  # (None: always sure of it)
 
     def __len__(self) -> int:
         return len(self._warm)
@@ -79,7 +86,8 @@ class WarmLeases:
         if left <= 0 or token in self._warm:
             return False
         timer = asyncio.get_running_loop().call_later(left, self._cold, token)
-        self._warm[token] = _Warm(lease, gone, timer)
+        epoch = 0 if self.liveness is None else self.liveness.epoch
+        self._warm[token] = _Warm(lease, gone, timer, epoch)
         return True
 
     def take(self, token: str) -> tuple[SessionLease, int] | None:
@@ -89,7 +97,8 @@ class WarmLeases:
         if warm is None:
             return None
         warm.timer.cancel()
-        if self._left(warm.lease) <= 0:
+        if self._left(warm.lease) <= 0 or (
+                self.liveness is not None and not self.liveness.sure(warm.epoch)):
             self._on_cold(token, warm.lease, warm.gone)
             return None
         return warm.lease, warm.gone

@@ -181,6 +181,7 @@ class Worker:
                               on_found=self._worker_found)
         await workers.start()
         turns.alone = lambda: workers.alone(self.worker_id)
+        turns.warm.liveness = self.liveness
         # Advertised before the first run: gateways know us, and our runs start
         # with a known liveness.
         await self._advertise(await js.key_value(subjects.WORKERS_BUCKET))
