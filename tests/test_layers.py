@@ -5,6 +5,8 @@ another's private (underscore) names."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,13 @@ def test_the_checker_sees_the_tree() -> None:
     assert {"bus.connection", "gateway.runs", "workers.worker", "clawbus.main"} <= set(MODULES)
     assert any(t == "bus.connection" for t, _, _ in GRAPH["bus.leases"])
     assert any(t == "gateway.app" for t, _, _ in GRAPH["clawbus.main"])  # a lazy import
+
+
+def test_a_worker_without_agent_tools_never_imports_the_mcp_sdk() -> None:
+    """The MCP SDK (~100 modules, ~15 MiB of a worker's memory) is imported only by
+    a worker whose agents have MCP servers (workers/worker.py)."""
+    code = ("import sys, workers.worker, workers.main, clawbus.main; "
+            "print([m for m in sys.modules if m == 'mcp' or m.startswith('mcp.')])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"

@@ -31,7 +31,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import orjson
 from nats.aio.client import Client
@@ -61,7 +61,6 @@ from .deferred import Deferred
 from .embeddings import embed
 from .events import Emitter, RunAbandoned
 from .liveness import Liveness
-from .mcp.toolbox import AgentTools
 from .metrics import WorkerMetrics
 from .providers import make_provider
 from .providers.base import Provider, ProviderError
@@ -74,6 +73,9 @@ from .run import (
     with_tool_names,
 )
 from .session_turns import NAK_DELAY, SessionTurns
+
+if TYPE_CHECKING:
+    from .mcp.toolbox import AgentTools
 
 log = logging.getLogger("clawbus.worker")
 
@@ -140,6 +142,9 @@ class Worker:
         self._tools: AgentTools | None = None
         agents = [settings.agent(agent_id) for agent_id in settings.agent_ids]
         if any(settings.agent_tools(a).mcp_servers for a in agents if a is not None):
+            # Imported only then: the MCP SDK is ~100 modules (and ~15 MiB) a worker
+            # without agent tools never needs.
+            from .mcp.toolbox import AgentTools
             self._tools = AgentTools(settings, self.env, self.metrics)
         self.ready = asyncio.Event()
 
