@@ -61,6 +61,10 @@ class ProviderRequest:
     # each provider translates them to its own dialect.
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: ToolChoice | None = None
+    # How many of the leading ``messages`` are the session's stored turns, the
+    # same objects run after run while its window is cached (a provider may keep
+    # their encoding: workers/providers/history_join.py); 0: none known as such.
+    history: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from bus.messages import ImagePart, ToolCallChunk, ToolChoice, Usage, unpack_vec
 
 from ..memo import IdentityMemo
 from .base import ChatMessage, Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
+from .history_join import HistoryJoin
 from .http_client import HTTPError, Response
 from .http_stream import (
     MAX_DETAIL,
@@ -287,7 +288,14 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     messages: list[Any] = []
     if request.system:
         messages.append({"role": "system", "content": request.system})
-    messages.extend(_message_memo.many(request.messages))
+    history = request.history
+    if history:
+        # The session's history as one piece of JSON ("m1,m2,…": orjson copies a
+        # Fragment as it is), extended from the previous run's (history_join.py).
+        messages.append(orjson.Fragment(_histories.joined(request.messages[:history])))
+        messages.extend(map(_message_dict, request.messages[history:]))
+    else:
+        messages.extend(map(orjson.Fragment, _message_memo.many(request.messages)))
     body: dict[str, Any] = {
         "model": request.model,
         "messages": messages,
@@ -308,9 +316,9 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     return body
 
 
-def _message(message: ChatMessage) -> orjson.Fragment:
+def _message(message: ChatMessage) -> bytes:
     """A message as the API's JSON, encoded once (see ``_message_memo``)."""
-    return orjson.Fragment(orjson.dumps(_message_dict(message)))
+    return orjson.dumps(_message_dict(message))
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -338,8 +346,10 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
 
 # A session's history arrives as the same ChatMessage objects run after run
 # (workers/memo.py): each is encoded once, and the body built around the
-# encoded messages (orjson copies a Fragment as it is).
+# encoded messages (orjson copies a Fragment as it is); the history as a whole
+# is kept encoded from one run to the next.
 _message_memo = IdentityMemo(_message)
+_histories: HistoryJoin[ChatMessage] = HistoryJoin(_message_memo.many)
 
 
 def _image_url(image: ImagePart) -> dict[str, str]:
