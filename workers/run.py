@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
@@ -20,6 +21,7 @@ from bus.messages import ChatItem, RunRequest, ToolCall, ToolCallChunk, Turn, Us
 from .events import Emitter
 from .memo import IdentityMemo
 from .providers.base import ChatMessage, Finish, Provider, ProviderRequest, TextDelta
+from .window_memo import WindowMemo
 
 
 @dataclass(slots=True)
@@ -41,10 +43,16 @@ def build_request(model: str, system_prompt: str, run: RunRequest,
     session's earlier turns (already cut to the budget), then the current input.
     Tool traffic stays structured (SPEC §7)."""
     system = "\n\n".join(p for p in (system_prompt.strip(), run.extra_system_prompt.strip()) if p)
-    # (The history's turns are looked up in C: see workers/memo.py.)
-    known = _turn_messages.many(history)
-    structured = bool(run.input) or any(map(_STRUCTURED, known))
-    messages: list[ChatMessage] = list(chain.from_iterable(map(_MESSAGES, known)))
+    # A plain history's messages, extended from the previous run's
+    # (workers/window_memo.py); else its turns looked up in C (workers/memo.py).
+    plain = _plain_history(history) if history and not run.input else None
+    if plain is not None:
+        structured = False
+        messages: list[ChatMessage] = list(plain)
+    else:
+        known = _turn_messages.many(history)
+        structured = bool(run.input) or any(map(_STRUCTURED, known))
+        messages = list(chain.from_iterable(map(_MESSAGES, known)))
     if run.input:
         messages.extend(_message(item) for item in run.input)
     else:
@@ -66,6 +74,23 @@ def _as_messages(turn: Turn) -> tuple[bool, tuple[ChatMessage, ...]]:
 
 _turn_messages = IdentityMemo(_as_messages)
 _STRUCTURED, _MESSAGES = itemgetter(0), itemgetter(1)
+
+
+def _plain_pieces(turns: Sequence[Turn]) -> list[tuple[ChatMessage, ...]] | None:
+    """Each turn's messages, if no turn holds tool traffic (None: one does, and
+    the history is paired as a whole: nothing is kept)."""
+    known = _turn_messages.many(turns)
+    if any(map(_STRUCTURED, known)):
+        return None
+    return list(map(_MESSAGES, known))
+
+
+def _joined(pieces: list[tuple[ChatMessage, ...]]) -> tuple[ChatMessage, ...]:
+    return tuple(chain.from_iterable(pieces))
+
+
+_plain_history: WindowMemo[Turn, tuple[ChatMessage, ...], tuple[ChatMessage, ...]] = \
+    WindowMemo(_plain_pieces, len, _joined, operator.add)
 
 
 def _message(item: ChatItem) -> ChatMessage:

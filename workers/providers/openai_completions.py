@@ -36,8 +36,8 @@ import orjson
 from bus.messages import ImagePart, ToolCallChunk, ToolChoice, Usage, unpack_vector
 
 from ..memo import IdentityMemo
+from ..window_memo import WindowMemo
 from .base import ChatMessage, Finish, ProviderError, ProviderRequest, StreamItem, TextDelta
-from .history_join import HistoryJoin
 from .http_client import HTTPError, Response
 from .http_stream import (
     MAX_DETAIL,
@@ -289,10 +289,11 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     if request.system:
         messages.append({"role": "system", "content": request.system})
     history = request.history
-    if history:
-        # The session's history as one piece of JSON ("m1,m2,…": orjson copies a
-        # Fragment as it is), extended from the previous run's (history_join.py).
-        messages.append(orjson.Fragment(_histories.joined(request.messages[:history])))
+    # The session's history as one piece of JSON ("m1,m2,…": orjson copies a
+    # Fragment as it is), extended from the previous run's (window_memo.py).
+    joined = _histories(request.messages[:history]) if history else None
+    if joined is not None:
+        messages.append(orjson.Fragment(joined))
         messages.extend(map(_message_dict, request.messages[history:]))
     else:
         messages.extend(map(orjson.Fragment, _message_memo.many(request.messages)))
@@ -349,7 +350,9 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
 # encoded messages (orjson copies a Fragment as it is); the history as a whole
 # is kept encoded from one run to the next.
 _message_memo = IdentityMemo(_message)
-_histories: HistoryJoin[ChatMessage] = HistoryJoin(_message_memo.many)
+_histories: WindowMemo[ChatMessage, bytes, bytes] = WindowMemo(
+    _message_memo.many, lambda piece: len(piece) + 1, b",".join,  # (+ its comma)
+    lambda kept, new: kept + b"," + new)
 
 
 def _image_url(image: ImagePart) -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""workers/providers/history_join.py: a session's history, encoded once and then
-extended run by run, is always exactly the messages' JSON joined with commas;
-and an extended history encodes only its new messages."""
+"""workers/window_memo.py: what a session's history window becomes (the
+provider's JSON, the chat messages of its turns), built once and then extended
+run by run, is always exactly what building it afresh gives; and an extended
+window builds only its new items."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bus.messages import RunRequest, Turn
 from workers.providers.base import ChatMessage, ProviderRequest
-from workers.providers.history_join import HistoryJoin
 from workers.providers.openai_completions import _request_body
+from workers.run import _plain_history, build_request
+from workers.window_memo import WindowMemo
 
 
 class Counted:
@@ -30,6 +33,12 @@ def plain(messages: Sequence[ChatMessage]) -> bytes:
     return b",".join(Counted()(messages))
 
 
+def joiner(encode: Counted) -> WindowMemo[ChatMessage, bytes, bytes]:
+    """As the OpenAI provider keeps its histories' JSON."""
+    return WindowMemo(encode, lambda piece: len(piece) + 1, b",".join,
+                      lambda kept, new: kept + b"," + new)
+
+
 # A step of a session: how many messages it gains, and how many its window keeps
 # at most (a budget cuts the front); or a step of another session in between;
 # or the same history again (an agent's next tool round); or the window read
@@ -45,7 +54,7 @@ steps = st.lists(st.one_of(
 @given(steps)
 def test_joined_histories_are_the_messages_json(plan: list[tuple[str, int, int]]) -> None:
     encode = Counted()
-    join: HistoryJoin[ChatMessage] = HistoryJoin(encode)
+    join = joiner(encode)
     sessions: dict[str, list[ChatMessage]] = {"a": [], "b": []}
     windows: dict[str, tuple[ChatMessage, ...]] = {}
     made = 0
@@ -65,23 +74,23 @@ def test_joined_histories_are_the_messages_json(plan: list[tuple[str, int, int]]
         if not window:
             continue
         windows[name] = window
-        assert join.joined(window) == plain(window)
+        assert join(window) == plain(window)
 
 
 def test_a_grown_window_encodes_only_its_new_messages() -> None:
     encode = Counted()
-    join: HistoryJoin[ChatMessage] = HistoryJoin(encode)
+    join = joiner(encode)
     messages = [ChatMessage("user", f"m{i}") for i in range(200)]
-    assert join.joined(tuple(messages[:100])) == plain(messages[:100])
+    assert join(tuple(messages[:100])) == plain(messages[:100])
     assert encode.encoded == 100
     # Two more messages, and the budget drops the three oldest.
-    assert join.joined(tuple(messages[3:102])) == plain(messages[3:102])
+    assert join(tuple(messages[3:102])) == plain(messages[3:102])
     assert encode.encoded == 102
-    assert join.joined(tuple(messages[3:102])) == plain(messages[3:102])  # again: nothing
+    assert join(tuple(messages[3:102])) == plain(messages[3:102])  # again: nothing
     assert encode.encoded == 102
     # A window whose start is not where the kept one's length says: encoded anew.
     shifted = tuple([ChatMessage("user", "new start"), *messages[4:104]])
-    assert join.joined(shifted) == plain(shifted)
+    assert join(shifted) == plain(shifted)
     assert encode.encoded == 102 + len(shifted)
 
 
@@ -94,3 +103,21 @@ def test_the_request_body_carries_the_history_then_the_input() -> None:
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "one"}, {"role": "assistant", "content": "echo: one"},
         {"role": "user", "content": "two"}]
+
+
+def test_a_plain_history_becomes_the_same_messages_kept_or_not() -> None:
+    turns = [Turn(run_id=f"r{i}", agent_id="main", user=f"u{i}", assistant=f"a{i}", ts=0.0)
+             for i in range(30)]
+    for start, end in [(0, 10), (0, 12), (3, 14), (3, 14), (9, 30)]:
+        window = turns[start:end]
+        kept = _plain_history(window)
+        assert kept is not None
+        assert [(m.role, m.content) for m in kept] == [
+            (role, text) for t in window for role, text in (("user", t.user),
+                                                            ("assistant", t.assistant))]
+    # What a run's request holds: the history, then the input, counted as such.
+    run = RunRequest(run_id="r", session_key="k", agent_id="main", message="now",
+                     events_subject="evt.g.r", created=0.0)
+    request = build_request("m", "sys", run, turns[9:30])
+    assert request.history == 42 and request.messages[-1] == ChatMessage("user", "now")
+    assert request.messages[:42] == _plain_history(turns[9:30])
