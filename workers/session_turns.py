@@ -104,7 +104,8 @@ class SessionTurns:
         or None if the run was handed back (naked) or dropped. ``head``: the run
         was published as its session's head (bus/heads.py): it is, as long as it
         is stored, so only the lease is asked for."""
-        warm = self.warm.take(token)
+        # (a run cancelled before it started is dropped below, the lease kept warm)
+        warm = None if run.run_id in self._cancelled else self.warm.take(token)
         if warm is not None:
             lease = await self._from_warm(token, seq, head, *warm)
             if lease is not None:
