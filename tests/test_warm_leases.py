@@ -193,8 +193,11 @@ def test_a_killed_workers_kept_lease_is_freed_for_the_next_run(upstream: FakeOpe
         st.add_worker()
         started = time.monotonic()
         assert turn(st.url, key, "after the kill") == "echo: after the kill"
+        took = time.monotonic() - started
+        print(f"\nkept lease of a killed worker: the next turn answered {took:.2f} s after "
+              "its replacement started")
         # Behaviour, not speed: the lease alone would have lived 30 s.
-        assert time.monotonic() - started < 3 * HEARTBEAT + 5
+        assert took < 3 * HEARTBEAT + 5
         assert seen_by_upstream(upstream, "after the kill")[0] == {
             "role": "user", "content": "before the kill"}
     finally:
