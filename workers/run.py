@@ -61,7 +61,7 @@ def build_request(model: str, system_prompt: str, run: RunRequest,
         messages = paired(messages)  # (new objects where it changes one: no prefix kept)
     return ProviderRequest(model=model, system=system, messages=tuple(messages),
                            params=run.params, tools=run.tools, tool_choice=run.tool_choice,
-                           history=0 if structured else len(messages) - 1)
+                           history=-1 if structured else len(messages) - 1)
 
 
 def _as_messages(turn: Turn) -> tuple[bool, tuple[ChatMessage, ...]]:

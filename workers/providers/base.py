@@ -63,7 +63,9 @@ class ProviderRequest:
     tool_choice: ToolChoice | None = None
     # How many of the leading ``messages`` are the session's stored turns, the
     # same objects run after run while its window is cached (a provider may keep
-    # their encoding: workers/providers/history_join.py); 0: none known as such.
+    # their encoding: workers/window_memo.py); 0: none; -1: a history whose
+    # messages were rebuilt as a whole (paired tool traffic), many of them still
+    # the same objects run after run.
     history: int = 0
 
 

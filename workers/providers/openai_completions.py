@@ -291,12 +291,14 @@ def _request_body(request: ProviderRequest) -> dict[str, Any]:
     history = request.history
     # The session's history as one piece of JSON ("m1,m2,…": orjson copies a
     # Fragment as it is), extended from the previous run's (window_memo.py).
-    joined = _histories(request.messages[:history]) if history else None
+    joined = _histories(request.messages[:history]) if history > 0 else None
     if joined is not None:
         messages.append(orjson.Fragment(joined))
         messages.extend(map(_message_dict, request.messages[history:]))
-    else:
+    elif history < 0:  # a history paired as a whole (tool traffic): memoised one by one
         messages.extend(map(orjson.Fragment, _message_memo.many(request.messages)))
+    else:  # no history: new messages, encoded once
+        messages.extend(map(_message_dict, request.messages))
     body: dict[str, Any] = {
         "model": request.model,
         "messages": messages,
