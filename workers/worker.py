@@ -182,7 +182,7 @@ class Worker:
             pending_msgs_limit=-1, pending_bytes_limit=-1)
         # Which workers are alive: alone, this one keeps session leases warm
         # between runs (workers/warm_leases.py).
-        workers = WorkerWatch(self.nc, js, bus.heartbeat_seconds, on_lost=turns.worker_lost,
+        workers = WorkerWatch(self.nc, js, bus.heartbeat_seconds, on_lost=self._worker_lost,
                               on_found=self._worker_found)
         await workers.start()
         turns.alone = lambda: workers.alone(self.worker_id)
@@ -300,6 +300,12 @@ class Worker:
     def _worker_found(self, worker_id: str) -> None:
         if worker_id != self.worker_id and self._turns is not None:
             self._turns.other_worker_found()
+
+    def _worker_lost(self, worker_id: str) -> None:
+        # (never our own id: stalled past our own heartbeats, we must not free the
+        # leases our running runs hold; their fenced refreshes judge those)
+        if worker_id != self.worker_id and self._turns is not None:
+            self._turns.worker_lost(worker_id)
 
     async def _on_cancel(self, msg: Msg) -> None:
         run_id = subjects.last_token(msg.subject)
