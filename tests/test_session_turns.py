@@ -9,6 +9,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import pytest
 from nats.aio.client import Client
@@ -230,18 +231,21 @@ def _run_request(n: int) -> RunRequest:
                       events_subject="evt.x.y", created=time.time())
 
 
+async def _two_runs(js: JetStreamContext, prefix: str) -> tuple[str, list[int], list[RunRequest]]:
+    """A new session with two runs queued: its token, their sequences, their requests."""
+    token = subjects.session_token(f"{prefix}-{uuid.uuid4().hex[:8]}")
+    seqs = [(await js.publish(subjects.run(token), b"{}")).seq for _ in range(2)]
+    return token, seqs, [_run_request(i) for i in range(2)]
+
+
+
 async def test_hand_over_to_the_next_run_held_here(bus: tuple[Client, JetStreamContext]) -> None:
     """A run arriving while this worker runs its session waits; when the running
     one ends, the lease goes straight to it (no release), and the hold is over."""
-    from typing import Any, cast
-
-
     nc, js = bus
     a = Side("w-a", nc, js)
     await a.publisher.start()
-    token = subjects.session_token(f"handover-{uuid.uuid4().hex[:8]}")
-    seqs = [(await js.publish(subjects.run(token), b"{}")).seq for _ in range(2)]
-    runs = [_run_request(i) for i in range(2)]
+    token, seqs, runs = await _two_runs(js, "handover")
     try:
         first = await a.turns.wait(cast(Any, _Msg()), runs[0], token, seqs[0],
                                    cast(Any, _Emitter()))
@@ -271,9 +275,6 @@ async def test_a_held_run_is_woken_by_the_release_itself(
     release (the lease's free marker, seen on its KV subject) wakes B at once: B's
     own periodic look is minutes away here, so only the release can be what woke
     it. Once B runs, it watches the session no more."""
-    from typing import Any, cast
-
-
     nc, js = bus
     a = Side("w-a", nc, js)
     b = Side("w-b", nc, js)
@@ -284,9 +285,7 @@ async def test_a_held_run_is_woken_by_the_release_itself(
         stopping=asyncio.Event(), cancelled=set())
     for side in (a, b):
         await side.publisher.start()
-    token = subjects.session_token(f"wake-{uuid.uuid4().hex[:8]}")
-    seqs = [(await js.publish(subjects.run(token), b"{}")).seq for _ in range(2)]
-    runs = [_run_request(i) for i in range(2)]
+    token, seqs, runs = await _two_runs(js, "wake")
     notified = asyncio.Event()
 
     class Notified(_Emitter):
@@ -321,8 +320,6 @@ async def test_a_run_published_as_head_is_started_without_asking_only_when_prove
     marker, past the runs it knew were gone. An old delivery of a run already
     served is found out by asking (and dropped); after another worker held the
     lease, this one asks again."""
-    from typing import Any, cast
-
     from bus import heads
 
     nc, js = bus

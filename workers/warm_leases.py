@@ -73,9 +73,6 @@ class WarmLeases:
         self._warm: dict[str, _Warm] = {}
         self.liveness: Liveness | None = None  # (None: always sure of it)
 
-    def __len__(self) -> int:
-        return len(self._warm)
-
     def __contains__(self, token: object) -> bool:
         return token in self._warm
 

@@ -66,9 +66,6 @@ class WindowMemo(Generic[K, P, D]):
         self._entries: dict[int, _Kept[K, D]] = {}
         self._total = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def __call__(self, items: Sequence[K]) -> D | None:
         """What the non-empty window ``items`` becomes (None: not to be kept)."""
         n = len(items)
